@@ -1,0 +1,231 @@
+//! `runtime info | tokenize | preprocess | prompts`: inspect and adjust model bundles.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use runtime::assemble::{assemble, AssembleSpec};
+use runtime::bundle::{Provenance, Bundle, BundleLabel, BundleWriter, LABEL_EMBEDDINGS, MANIFEST};
+use runtime::cli::{run_main, DeviceArgs, LabelArgs, ModelArgs};
+use runtime::engine::Engine;
+use runtime::preprocess::{self, PreprocessConfig};
+use runtime::tokenizer::{ClipTokenizer, Padding};
+use runtime::{decode, labels, npy};
+
+#[derive(Parser)]
+#[command(version, about = "Inspect, check and adjust xray-clip model bundles")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Summary of a bundle's manifest (verifies the bundle on the way).
+    Info {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// Print the whole manifest as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Token ids of each text as JSON (one array per text).
+    Tokenize {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// A tokenizer.json to use instead of the bundle's.
+        #[arg(long)]
+        tokenizer: Option<PathBuf>,
+        /// Pad to the 77-token context as OpenAI's `clip.tokenize`.
+        #[arg(long)]
+        pad: bool,
+        #[arg(required = true)]
+        texts: Vec<String>,
+    },
+    /// Write the normalised model input of an image ([1, 3, S, S] float32) to a .npy file.
+    Preprocess {
+        path: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+        /// Use this bundle's preprocessing settings (default: CLIP's).
+        #[arg(long)]
+        model: Option<PathBuf>,
+    },
+    /// Build a bundle from ONNX encoders exported elsewhere (HF optimum, torch.onnx).
+    Assemble {
+        #[arg(long)]
+        image_encoder: PathBuf,
+        #[arg(long, requires = "tokenizer")]
+        text_encoder: Option<PathBuf>,
+        #[arg(long)]
+        tokenizer: Option<PathBuf>,
+        /// Label embeddings .npy ([labels, dim]) when there is no text encoder.
+        #[arg(long, conflicts_with = "text_encoder")]
+        label_embeddings: Option<PathBuf>,
+        /// `unifesp`, `irma`, or a comma-separated list.
+        #[arg(long)]
+        labels: String,
+        /// Prompt template(s), `{}` = label (default: the reference's first template).
+        #[arg(long = "template")]
+        templates: Vec<String>,
+        /// exp(logit_scale) of the model (100 for OpenAI's CLIP).
+        #[arg(long, default_value_t = 100.0)]
+        logit_scale: f32,
+        #[arg(long, default_value = "assembled")]
+        name: String,
+        /// Where the starting weights came from, for the manifest.
+        #[arg(long, default_value = "unknown")]
+        base_weights: String,
+        #[command(flatten)]
+        device: DeviceArgs,
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Recompute a bundle's label embeddings with its text encoder; writes a new bundle to --out.
+    Prompts {
+        #[command(flatten)]
+        model: ModelArgs,
+        #[command(flatten)]
+        labels: LabelArgs,
+        #[command(flatten)]
+        device: DeviceArgs,
+        /// Folder of the new bundle (replaced atomically if it exists).
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    run_main(|| {
+        match Cli::parse().command {
+            Command::Info { model, json } => info(&model.load()?, json)?,
+            Command::Tokenize { model, tokenizer, pad, texts } => {
+                let tok = match tokenizer {
+                    Some(p) => ClipTokenizer::from_file(&p)?,
+                    None => {
+                        let b = model.load()?;
+                        let path = b.file_path(runtime::bundle::TOKENIZER).context("bundle has no tokenizer")?;
+                        ClipTokenizer::from_bytes(&b.read_verified(runtime::bundle::TOKENIZER)?, &path)?
+                    }
+                };
+                for t in &texts {
+                    let ids = if pad { tok.encode_batch(&[t], Padding::Context)?.ids } else { tok.encode(t)? };
+                    println!("{}", serde_json::to_string(&ids)?);
+                }
+            }
+            Command::Preprocess { path, out, model } => {
+                let cfg = match model {
+                    Some(dir) => Bundle::load(&dir)?.manifest.preprocessing,
+                    None => PreprocessConfig::default(),
+                };
+                let img = decode::decode_file(&path)?;
+                let t = preprocess::preprocess(&img, &cfg);
+                let s = cfg.image_size as usize;
+                npy::write(&out, &[1, 3, s, s], &t)?;
+                eprintln!("{}: {}x{} -> {} [1, 3, {s}, {s}]", path.display(), img.width, img.height, out.display());
+            }
+            Command::Assemble {
+                image_encoder,
+                text_encoder,
+                tokenizer,
+                label_embeddings,
+                labels: label_list,
+                templates,
+                logit_scale,
+                name,
+                base_weights,
+                device,
+                out,
+            } => {
+                let labels = match labels::builtin(&label_list) {
+                    Some(set) => set,
+                    None => labels::from_list(label_list.split(','))?,
+                };
+                let label_embeddings = match label_embeddings {
+                    Some(p) => Some(npy::read(&p)?.1),
+                    None => None,
+                };
+                let templates =
+                    if templates.is_empty() { vec![labels::REFERENCE_TEMPLATES[0].to_string()] } else { templates };
+                let spec = AssembleSpec {
+                    name,
+                    description: String::new(),
+                    image_encoder,
+                    text_encoder,
+                    tokenizer,
+                    labels,
+                    templates,
+                    label_embeddings,
+                    logit_scale,
+                    preprocessing: PreprocessConfig::default(),
+                    provenance: Provenance { base_weights, ..Default::default() },
+                };
+                let b = assemble(spec, &out, &device.options())?;
+                println!("wrote {} ({} labels, {} dims)", b.dir.display(), b.manifest.labels.len(), b.manifest.embedding_dim);
+            }
+            Command::Prompts { model, labels: label_args, device, out } => {
+                let bundle = model.load()?;
+                let src = bundle.dir.clone();
+                let mut engine = Engine::load(bundle, device.options())?;
+                let (labels, emb) = label_args.resolve(&mut engine)?;
+                let templates = if label_args.templates.is_empty() {
+                    engine.bundle.manifest.templates.clone()
+                } else {
+                    label_args.templates.clone()
+                };
+                let mut manifest = engine.bundle.manifest.clone();
+                manifest.labels = labels
+                    .iter()
+                    .map(|l| {
+                        let prompts = templates.iter().map(|t| labels::fill(t, l)).collect::<runtime::Result<_>>()?;
+                        Ok(BundleLabel { label: l.clone(), prompts })
+                    })
+                    .collect::<runtime::Result<_>>()?;
+                manifest.templates = templates;
+                let files = std::mem::take(&mut manifest.files);
+                let mut writer = BundleWriter::new(&out, manifest)?;
+                for (role, entry) in &files {
+                    if role == LABEL_EMBEDDINGS || entry.path == MANIFEST {
+                        continue;
+                    }
+                    let bytes = engine.bundle.read_verified(role)?;
+                    writer.add_file(role, &entry.path, &bytes, entry.input.as_deref().zip(entry.output.as_deref()))?;
+                }
+                writer.add_label_embeddings(&emb)?;
+                let written = writer.finish()?;
+                println!("wrote {} ({} labels, from {})", written.dir.display(), labels.len(), src.display());
+            }
+        }
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
+fn info(b: &Bundle, json: bool) -> anyhow::Result<()> {
+    let m = &b.manifest;
+    if json {
+        println!("{}", serde_json::to_string_pretty(m)?);
+        return Ok(());
+    }
+    println!("bundle      {}", b.dir.display());
+    println!("name        {} (format {})", m.name, m.format_version);
+    if !m.description.is_empty() {
+        println!("about       {}", m.description);
+    }
+    println!("labels      {}: {}", m.labels.len(), m.labels.iter().map(|l| l.label.name.as_str()).collect::<Vec<_>>().join(", "));
+    println!("templates   {}", m.templates.join(" | "));
+    println!("embedding   {} dims, logit scale {}", m.embedding_dim, m.logit_scale);
+    let p = &m.preprocessing;
+    println!("input       {}x{} (shorter side -> {}, {} resize, {} crop)", p.image_size, p.image_size, p.resize_shortest_edge, p.resize_filter, p.crop);
+    for (role, f) in &m.files {
+        println!("file        {role:<20} {:<28} {:>12} bytes  sha256 {}…", f.path, f.bytes, &f.sha256[..12]);
+    }
+    println!("base        {}", m.provenance.base_weights);
+    if !m.provenance.dataset.is_empty() {
+        println!("data        {}", m.provenance.dataset);
+    }
+    if !m.provenance.metrics.is_null() {
+        println!("metrics     {}", m.provenance.metrics);
+    }
+    Ok(())
+}

@@ -1,0 +1,374 @@
+//! Model bundle, format 1: a folder with `manifest.json`, the ONNX encoders, label embeddings,
+//! tokenizer and an HF-style `preprocessor_config.json`. See `models/README.md`.
+//!
+//! Loading checks everything it can before a model runs: format version, that every file stays inside
+//! the bundle folder, sha256 of every file, embedding shapes and label counts.
+
+use std::collections::BTreeMap;
+use std::path::{Component, Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::fsutil;
+use crate::labels::Label;
+use crate::npy;
+use crate::preprocess::PreprocessConfig;
+
+pub const FORMAT_VERSION: u32 = 1;
+pub const MANIFEST: &str = "manifest.json";
+
+/// File roles a bundle can hold.
+pub const IMAGE_ENCODER: &str = "image_encoder";
+pub const TEXT_ENCODER: &str = "text_encoder";
+pub const LABEL_EMBEDDINGS: &str = "label_embeddings";
+pub const TOKENIZER: &str = "tokenizer";
+pub const PREPROCESSOR_CONFIG: &str = "preprocessor_config";
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FileEntry {
+    /// Path relative to the bundle folder.
+    pub path: String,
+    pub sha256: String,
+    pub bytes: u64,
+    /// Graph input name (ONNX files).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub input: Option<String>,
+    /// Graph output name (ONNX files).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output: Option<String>,
+}
+
+/// One label of the bundle's label set, with the prompt(s) its embedding was computed from.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BundleLabel {
+    #[serde(flatten)]
+    pub label: Label,
+    pub prompts: Vec<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Provenance {
+    /// Where the starting weights came from (e.g. `openai/clip-vit-base-patch32`, `random init`).
+    pub base_weights: String,
+    #[serde(default)]
+    pub dataset: String,
+    /// Training settings, free-form (learning rate, epochs, ...).
+    #[serde(default)]
+    pub training: serde_json::Value,
+    /// Final metrics of the run, free-form (e.g. `{"mednist_test_top1": 0.97}`).
+    #[serde(default)]
+    pub metrics: serde_json::Value,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub license: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub notes: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Manifest {
+    pub format_version: u32,
+    pub name: String,
+    #[serde(default)]
+    pub description: String,
+    pub labels: Vec<BundleLabel>,
+    /// Templates used for the label embeddings (several are averaged after normalising).
+    pub templates: Vec<String>,
+    pub embedding_dim: usize,
+    pub logit_scale: f32,
+    /// Whether the image encoder's output is already L2-normalised (the runtime normalises either way).
+    #[serde(default)]
+    pub image_embeds_normalized: bool,
+    pub preprocessing: PreprocessConfig,
+    /// Files by role (`image_encoder`, `text_encoder`, `label_embeddings`, `tokenizer`, `preprocessor_config`).
+    pub files: BTreeMap<String, FileEntry>,
+    pub provenance: Provenance,
+}
+
+/// A verified bundle on disk.
+#[derive(Debug, Clone)]
+pub struct Bundle {
+    pub dir: PathBuf,
+    pub manifest: Manifest,
+    /// `[labels x embedding_dim]`, each row L2-normalised.
+    pub label_embeddings: Vec<f32>,
+}
+
+impl Bundle {
+    /// Loads and verifies a bundle folder.
+    pub fn load(dir: &Path) -> Result<Bundle> {
+        let manifest_path = dir.join(MANIFEST);
+        if !dir.is_dir() {
+            return Err(Error::bundle(dir, "is not a folder"));
+        }
+        let text = std::fs::read(&manifest_path).map_err(|e| Error::io(&manifest_path, e))?;
+        let manifest: Manifest =
+            serde_json::from_slice(&text).map_err(|source| Error::Json { path: manifest_path.clone(), source })?;
+        Self::from_manifest(dir, manifest, |path| std::fs::read(path))
+    }
+
+    /// Verifies a manifest against files fetched by `read` (a path inside `dir`): the browser demo
+    /// hands in files the user picked, the native loader reads the disk.
+    pub fn from_manifest(
+        dir: &Path,
+        manifest: Manifest,
+        mut read: impl FnMut(&Path) -> std::io::Result<Vec<u8>>,
+    ) -> Result<Bundle> {
+        manifest.validate(dir)?;
+        for (role, entry) in &manifest.files {
+            // ONNX files are hashed when the engine loads them (no second read of a large file).
+            if matches!(role.as_str(), IMAGE_ENCODER | TEXT_ENCODER) {
+                continue;
+            }
+            let path = dir.join(&entry.path);
+            let bytes = read(&path).map_err(|e| Error::io(&path, e))?;
+            verify_bytes(dir, &entry.path, entry, &bytes)?;
+        }
+        let emb_entry = &manifest.files[LABEL_EMBEDDINGS];
+        let emb_path = dir.join(&emb_entry.path);
+        let bytes = read(&emb_path).map_err(|e| Error::io(&emb_path, e))?;
+        let (shape, data) = npy::from_bytes(&bytes, &emb_path)?;
+        if shape != [manifest.labels.len(), manifest.embedding_dim] {
+            return Err(Error::bundle(
+                dir,
+                format!(
+                    "label embeddings have shape {shape:?}, manifest has {} labels x {} dims",
+                    manifest.labels.len(),
+                    manifest.embedding_dim
+                ),
+            ));
+        }
+        let label_embeddings = normalize_rows(&data, manifest.embedding_dim);
+        Ok(Bundle { dir: dir.to_path_buf(), manifest, label_embeddings })
+    }
+
+    pub fn has_text_encoder(&self) -> bool {
+        self.manifest.files.contains_key(TEXT_ENCODER)
+    }
+
+    pub fn file_path(&self, role: &str) -> Option<PathBuf> {
+        self.manifest.files.get(role).map(|e| self.dir.join(&e.path))
+    }
+
+    /// Reads a file of the bundle and checks its hash.
+    pub fn read_verified(&self, role: &str) -> Result<Vec<u8>> {
+        let entry = self
+            .manifest
+            .files
+            .get(role)
+            .ok_or_else(|| Error::bundle(&self.dir, format!("has no {role}")))?;
+        let path = self.dir.join(&entry.path);
+        let bytes = std::fs::read(&path).map_err(|e| Error::io(&path, e))?;
+        verify_bytes(&self.dir, &entry.path, entry, &bytes)?;
+        Ok(bytes)
+    }
+
+    pub fn labels(&self) -> Vec<&Label> {
+        self.manifest.labels.iter().map(|l| &l.label).collect()
+    }
+}
+
+pub fn verify_bytes(dir: &Path, name: &str, entry: &FileEntry, bytes: &[u8]) -> Result<()> {
+    if bytes.len() as u64 != entry.bytes {
+        return Err(Error::bundle(
+            dir,
+            format!("file {name} has {} bytes, manifest says {}", bytes.len(), entry.bytes),
+        ));
+    }
+    let actual = fsutil::sha256_hex(bytes);
+    if actual != entry.sha256 {
+        return Err(Error::HashMismatch {
+            bundle: dir.to_path_buf(),
+            file: name.to_string(),
+            expected: entry.sha256.clone(),
+            actual,
+        });
+    }
+    Ok(())
+}
+
+/// A relative path that stays inside the bundle: no `..`, no root, no drive, not empty.
+pub fn is_contained(path: &str) -> bool {
+    let p = Path::new(path);
+    !path.is_empty()
+        && !path.contains('\\')
+        && p.components().all(|c| matches!(c, Component::Normal(_) | Component::CurDir))
+}
+
+impl Manifest {
+    pub fn validate(&self, dir: &Path) -> Result<()> {
+        let fail = |reason: String| Err(Error::bundle(dir, reason));
+        if self.format_version != FORMAT_VERSION {
+            return fail(format!(
+                "format version {} is not supported (this runtime reads version {FORMAT_VERSION})",
+                self.format_version
+            ));
+        }
+        if self.labels.is_empty() {
+            return fail("manifest has no labels".into());
+        }
+        if self.embedding_dim == 0 {
+            return fail("embedding_dim is 0".into());
+        }
+        if !(self.logit_scale.is_finite() && self.logit_scale > 0.0) {
+            return fail(format!("logit_scale {} must be a positive number", self.logit_scale));
+        }
+        self.preprocessing.validate().or_else(|e| fail(format!("preprocessing: {e}")))?;
+        for (role, entry) in &self.files {
+            if !is_contained(&entry.path) {
+                return fail(format!("file {role} has path {:?}, which leaves the bundle folder", entry.path));
+            }
+            if entry.sha256.len() != 64 || !entry.sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return fail(format!("file {role} has no valid sha256"));
+            }
+        }
+        for role in [IMAGE_ENCODER, LABEL_EMBEDDINGS] {
+            if !self.files.contains_key(role) {
+                return fail(format!("manifest lists no {role} file"));
+            }
+        }
+        if self.files.contains_key(TEXT_ENCODER) && !self.files.contains_key(TOKENIZER) {
+            return fail("a text encoder needs a tokenizer file".into());
+        }
+        Ok(())
+    }
+
+    /// Adds or replaces a file entry, hashing the bytes that were written.
+    pub fn set_file(&mut self, role: &str, path: &str, bytes: &[u8], io: Option<(&str, &str)>) {
+        self.files.insert(
+            role.to_string(),
+            FileEntry {
+                path: path.to_string(),
+                sha256: fsutil::sha256_hex(bytes),
+                bytes: bytes.len() as u64,
+                input: io.map(|(i, _)| i.to_string()),
+                output: io.map(|(_, o)| o.to_string()),
+            },
+        );
+    }
+}
+
+/// L2-normalises each row of a row-major matrix (zero rows stay zero).
+pub fn normalize_rows(data: &[f32], dim: usize) -> Vec<f32> {
+    let mut out = data.to_vec();
+    for row in out.chunks_exact_mut(dim) {
+        let norm = row.iter().map(|v| v * v).sum::<f32>().sqrt();
+        if norm > 0.0 {
+            row.iter_mut().for_each(|v| *v /= norm);
+        }
+    }
+    out
+}
+
+/// HF `preprocessor_config.json` for the same preprocessing, so HF tools read the bundle too.
+pub fn hf_preprocessor_config(cfg: &PreprocessConfig) -> serde_json::Value {
+    serde_json::json!({
+        "image_processor_type": "CLIPImageProcessor",
+        "do_resize": true,
+        "size": {"shortest_edge": cfg.resize_shortest_edge},
+        "resample": 3,
+        "do_center_crop": true,
+        "crop_size": {"height": cfg.image_size, "width": cfg.image_size},
+        "do_rescale": true,
+        "rescale_factor": 1.0 / 255.0,
+        "do_normalize": true,
+        "image_mean": cfg.mean,
+        "image_std": cfg.std,
+        "do_convert_rgb": true
+    })
+}
+
+/// Writes a bundle folder atomically: everything goes to a sibling temporary folder that is renamed
+/// into place at the end, so a crash never leaves a bundle that loads but is wrong.
+pub struct BundleWriter {
+    target: PathBuf,
+    staging: PathBuf,
+    pub manifest: Manifest,
+}
+
+impl BundleWriter {
+    pub fn new(target: &Path, manifest: Manifest) -> Result<BundleWriter> {
+        let parent = target.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
+        let name = target
+            .file_name()
+            .ok_or_else(|| Error::InvalidArgument(format!("{}: not a folder path", target.display())))?;
+        let staging = parent.join(format!(".{}.staging-{}", name.to_string_lossy(), std::process::id()));
+        if staging.exists() {
+            std::fs::remove_dir_all(&staging).map_err(|e| Error::io(&staging, e))?;
+        }
+        std::fs::create_dir_all(&staging).map_err(|e| Error::io(&staging, e))?;
+        Ok(BundleWriter { target: target.to_path_buf(), staging, manifest })
+    }
+
+    /// Writes one file of the bundle and records it in the manifest.
+    pub fn add_file(&mut self, role: &str, name: &str, bytes: &[u8], io: Option<(&str, &str)>) -> Result<()> {
+        if !is_contained(name) {
+            return Err(Error::InvalidArgument(format!("bundle file name {name:?} leaves the bundle folder")));
+        }
+        fsutil::write_atomic(&self.staging.join(name), bytes)?;
+        self.manifest.set_file(role, name, bytes, io);
+        Ok(())
+    }
+
+    pub fn add_label_embeddings(&mut self, embeddings: &[f32]) -> Result<()> {
+        let dim = self.manifest.embedding_dim;
+        let rows = self.manifest.labels.len();
+        if embeddings.len() != rows * dim {
+            return Err(Error::Shape {
+                what: "label embeddings".into(),
+                expected: format!("{rows} x {dim}"),
+                actual: format!("{} values", embeddings.len()),
+            });
+        }
+        let normalized = normalize_rows(embeddings, dim);
+        self.add_file(LABEL_EMBEDDINGS, "label_embeddings.npy", &npy::to_bytes(&[rows, dim], &normalized), None)
+    }
+
+    /// Validates, writes the manifest and moves the folder into place (replacing an older bundle).
+    pub fn finish(mut self) -> Result<Bundle> {
+        if !self.manifest.files.contains_key(PREPROCESSOR_CONFIG) {
+            let cfg = serde_json::to_vec_pretty(&hf_preprocessor_config(&self.manifest.preprocessing))
+                .expect("JSON value serialises");
+            self.add_file(PREPROCESSOR_CONFIG, "preprocessor_config.json", &cfg, None)?;
+        }
+        self.manifest.validate(&self.target)?;
+        let text = serde_json::to_vec_pretty(&self.manifest).expect("manifest serialises");
+        fsutil::write_atomic(&self.staging.join(MANIFEST), &text)?;
+        // Verify what was written before it replaces anything.
+        Bundle::load(&self.staging)?;
+        if self.target.exists() {
+            let old = self.target.with_extension(format!("old-{}", std::process::id()));
+            std::fs::rename(&self.target, &old).map_err(|e| Error::io(&self.target, e))?;
+            std::fs::rename(&self.staging, &self.target).map_err(|e| Error::io(&self.target, e))?;
+            let _ = std::fs::remove_dir_all(&old);
+        } else {
+            std::fs::rename(&self.staging, &self.target).map_err(|e| Error::io(&self.target, e))?;
+        }
+        Bundle::load(&self.target)
+    }
+}
+
+impl Drop for BundleWriter {
+    fn drop(&mut self) {
+        if self.staging.exists() {
+            let _ = std::fs::remove_dir_all(&self.staging);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn containment() {
+        assert!(is_contained("image_encoder.onnx"));
+        assert!(is_contained("sub/x.onnx"));
+        assert!(!is_contained("../x.onnx"));
+        assert!(!is_contained("a/../../x"));
+        assert!(!is_contained("/etc/passwd"));
+        assert!(!is_contained(""));
+        assert!(!is_contained("..\\x"));
+    }
+}

@@ -1,0 +1,204 @@
+//! File -> decoded 8-bit image: PNG, JPEG (8/16-bit, gray or RGB) and DICOM.
+//!
+//! Everything downstream (preprocessing, the browser demo's preview) works on [`Image`], so every input
+//! format ends up as 8-bit gray or RGB here, exactly once.
+
+use std::io::Cursor;
+use std::path::Path;
+
+use image::{DynamicImage, ImageDecoder, ImageReader, Limits};
+
+use crate::dicom;
+use crate::error::{Error, Result};
+
+/// Largest number of pixels (width x height x frames) that a decoder may allocate for.
+/// 16384 x 16384: larger than any radiograph, small enough to refuse forged headers before allocating.
+pub const MAX_PIXELS: u64 = 16_384 * 16_384;
+/// Largest input file read into memory.
+pub const MAX_FILE_BYTES: u64 = 1 << 30;
+
+/// Pixel samples of a decoded image, row-major, 8 bits per sample.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Pixels {
+    Gray(Vec<u8>),
+    Rgb(Vec<u8>),
+}
+
+/// A decoded image, ready for preprocessing.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Image {
+    pub width: u32,
+    pub height: u32,
+    pub pixels: Pixels,
+}
+
+impl Image {
+    pub fn channels(&self) -> usize {
+        match self.pixels {
+            Pixels::Gray(_) => 1,
+            Pixels::Rgb(_) => 3,
+        }
+    }
+
+    /// Interleaved RGBA, for display (the browser demo draws this on a canvas).
+    pub fn to_rgba(&self) -> Vec<u8> {
+        match &self.pixels {
+            Pixels::Gray(g) => g.iter().flat_map(|&v| [v, v, v, 255]).collect(),
+            Pixels::Rgb(c) => c
+                .chunks_exact(3)
+                .flat_map(|p| [p[0], p[1], p[2], 255])
+                .collect(),
+        }
+    }
+}
+
+/// Container formats recognised by their first bytes (never by the file name).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    Png,
+    Jpeg,
+    Dicom,
+}
+
+pub fn sniff(bytes: &[u8]) -> Option<Format> {
+    if bytes.starts_with(b"\x89PNG\r\n\x1a\n") {
+        Some(Format::Png)
+    } else if bytes.starts_with(&[0xFF, 0xD8, 0xFF]) {
+        Some(Format::Jpeg)
+    } else if dicom::has_dicom_magic(bytes) {
+        Some(Format::Dicom)
+    } else {
+        None
+    }
+}
+
+/// Reads and decodes one file.
+pub fn decode_file(path: &Path) -> Result<Image> {
+    let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
+    if meta.is_dir() {
+        return Err(Error::InvalidArgument(format!(
+            "{}: is a directory",
+            path.display()
+        )));
+    }
+    if meta.len() > MAX_FILE_BYTES {
+        return Err(Error::Decode {
+            path: path.to_path_buf(),
+            format: "input",
+            reason: format!("file of {} bytes is larger than the 1 GiB limit", meta.len()),
+        });
+    }
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    decode_bytes(&bytes, path)
+}
+
+/// Decodes an in-memory file; `name` is only used in error messages.
+pub fn decode_bytes(bytes: &[u8], name: &Path) -> Result<Image> {
+    if bytes.is_empty() {
+        return Err(Error::EmptyFile {
+            path: name.to_path_buf(),
+        });
+    }
+    match sniff(bytes) {
+        Some(Format::Png) => decode_raster(bytes, name, image::ImageFormat::Png, "PNG"),
+        Some(Format::Jpeg) => decode_raster(bytes, name, image::ImageFormat::Jpeg, "JPEG"),
+        Some(Format::Dicom) => dicom::decode(bytes, name),
+        None => Err(Error::UnknownFormat {
+            path: name.to_path_buf(),
+        }),
+    }
+}
+
+fn decode_raster(
+    bytes: &[u8],
+    name: &Path,
+    format: image::ImageFormat,
+    label: &'static str,
+) -> Result<Image> {
+    let decode_err = |e: image::ImageError| Error::Decode {
+        path: name.to_path_buf(),
+        format: label,
+        reason: e.to_string(),
+    };
+    // Check the header's claimed size before anything is allocated for pixels.
+    let reader = ImageReader::with_format(Cursor::new(bytes), format);
+    let decoder = reader.into_decoder().map_err(decode_err)?;
+    let (width, height) = decoder.dimensions();
+    check_size(name, width as u64, height as u64, 1)?;
+    let mut limits = Limits::default();
+    limits.max_alloc = Some(MAX_PIXELS * 8);
+    let mut reader = ImageReader::with_format(Cursor::new(bytes), format);
+    reader.limits(limits);
+    let decoded = reader.decode().map_err(decode_err)?;
+    Ok(from_dynamic(decoded))
+}
+
+pub(crate) fn check_size(name: &Path, width: u64, height: u64, frames: u64) -> Result<()> {
+    let pixels = width.saturating_mul(height).saturating_mul(frames.max(1));
+    if width == 0 || height == 0 {
+        return Err(Error::Decode {
+            path: name.to_path_buf(),
+            format: "input",
+            reason: format!("image has an empty size {width}x{height}"),
+        });
+    }
+    if pixels > MAX_PIXELS {
+        return Err(Error::TooLarge {
+            path: name.to_path_buf(),
+            width,
+            height,
+            frames,
+            limit: MAX_PIXELS,
+        });
+    }
+    Ok(())
+}
+
+/// 16-bit samples become 8-bit by rounding v / 257 (0 -> 0, 65535 -> 255); alpha is dropped.
+fn from_dynamic(img: DynamicImage) -> Image {
+    let (width, height) = (img.width(), img.height());
+    let pixels = match img {
+        DynamicImage::ImageLuma8(b) => Pixels::Gray(b.into_raw()),
+        DynamicImage::ImageLumaA8(b) => Pixels::Gray(b.into_raw().chunks_exact(2).map(|p| p[0]).collect()),
+        DynamicImage::ImageLuma16(b) => Pixels::Gray(b.into_raw().into_iter().map(to_u8).collect()),
+        DynamicImage::ImageLumaA16(b) => {
+            Pixels::Gray(b.into_raw().chunks_exact(2).map(|p| to_u8(p[0])).collect())
+        }
+        DynamicImage::ImageRgb8(b) => Pixels::Rgb(b.into_raw()),
+        DynamicImage::ImageRgb16(b) => Pixels::Rgb(b.into_raw().into_iter().map(to_u8).collect()),
+        other => Pixels::Rgb(other.to_rgb8().into_raw()),
+    };
+    Image {
+        width,
+        height,
+        pixels,
+    }
+}
+
+fn to_u8(v: u16) -> u8 {
+    ((v as u32 * 255 + 32_767) / 65_535) as u8
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sixteen_bit_maps_to_full_eight_bit_range() {
+        assert_eq!(to_u8(0), 0);
+        assert_eq!(to_u8(65_535), 255);
+        assert_eq!(to_u8(257 * 100), 100);
+        assert_eq!(to_u8(257 * 100 + 128), 100);
+        assert_eq!(to_u8(257 * 100 + 129), 101);
+    }
+
+    #[test]
+    fn sniff_recognises_magic_bytes_not_names() {
+        assert_eq!(sniff(b"\x89PNG\r\n\x1a\nrest"), Some(Format::Png));
+        assert_eq!(sniff(&[0xFF, 0xD8, 0xFF, 0xE0]), Some(Format::Jpeg));
+        assert_eq!(sniff(b"hello, I am text"), None);
+        let mut dcm = vec![0u8; 132];
+        dcm[128..132].copy_from_slice(b"DICM");
+        assert_eq!(sniff(&dcm), Some(Format::Dicom));
+    }
+}

@@ -1,0 +1,272 @@
+//! ONNX Runtime inference (feature `onnx`): the bundle's image and text encoders on CPU or CUDA.
+
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::sync::OnceLock;
+
+use ort::session::builder::GraphOptimizationLevel;
+use ort::session::Session;
+use ort::value::TensorRef;
+
+use crate::bundle::{self, Bundle, FileEntry};
+use crate::error::{Error, Result};
+use crate::tokenizer::TokenBatch;
+
+/// Where the encoders run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Device {
+    Cpu,
+    Cuda,
+    /// CUDA when it is available, else CPU (with a one-line notice on stderr).
+    #[default]
+    Auto,
+}
+
+impl FromStr for Device {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "cpu" => Ok(Device::Cpu),
+            "cuda" => Ok(Device::Cuda),
+            "auto" => Ok(Device::Auto),
+            other => Err(format!("unknown device {other:?} (cpu, cuda or auto)")),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct EngineOptions {
+    pub device: Device,
+    /// Intra-op threads; 0 lets ONNX Runtime choose (one per core).
+    pub threads: usize,
+}
+
+/// Where the ONNX Runtime shared library is looked for: `ORT_DYLIB_PATH`, then the copy that
+/// `scripts/setup.sh` installs.
+pub fn onnxruntime_library() -> Result<PathBuf> {
+    if let Some(p) = std::env::var_os("ORT_DYLIB_PATH") {
+        return Ok(PathBuf::from(p));
+    }
+    let candidate = crate::cache_dir().join("onnxruntime").join("libonnxruntime.so");
+    if candidate.exists() {
+        return Ok(candidate);
+    }
+    Err(Error::Inference {
+        context: "ONNX Runtime".into(),
+        reason: format!(
+            "shared library not found (looked at ORT_DYLIB_PATH and {}); run scripts/setup.sh",
+            candidate.display()
+        ),
+    })
+}
+
+fn ort_err(context: impl Into<String>) -> impl FnOnce(ort::Error) -> Error {
+    let context = context.into();
+    move |e| Error::Inference { context, reason: e.to_string() }
+}
+
+fn environment() -> Result<&'static ort::environment::Environment> {
+    static ENV: OnceLock<std::result::Result<ort::environment::Environment, String>> = OnceLock::new();
+    ENV.get_or_init(|| {
+        let lib = onnxruntime_library().map_err(|e| e.to_string())?;
+        let builder = ort::init_from(&lib).map_err(|e| format!("loading {}: {e}", lib.display()))?;
+        builder.with_name("xray-clip").build().map_err(|e| e.to_string())
+    })
+    .as_ref()
+    .map_err(|reason| Error::Inference { context: "ONNX Runtime".into(), reason: reason.clone() })
+}
+
+/// One ONNX graph with one input and one output of interest.
+pub struct Encoder {
+    session: Session,
+    input: String,
+    output: String,
+    /// Which device it ended up on.
+    pub device: Device,
+}
+
+impl Encoder {
+    /// Builds a session from verified model bytes.
+    pub fn from_bytes(bytes: &[u8], what: &str, opts: &EngineOptions, names: (Option<&str>, Option<&str>)) -> Result<Encoder> {
+        let env = environment()?;
+        let build = |cuda: bool| -> Result<Session> {
+            let mut b = Session::builder(env)
+                .map_err(ort_err(what))?
+                .with_optimization_level(GraphOptimizationLevel::All)
+                .map_err(|e| ort_err(what)(e.into()))?
+                .with_intra_op_spinning(false)
+                .map_err(|e| ort_err(what)(e.into()))?
+                .with_inter_op_spinning(false)
+                .map_err(|e| ort_err(what)(e.into()))?;
+            if opts.threads > 0 {
+                b = b.with_intra_threads(opts.threads).map_err(|e| ort_err(what)(e.into()))?;
+            }
+            if cuda {
+                b = with_cuda(b).map_err(|e| ort_err(what)(e))?;
+            }
+            b.commit_from_memory(bytes).map_err(ort_err(what))
+        };
+        let (session, device) = match opts.device {
+            Device::Cpu => (build(false)?, Device::Cpu),
+            Device::Cuda => (build(true)?, Device::Cuda),
+            Device::Auto => match build(true) {
+                Ok(s) => (s, Device::Cuda),
+                Err(e) => {
+                    if cfg!(feature = "cuda") {
+                        eprintln!("notice: CUDA is not available ({e}); running on CPU");
+                    }
+                    (build(false)?, Device::Cpu)
+                }
+            },
+        };
+        let pick = |wanted: Option<&str>, have: Vec<String>, kind: &str| -> Result<String> {
+            match wanted {
+                Some(w) if have.iter().any(|h| h == w) => Ok(w.to_string()),
+                Some(w) => Err(Error::Inference {
+                    context: what.to_string(),
+                    reason: format!("graph has no {kind} named {w:?} (it has {have:?})"),
+                }),
+                None => have.into_iter().next().ok_or_else(|| Error::Inference {
+                    context: what.to_string(),
+                    reason: format!("graph has no {kind}"),
+                }),
+            }
+        };
+        let inputs = session.inputs().iter().map(|o| o.name().to_string()).collect();
+        let outputs = session.outputs().iter().map(|o| o.name().to_string()).collect();
+        let input = pick(names.0, inputs, "input")?;
+        let output = pick(names.1, outputs, "output")?;
+        Ok(Encoder { session, input, output, device })
+    }
+
+    fn from_entry(bundle: &Bundle, role: &str, opts: &EngineOptions) -> Result<Encoder> {
+        let entry: &FileEntry = &bundle.manifest.files[role];
+        let bytes = bundle.read_verified(role)?;
+        let what = format!("{} ({role})", bundle.dir.join(&entry.path).display());
+        Encoder::from_bytes(&bytes, &what, opts, (entry.input.as_deref(), entry.output.as_deref()))
+    }
+
+    /// Runs a float input of `shape`; returns `[rows, dim]` row-major and `dim`.
+    fn run_f32(&mut self, shape: &[usize], data: &[f32]) -> Result<(Vec<f32>, usize)> {
+        let t = TensorRef::from_array_view((shape.to_vec(), data)).map_err(ort_err("input tensor"))?;
+        let input = self.input.clone();
+        self.run(ort::inputs![input.as_str() => t], shape[0])
+    }
+
+    fn run_i64(&mut self, shape: &[usize], data: &[i64]) -> Result<(Vec<f32>, usize)> {
+        let t = TensorRef::from_array_view((shape.to_vec(), data)).map_err(ort_err("input tensor"))?;
+        let input = self.input.clone();
+        self.run(ort::inputs![input.as_str() => t], shape[0])
+    }
+
+    fn run(&mut self, inputs: Vec<(std::borrow::Cow<'_, str>, ort::session::SessionInputValue<'_>)>, rows: usize) -> Result<(Vec<f32>, usize)> {
+        let output = self.output.clone();
+        let outputs = self.session.run(inputs).map_err(ort_err(format!("running graph (output {output})")))?;
+        let (shape, values) = outputs[output.as_str()].try_extract_tensor::<f32>().map_err(ort_err("reading output"))?;
+        if shape.len() != 2 || shape[0] as usize != rows {
+            return Err(Error::Shape {
+                what: format!("output {output}"),
+                expected: format!("[{rows}, D]"),
+                actual: format!("{:?}", &shape[..]),
+            });
+        }
+        Ok((values.to_vec(), shape[1] as usize))
+    }
+}
+
+#[cfg(feature = "cuda")]
+fn with_cuda(b: ort::session::builder::SessionBuilder) -> std::result::Result<ort::session::builder::SessionBuilder, ort::Error> {
+    b.with_execution_providers([ort::ep::CUDA::default().build().error_on_failure()]).map_err(Into::into)
+}
+
+#[cfg(not(feature = "cuda"))]
+fn with_cuda(_: ort::session::builder::SessionBuilder) -> std::result::Result<ort::session::builder::SessionBuilder, ort::Error> {
+    Err(ort::Error::new("this build has no CUDA support (build with --features cuda)"))
+}
+
+/// The encoders of a bundle.
+pub struct Engine {
+    pub bundle: Bundle,
+    image: Encoder,
+    text: Option<Encoder>,
+    options: EngineOptions,
+}
+
+impl Engine {
+    pub fn load(bundle: Bundle, options: EngineOptions) -> Result<Engine> {
+        let image = Encoder::from_entry(&bundle, bundle::IMAGE_ENCODER, &options)?;
+        Ok(Engine { bundle, image, text: None, options })
+    }
+
+    pub fn device(&self) -> Device {
+        self.image.device
+    }
+
+    /// Image embeddings of a batch of preprocessed images (`[batch, 3, S, S]` flattened), not normalised.
+    pub fn embed_images(&mut self, pixels: &[f32], batch: usize) -> Result<Vec<f32>> {
+        let s = self.bundle.manifest.preprocessing.image_size as usize;
+        let (out, dim) = self.image.run_f32(&[batch, 3, s, s], pixels)?;
+        self.check_dim(dim, "image encoder")?;
+        Ok(out)
+    }
+
+    /// Text embeddings of a token batch, not normalised. Loads the text encoder on first use.
+    pub fn embed_texts(&mut self, tokens: &TokenBatch) -> Result<Vec<f32>> {
+        self.text_encoder()?;
+        let enc = self.text.as_mut().expect("loaded above");
+        let (out, dim) = enc.embed_tokens(tokens)?;
+        self.check_dim(dim, "text encoder")?;
+        Ok(out)
+    }
+
+    /// The text encoder, loaded on first use.
+    pub fn text_encoder(&mut self) -> Result<&mut Encoder> {
+        if self.text.is_none() {
+            if !self.bundle.has_text_encoder() {
+                return Err(Error::InvalidArgument(format!(
+                    "bundle {} has no text encoder, so it cannot score custom labels or templates",
+                    self.bundle.dir.display()
+                )));
+            }
+            self.text = Some(Encoder::from_entry(&self.bundle, bundle::TEXT_ENCODER, &self.options)?);
+        }
+        Ok(self.text.as_mut().expect("loaded above"))
+    }
+
+    fn check_dim(&self, dim: usize, what: &str) -> Result<()> {
+        if dim != self.bundle.manifest.embedding_dim {
+            return Err(Error::Shape {
+                what: what.to_string(),
+                expected: format!("embedding size {}", self.bundle.manifest.embedding_dim),
+                actual: dim.to_string(),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Loads an encoder straight from an ONNX file (benchmarks, parity checks).
+pub fn encoder_from_file(path: &Path, opts: &EngineOptions) -> Result<Encoder> {
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    Encoder::from_bytes(&bytes, &path.display().to_string(), opts, (None, None))
+}
+
+impl Encoder {
+    pub fn input_name(&self) -> &str {
+        &self.input
+    }
+
+    pub fn output_name(&self) -> &str {
+        &self.output
+    }
+
+    /// Runs an image encoder on `[batch, 3, S, S]` pixels; returns `[batch, dim]` row-major and `dim`.
+    pub fn embed_pixels(&mut self, shape: &[usize], data: &[f32]) -> Result<(Vec<f32>, usize)> {
+        self.run_f32(shape, data)
+    }
+
+    /// Runs a text encoder on a token batch; returns `[batch, dim]` row-major and `dim`.
+    pub fn embed_tokens(&mut self, tokens: &TokenBatch) -> Result<(Vec<f32>, usize)> {
+        self.run_i64(&[tokens.batch, tokens.len], &tokens.ids)
+    }
+}

@@ -1,0 +1,127 @@
+//! Label sets and prompt templates of the reference experiment, defined once for every crate.
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+/// One class of a label set.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Label {
+    /// Stable identifier (the data set's own: UNIFESP index, IRMA category number, folder name).
+    pub id: String,
+    /// What people read.
+    pub name: String,
+    /// The words put into prompt templates.
+    pub prompt_name: String,
+}
+
+impl Label {
+    pub fn new(id: impl Into<String>, name: impl Into<String>) -> Label {
+        let name = name.into();
+        Label { id: id.into(), prompt_name: name.to_lowercase(), name }
+    }
+}
+
+/// The five zero-shot templates of the reference experiment, in its order (`{}` = label).
+pub const REFERENCE_TEMPLATES: [&str; 5] = [
+    "a X-Ray image of {} part",
+    "This is a X-ray image of {} part.",
+    "a X-ray of a {}",
+    "a X-ray image of {} of human",
+    "a image of {}",
+];
+
+/// UNIFESP body parts, indices 0..21 as in the competition's `train.csv`.
+pub const UNIFESP_NAMES: [&str; 22] = [
+    "Abdomen", "Ankle", "Cervical Spine", "Chest", "Clavicles", "Elbow", "Feet", "Finger", "Forearm", "Hand", "Hip",
+    "Knee", "Lower Leg", "Lumbar Spine", "Others", "Pelvis", "Shoulder", "Sinus", "Skull", "Thigh",
+    "Thoracic Spine", "Wrist",
+];
+
+/// The 15 IRMA categories of the reference experiment (1-9: first digit of the anatomical code,
+/// 10-15: second-level chest codes).
+pub const IRMA15_NAMES: [&str; 15] = [
+    "whole body", "cranium", "spine", "upper extremity/arm", "chest", "breast", "abdomen", "pelvis",
+    "lower extremity", "chest/bones", "chest/lung", "chest/hilum", "chest/mediastinum", "chest/heart",
+    "chest/diaphragm",
+];
+
+pub fn unifesp() -> Vec<Label> {
+    UNIFESP_NAMES.iter().enumerate().map(|(i, n)| Label::new(i.to_string(), *n)).collect()
+}
+
+pub fn irma15() -> Vec<Label> {
+    IRMA15_NAMES
+        .iter()
+        .enumerate()
+        .map(|(i, n)| {
+            let mut l = Label::new((i + 1).to_string(), *n);
+            // "upper extremity/arm" reads better in a sentence as "upper extremity (arm)".
+            l.prompt_name = n.replace('/', " ");
+            l
+        })
+        .collect()
+}
+
+/// Labels from user text: a comma-separated list, or lines of a file (`#` comments, blanks ignored).
+pub fn from_list<'a>(names: impl IntoIterator<Item = &'a str>) -> Result<Vec<Label>> {
+    let labels: Vec<Label> = names
+        .into_iter()
+        .map(str::trim)
+        .filter(|s| !s.is_empty() && !s.starts_with('#'))
+        .map(|s| Label::new(s, s))
+        .collect();
+    if labels.is_empty() {
+        return Err(Error::InvalidArgument("the label list is empty".into()));
+    }
+    let mut seen = std::collections::HashSet::new();
+    for l in &labels {
+        if !seen.insert(l.name.to_lowercase()) {
+            return Err(Error::InvalidArgument(format!("label {:?} appears twice", l.name)));
+        }
+    }
+    Ok(labels)
+}
+
+/// A named built-in set (`unifesp`, `irma`), else `None`.
+pub fn builtin(name: &str) -> Option<Vec<Label>> {
+    match name {
+        "unifesp" => Some(unifesp()),
+        "irma" | "irma15" => Some(irma15()),
+        _ => None,
+    }
+}
+
+/// Fills a template: every `{}` becomes the label's prompt name.
+pub fn fill(template: &str, label: &Label) -> Result<String> {
+    if !template.contains("{}") {
+        return Err(Error::InvalidArgument(format!("template {template:?} has no {{}} placeholder")));
+    }
+    Ok(template.replace("{}", &label.prompt_name))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn builtin_sets_have_reference_sizes_and_order() {
+        let u = unifesp();
+        assert_eq!(u.len(), 22);
+        assert_eq!((u[3].id.as_str(), u[3].name.as_str()), ("3", "Chest"));
+        assert_eq!(u[21].name, "Wrist");
+        let i = irma15();
+        assert_eq!(i.len(), 15);
+        assert_eq!((i[0].id.as_str(), i[14].name.as_str()), ("1", "chest/diaphragm"));
+    }
+
+    #[test]
+    fn fill_and_list_errors() {
+        let l = Label::new("3", "Chest");
+        assert_eq!(fill("a X-ray of a {}", &l).unwrap(), "a X-ray of a chest");
+        assert!(fill("no placeholder", &l).is_err());
+        assert!(from_list(["a", " ", "A"]).is_err());
+        assert!(from_list([" ", "# x"]).is_err());
+        assert_eq!(from_list(["chest x-ray", "hand x-ray"]).unwrap().len(), 2);
+    }
+}

@@ -1,0 +1,185 @@
+//! Files -> embeddings, with decoding and preprocessing on worker threads running alongside the
+//! encoder, so a folder is limited by the encoder and not by the decoders.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use crate::decode;
+use crate::engine::{Encoder, Engine};
+use crate::error::{Error, Result};
+use crate::labels::{self, Label};
+use crate::preprocess::{self, PreprocessConfig};
+use crate::scoring;
+use crate::tokenizer::{ClipTokenizer, Padding};
+
+/// File extensions picked up when a folder is given.
+pub const IMAGE_EXTENSIONS: [&str; 5] = ["png", "jpg", "jpeg", "dcm", "dicom"];
+
+/// Expands folders (recursively, sorted) into image files; files given by name are always kept.
+pub fn collect_files(inputs: &[PathBuf]) -> Result<Vec<PathBuf>> {
+    let mut out = Vec::new();
+    for input in inputs {
+        let meta = std::fs::metadata(input).map_err(|e| Error::io(input, e))?;
+        if meta.is_dir() {
+            walk(input, &mut out)?;
+        } else {
+            out.push(input.clone());
+        }
+    }
+    Ok(out)
+}
+
+fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
+    let mut entries: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(|e| Error::io(dir, e))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .collect();
+    entries.sort();
+    for p in entries {
+        if p.is_dir() {
+            walk(&p, out)?;
+        } else if p
+            .extension()
+            .and_then(|e| e.to_str())
+            .is_some_and(|e| IMAGE_EXTENSIONS.contains(&e.to_ascii_lowercase().as_str()))
+        {
+            out.push(p);
+        }
+    }
+    Ok(())
+}
+
+/// Decodes and preprocesses one file.
+pub fn load_tensor(path: &Path, cfg: &PreprocessConfig) -> Result<Vec<f32>> {
+    let img = decode::decode_file(path)?;
+    Ok(preprocess::preprocess(&img, cfg))
+}
+
+#[derive(Debug, Clone)]
+pub struct PipelineOptions {
+    pub batch_size: usize,
+    /// Decoder threads; 0 = one.
+    pub workers: usize,
+    pub progress: bool,
+}
+
+impl Default for PipelineOptions {
+    fn default() -> Self {
+        PipelineOptions { batch_size: 16, workers: 1, progress: false }
+    }
+}
+
+/// Image embeddings (not normalised) of every file, in input order; a file that cannot be read gets
+/// its error and does not stop the others.
+pub fn embed_files(engine: &mut Engine, files: &[PathBuf], opts: &PipelineOptions) -> Vec<Result<Vec<f32>>> {
+    let cfg = engine.bundle.manifest.preprocessing.clone();
+    let batch_size = opts.batch_size.max(1);
+    let workers = opts.workers.max(1).min(files.len().max(1));
+    let mut results: Vec<Option<Result<Vec<f32>>>> = (0..files.len()).map(|_| None).collect();
+    let next = AtomicUsize::new(0);
+    let bar = progress_bar(files.len() as u64, opts.progress);
+    std::thread::scope(|scope| {
+        let (tx, rx) = crossbeam_channel::bounded::<(usize, Result<Vec<f32>>)>(batch_size * 2);
+        for _ in 0..workers {
+            let tx = tx.clone();
+            let (next, cfg) = (&next, &cfg);
+            scope.spawn(move || loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= files.len() || tx.send((i, load_tensor(&files[i], cfg))).is_err() {
+                    break;
+                }
+            });
+        }
+        drop(tx);
+        let mut pending: Vec<(usize, Vec<f32>)> = Vec::with_capacity(batch_size);
+        let mut flush = |pending: &mut Vec<(usize, Vec<f32>)>, results: &mut Vec<Option<Result<Vec<f32>>>>| {
+            if pending.is_empty() {
+                return;
+            }
+            let pixels: Vec<f32> = pending.iter().flat_map(|(_, t)| t.iter().copied()).collect();
+            match engine.embed_images(&pixels, pending.len()) {
+                Ok(emb) => {
+                    let dim = emb.len() / pending.len();
+                    for ((i, _), e) in pending.iter().zip(emb.chunks_exact(dim)) {
+                        results[*i] = Some(Ok(e.to_vec()));
+                    }
+                }
+                Err(e) => {
+                    let msg = e.to_string();
+                    for (i, _) in pending.iter() {
+                        results[*i] = Some(Err(Error::Inference { context: files[*i].display().to_string(), reason: msg.clone() }));
+                    }
+                }
+            }
+            bar.inc(pending.len() as u64);
+            pending.clear();
+        };
+        for (i, tensor) in rx {
+            match tensor {
+                Ok(t) => {
+                    pending.push((i, t));
+                    if pending.len() == batch_size {
+                        flush(&mut pending, &mut results);
+                    }
+                }
+                Err(e) => {
+                    results[i] = Some(Err(e));
+                    bar.inc(1);
+                }
+            }
+        }
+        flush(&mut pending, &mut results);
+    });
+    bar.finish_and_clear();
+    results.into_iter().map(|r| r.expect("every file gets a result")).collect()
+}
+
+fn progress_bar(len: u64, show: bool) -> indicatif::ProgressBar {
+    if !show {
+        return indicatif::ProgressBar::hidden();
+    }
+    let bar = indicatif::ProgressBar::new(len);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} images, {per_sec}, eta {eta}")
+            .expect("valid template"),
+    );
+    bar
+}
+
+/// Label embeddings (normalised, `[labels x dim]`) from the bundle's text encoder: every template is
+/// filled with every label, encoded, normalised, and the templates averaged.
+pub fn text_label_embeddings(engine: &mut Engine, labels: &[Label], templates: &[String]) -> Result<Vec<f32>> {
+    let tok_path = engine
+        .bundle
+        .file_path(crate::bundle::TOKENIZER)
+        .ok_or_else(|| Error::bundle(&engine.bundle.dir, "has no tokenizer"))?;
+    let tokenizer = ClipTokenizer::from_bytes(&engine.bundle.read_verified(crate::bundle::TOKENIZER)?, &tok_path)?;
+    let dim = engine.bundle.manifest.embedding_dim;
+    let (emb, got) = prompt_embeddings(engine.text_encoder()?, &tokenizer, labels, templates)?;
+    if got != dim {
+        return Err(Error::Shape { what: "text encoder".into(), expected: format!("embedding size {dim}"), actual: got.to_string() });
+    }
+    Ok(emb)
+}
+
+/// Label embeddings from a text encoder: returns `[labels x dim]` (normalised, templates averaged) and `dim`.
+pub fn prompt_embeddings(
+    encoder: &mut Encoder,
+    tokenizer: &ClipTokenizer,
+    labels: &[Label],
+    templates: &[String],
+) -> Result<(Vec<f32>, usize)> {
+    if templates.is_empty() {
+        return Err(Error::InvalidArgument("no prompt template given".into()));
+    }
+    let mut per_template = Vec::with_capacity(templates.len());
+    let mut dim = 0;
+    for t in templates {
+        let prompts: Vec<String> = labels.iter().map(|l| labels::fill(t, l)).collect::<Result<_>>()?;
+        let tokens = tokenizer.encode_batch(&prompts, Padding::Longest)?;
+        let (emb, d) = encoder.embed_tokens(&tokens)?;
+        dim = d;
+        per_template.push(emb);
+    }
+    Ok((scoring::ensemble(&per_template, dim), dim))
+}

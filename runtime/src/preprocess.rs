@@ -1,0 +1,264 @@
+//! CLIP preprocessing, bit-exact with the reference (PIL / `CLIPImageProcessor`): resize the shorter
+//! side to 224 with PIL's bicubic filter (antialiased when shrinking, 8-bit fixed point), centre crop
+//! 224x224, RGB, scale to [0, 1], normalise with CLIP's mean and std. Output is CHW float32.
+
+use serde::{Deserialize, Serialize};
+
+use crate::decode::{Image, Pixels};
+
+pub const CLIP_MEAN: [f32; 3] = [0.481_454_66, 0.457_827_5, 0.408_210_73];
+pub const CLIP_STD: [f32; 3] = [0.268_629_54, 0.261_302_6, 0.275_777_1];
+
+/// How a bundle wants its images prepared (stored in the manifest).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PreprocessConfig {
+    /// Side of the square model input.
+    pub image_size: u32,
+    /// Shorter side after resizing (before the centre crop).
+    pub resize_shortest_edge: u32,
+    /// Always "bicubic" (PIL's filter, a = -0.5, antialiased).
+    pub resize_filter: String,
+    /// Always "center".
+    pub crop: String,
+    pub mean: [f32; 3],
+    pub std: [f32; 3],
+}
+
+impl Default for PreprocessConfig {
+    fn default() -> Self {
+        PreprocessConfig {
+            image_size: 224,
+            resize_shortest_edge: 224,
+            resize_filter: "bicubic".into(),
+            crop: "center".into(),
+            mean: CLIP_MEAN,
+            std: CLIP_STD,
+        }
+    }
+}
+
+impl PreprocessConfig {
+    /// Values of one preprocessed image (3 x size x size).
+    pub fn tensor_len(&self) -> usize {
+        3 * self.image_size as usize * self.image_size as usize
+    }
+
+    pub fn validate(&self) -> Result<(), String> {
+        if self.resize_filter != "bicubic" {
+            return Err(format!("resize filter {:?} is not supported (bicubic only)", self.resize_filter));
+        }
+        if self.crop != "center" {
+            return Err(format!("crop {:?} is not supported (center only)", self.crop));
+        }
+        if self.image_size == 0 || self.image_size > 4096 || self.resize_shortest_edge < self.image_size {
+            return Err(format!(
+                "image size {} with shortest edge {} is not a valid resize-then-crop",
+                self.image_size, self.resize_shortest_edge
+            ));
+        }
+        if self.std.iter().any(|&s| s <= 0.0 || !s.is_finite()) {
+            return Err("std must be positive".into());
+        }
+        Ok(())
+    }
+}
+
+/// Output size of the shorter-side resize, as `transformers.get_resize_output_image_size`.
+pub fn resized_size(width: u32, height: u32, shortest: u32) -> (u32, u32) {
+    let (w, h) = (width as u64, height as u64);
+    let s = shortest as u64;
+    if w <= h {
+        (shortest, (s * h / w) as u32)
+    } else {
+        ((s * w / h) as u32, shortest)
+    }
+}
+
+/// Resize, crop and normalise into `out` (length `cfg.tensor_len()`, CHW).
+pub fn preprocess_into(img: &Image, cfg: &PreprocessConfig, out: &mut [f32]) {
+    let (new_w, new_h) = resized_size(img.width, img.height, cfg.resize_shortest_edge);
+    let channels = img.channels();
+    let src = match &img.pixels {
+        Pixels::Gray(p) | Pixels::Rgb(p) => p.as_slice(),
+    };
+    let resized = resample_bicubic(src, img.width as usize, img.height as usize, channels, new_w as usize, new_h as usize);
+    let size = cfg.image_size as usize;
+    let (new_w, new_h) = (new_w as usize, new_h as usize);
+    // Centre crop (floor of half the excess, as transformers; the resize guarantees no padding).
+    let top = (new_h - size) / 2;
+    let left = (new_w - size) / 2;
+    let plane = size * size;
+    // 8-bit value -> normalised float, per channel: a 256-entry table avoids a division per pixel.
+    let mut lut = [[0f32; 256]; 3];
+    for (c, table) in lut.iter_mut().enumerate() {
+        for (v, slot) in table.iter_mut().enumerate() {
+            *slot = ((v as f64 / 255.0) as f32 - cfg.mean[c]) / cfg.std[c];
+        }
+    }
+    for y in 0..size {
+        let row = &resized[((top + y) * new_w + left) * channels..][..size * channels];
+        for x in 0..size {
+            for c in 0..3 {
+                let v = row[x * channels + if channels == 1 { 0 } else { c }];
+                out[c * plane + y * size + x] = lut[c][v as usize];
+            }
+        }
+    }
+}
+
+pub fn preprocess(img: &Image, cfg: &PreprocessConfig) -> Vec<f32> {
+    let mut out = vec![0f32; cfg.tensor_len()];
+    preprocess_into(img, cfg, &mut out);
+    out
+}
+
+// ---- PIL's resampling (Pillow src/libImaging/Resample.c), 8 bits per channel --------------------
+
+const PRECISION_BITS: u32 = 32 - 8 - 2;
+
+fn bicubic(x: f64) -> f64 {
+    const A: f64 = -0.5;
+    let x = x.abs();
+    if x < 1.0 {
+        ((A + 2.0) * x - (A + 3.0)) * x * x + 1.0
+    } else if x < 2.0 {
+        (((x - 5.0) * x + 8.0) * x - 4.0) * A
+    } else {
+        0.0
+    }
+}
+
+/// Per output pixel: first input index, tap count, fixed-point weights (`ksize` slots each).
+struct Coefficients {
+    ksize: usize,
+    bounds: Vec<(usize, usize)>,
+    weights: Vec<i32>,
+}
+
+fn precompute_coefficients(in_size: usize, out_size: usize) -> Coefficients {
+    const SUPPORT: f64 = 2.0;
+    let scale = in_size as f64 / out_size as f64;
+    let filter_scale = scale.max(1.0);
+    let support = SUPPORT * filter_scale;
+    let ksize = support.ceil() as usize * 2 + 1;
+    let mut bounds = Vec::with_capacity(out_size);
+    let mut weights = vec![0i32; out_size * ksize];
+    let mut k = vec![0f64; ksize];
+    for xx in 0..out_size {
+        let center = (xx as f64 + 0.5) * scale;
+        let ss = 1.0 / filter_scale;
+        // Truncation toward zero as C's (int) cast.
+        let xmin = ((center - support + 0.5) as i64).max(0) as usize;
+        let xmax = ((center + support + 0.5) as i64).min(in_size as i64) as usize - xmin;
+        let mut total = 0.0;
+        for (x, slot) in k.iter_mut().enumerate().take(xmax) {
+            let w = bicubic((x as f64 + xmin as f64 - center + 0.5) * ss);
+            *slot = w;
+            total += w;
+        }
+        for (x, &w) in k.iter().enumerate().take(xmax) {
+            let w = if total != 0.0 { w / total } else { w };
+            let scaled = w * (1u32 << PRECISION_BITS) as f64;
+            weights[xx * ksize + x] = if w < 0.0 { (scaled - 0.5) as i32 } else { (scaled + 0.5) as i32 };
+        }
+        bounds.push((xmin, xmax));
+    }
+    Coefficients { ksize, bounds, weights }
+}
+
+fn clip8(v: i32) -> u8 {
+    if v >= (1 << PRECISION_BITS << 8) {
+        255
+    } else if v <= 0 {
+        0
+    } else {
+        (v >> PRECISION_BITS) as u8
+    }
+}
+
+/// Separable bicubic resize of interleaved 8-bit samples: horizontal pass, then vertical, as Pillow.
+pub fn resample_bicubic(src: &[u8], w: usize, h: usize, channels: usize, out_w: usize, out_h: usize) -> Vec<u8> {
+    let horizontal = if out_w != w {
+        let co = precompute_coefficients(w, out_w);
+        let mut tmp = vec![0u8; out_w * h * channels];
+        for y in 0..h {
+            let row = &src[y * w * channels..(y + 1) * w * channels];
+            let out_row = &mut tmp[y * out_w * channels..(y + 1) * out_w * channels];
+            for (xx, &(xmin, xmax)) in co.bounds.iter().enumerate() {
+                let k = &co.weights[xx * co.ksize..xx * co.ksize + xmax];
+                for c in 0..channels {
+                    let mut acc: i32 = 1 << (PRECISION_BITS - 1);
+                    for (i, &kw) in k.iter().enumerate() {
+                        acc += row[(xmin + i) * channels + c] as i32 * kw;
+                    }
+                    out_row[xx * channels + c] = clip8(acc);
+                }
+            }
+        }
+        tmp
+    } else {
+        src.to_vec()
+    };
+    if out_h == h {
+        return horizontal;
+    }
+    let co = precompute_coefficients(h, out_h);
+    let stride = out_w * channels;
+    let mut out = vec![0u8; out_h * stride];
+    let mut acc = vec![0i32; stride];
+    for (yy, &(ymin, ymax)) in co.bounds.iter().enumerate() {
+        let k = &co.weights[yy * co.ksize..yy * co.ksize + ymax];
+        acc.fill(1 << (PRECISION_BITS - 1));
+        for (i, &kw) in k.iter().enumerate() {
+            let row = &horizontal[(ymin + i) * stride..(ymin + i + 1) * stride];
+            for (a, &v) in acc.iter_mut().zip(row) {
+                *a += v as i32 * kw;
+            }
+        }
+        for (o, &a) in out[yy * stride..(yy + 1) * stride].iter_mut().zip(&acc) {
+            *o = clip8(a);
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resize_keeps_aspect_as_transformers() {
+        assert_eq!(resized_size(640, 480, 224), (298, 224));
+        assert_eq!(resized_size(480, 640, 224), (224, 298));
+        assert_eq!(resized_size(64, 64, 224), (224, 224));
+        assert_eq!(resized_size(1841, 1955, 224), (224, 237));
+    }
+
+    #[test]
+    fn constant_image_stays_constant() {
+        let src = vec![77u8; 50 * 30];
+        let out = resample_bicubic(&src, 50, 30, 1, 13, 71);
+        assert!(out.iter().all(|&v| v == 77));
+    }
+
+    #[test]
+    fn weights_sum_to_one_in_fixed_point() {
+        for (i, o) in [(1955, 224), (64, 224), (300, 224), (7, 3)] {
+            let co = precompute_coefficients(i, o);
+            for (xx, &(_, n)) in co.bounds.iter().enumerate() {
+                let sum: i64 = co.weights[xx * co.ksize..xx * co.ksize + n].iter().map(|&v| v as i64).sum();
+                assert!((sum - (1 << PRECISION_BITS)).abs() <= n as i64, "{i}->{o} pixel {xx}: {sum}");
+            }
+        }
+    }
+
+    #[test]
+    fn normalisation_uses_clip_statistics() {
+        let img = Image { width: 224, height: 224, pixels: Pixels::Gray(vec![255; 224 * 224]) };
+        let t = preprocess(&img, &PreprocessConfig::default());
+        for c in 0..3 {
+            let expect = (1.0 - CLIP_MEAN[c]) / CLIP_STD[c];
+            assert!((t[c * 224 * 224] - expect).abs() < 1e-6);
+        }
+    }
+}

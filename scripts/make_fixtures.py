@@ -1,0 +1,219 @@
+#!/usr/bin/env python3
+"""Golden fixtures from code no one in this project wrote.
+
+Writes, under fixtures/ (committed; small):
+  tokenizer/tokenizer.json   HF `tokenizers` file built from OpenAI's BPE merges (open-clip-torch's copy)
+  tokens.json                OpenAI's token ids (open_clip.SimpleTokenizer) for 200+ strings
+  images/*.png|jpg           generated test images (seeded)
+  preprocess/*.npy           transformers' CLIPImageProcessorPil output for each image
+  tiny/                      a tiny random HF CLIPModel exported by torch.onnx (vision + text),
+                             its config, and reference image/text embeddings and logit scale
+
+With --full DIR: a full-size ViT-B/32 image encoder (random weights, HF default config) exported by
+torch.onnx into DIR (about 350 MB, for the benchmarks; not committed).
+
+Run with the tools venv of scripts/setup.sh --dev:  ~/.cache/xray-clip/py/bin/python scripts/make_fixtures.py
+"""
+import argparse
+import gzip
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parent.parent
+FIX = ROOT / "fixtures"
+
+UNIFESP = ["Abdomen", "Ankle", "Cervical Spine", "Chest", "Clavicles", "Elbow", "Feet", "Finger", "Forearm",
+           "Hand", "Hip", "Knee", "Lower Leg", "Lumbar Spine", "Others", "Pelvis", "Shoulder", "Sinus", "Skull",
+           "Thigh", "Thoracic Spine", "Wrist"]
+IRMA15 = ["whole body", "cranium", "spine", "upper extremity/arm", "chest", "breast", "abdomen", "pelvis",
+          "lower extremity", "chest/bones", "chest/lung", "chest/hilum", "chest/mediastinum", "chest/heart",
+          "chest/diaphragm"]
+TEMPLATES = ["a X-Ray image of {} part", "This is a X-ray image of {} part.", "a X-ray of a {}",
+             "a X-ray image of {} of human", "a image of {}"]
+EXTRA = [
+    "", " ", "chest", "CHEST X-RAY", "  many   spaces\tand\nnewlines  ", "hello, world!", "what's this? it's a knee.",
+    "don't, can't, we'll, they're, I've, I'm, he'd", "x-ray #123: 45.6% (p<0.05)", "3 views; 2 of them AP/PA",
+    "1234567890", "L5-S1", "C7", "T12/L1 junction", "right hand, 2nd finger", "e-mail@example.com", "a_b-c.d/e\\f",
+    "!!!???...", "«quoted» — dashes – and “curly” quotes", "Röntgenbild des Thorax", "radiografía de tórax",
+    "radiographie du genou", "Ærøskøbing", "naïve café résumé", "東京の胸部X線", "рентген грудной клетки",
+    "ακτινογραφία", "emoji 🦴🩻 x-ray", "👍", "tab\tseparated", "mixed CASE WoRdS", "a" * 100,
+    " ".join(["word"] * 100), "supercalifragilisticexpialidocious " * 10, "1/2 3/4 5/6", "$100 & 50€", "C++ #include <x>",
+    "ñ ç ü ö ä ß", "the end.<|endoftext|>", "Ǆ ǅ ǆ ﬁ ligature", "x" * 300,
+]
+
+
+def texts():
+    out = [t.format(label) for t in TEMPLATES for label in UNIFESP + IRMA15]
+    return out + EXTRA
+
+
+def build_tokenizer(out_dir: Path):
+    from open_clip.tokenizer import SimpleTokenizer
+    from transformers.models.clip.tokenization_clip import CLIPTokenizer
+
+    st = SimpleTokenizer()
+    # open_clip names the special tokens <start_of_text>/<end_of_text>; OpenAI's and HF's use <|...|>.
+    rename = {"<start_of_text>": "<|startoftext|>", "<end_of_text>": "<|endoftext|>"}
+    vocab = {rename.get(k, k): v for k, v in st.encoder.items()}
+    merges = [tuple(pair) for pair, _ in sorted(st.bpe_ranks.items(), key=lambda kv: kv[1])]
+    tok = CLIPTokenizer(vocab=vocab, merges=merges)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tok.backend_tokenizer.save(str(out_dir / "tokenizer.json"))
+    # OpenAI's reference ids (open_clip.tokenize pads to 77 with 0 and keeps the end token on truncation).
+    from open_clip.tokenizer import tokenize
+    rows = []
+    for t in texts():
+        ids = tokenize([t])[0].tolist()
+        while ids and ids[-1] == 0:
+            ids.pop()
+        rows.append({"text": t, "ids": ids})
+    (FIX / "tokens.json").write_text(json.dumps(rows, ensure_ascii=False, indent=0))
+    print(f"tokenizer + {len(rows)} token rows")
+
+
+def make_images(out_dir: Path):
+    rng = np.random.default_rng(7)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    yy, xx = np.mgrid[0:217, 0:300]
+    g = (np.sin(xx / 9.0) * 60 + yy * 0.5 + rng.normal(0, 12, yy.shape) + 80).clip(0, 255).astype(np.uint8)
+    Image.fromarray(g, "L").save(out_dir / "gray_300x217.png")
+    yy, xx = np.mgrid[0:480, 0:640]
+    rgb = np.stack([(xx * 255 // 640), (yy * 255 // 480), ((xx + yy) % 256)], -1).astype(np.float64)
+    rgb += rng.normal(0, 20, rgb.shape)
+    Image.fromarray(rgb.clip(0, 255).astype(np.uint8), "RGB").save(out_dir / "rgb_640x480.jpg", quality=90)
+    small = (rng.random((64, 64)) * 255).astype(np.uint8)
+    Image.fromarray(small, "L").save(out_dir / "small_64x64.png")
+    yy, xx = np.mgrid[0:400, 0:150]
+    g16 = ((xx * 400 + yy * 97) % 65536).astype(np.uint16)
+    Image.fromarray(g16).save(out_dir / "gray16_150x400.png")
+    print("images written")
+
+
+def load_as_8bit(path: Path) -> Image.Image:
+    """The project's documented input rule: 16-bit samples -> round(v / 257)."""
+    im = Image.open(path)
+    if im.mode in ("I;16", "I;16B", "I"):
+        a = np.asarray(im).astype(np.float64)
+        return Image.fromarray(np.round(a / 257.0).astype(np.uint8), "L")
+    return im
+
+
+def preprocess_refs(img_dir: Path, out_dir: Path):
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    proc = CLIPImageProcessorPil()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for p in sorted(img_dir.iterdir()):
+        px = proc(images=load_as_8bit(p), return_tensors="np")["pixel_values"].astype(np.float32)
+        np.save(out_dir / (p.stem + ".npy"), px)
+    print("preprocess references written")
+
+
+def tiny_model(out_dir: Path, img_dir: Path):
+    import torch
+    from transformers import CLIPConfig, CLIPModel
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    torch.manual_seed(0)
+    cfg = CLIPConfig(
+        text_config=dict(vocab_size=49408, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                         num_attention_heads=2, max_position_embeddings=77, hidden_act="quick_gelu",
+                         bos_token_id=49406, eos_token_id=49407, pad_token_id=1),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                           image_size=224, patch_size=32, hidden_act="quick_gelu"),
+        projection_dim=16,
+    )
+    model = CLIPModel(cfg).eval()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cfg.save_pretrained(out_dir)
+
+    class Vision(torch.nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, pixel_values):
+            return self.m.get_image_features(pixel_values=pixel_values).pooler_output
+
+    class Text(torch.nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, input_ids):
+            return self.m.get_text_features(input_ids=input_ids).pooler_output
+
+    export_vision(Vision(model), out_dir / "image_encoder.onnx", 224)
+    ids = torch.tensor([[49406, 320, 49407, 0, 0]], dtype=torch.long)
+    torch.onnx.export(Text(model), (ids,), str(out_dir / "text_encoder.onnx"), input_names=["input_ids"],
+                      output_names=["text_embeds"], dynamic_axes={"input_ids": {0: "batch", 1: "sequence"},
+                                                                  "text_embeds": {0: "batch"}},
+                      opset_version=17, dynamo=False)
+
+    proc = CLIPImageProcessorPil()
+    names = sorted(p.name for p in img_dir.iterdir())
+    px = np.concatenate([proc(images=load_as_8bit(img_dir / n), return_tensors="np")["pixel_values"] for n in names])
+    from open_clip.tokenizer import tokenize
+    prompts = [t.format(l) for t in TEMPLATES[:2] for l in ["Chest", "Hand", "Knee", "Skull"]]
+    with torch.no_grad():
+        img = model.get_image_features(pixel_values=torch.from_numpy(px).float()).pooler_output.numpy()
+        txt = model.get_text_features(input_ids=tokenize(prompts)).pooler_output.numpy()
+        scale = float(model.logit_scale.exp())
+        out = model(input_ids=tokenize(prompts), pixel_values=torch.from_numpy(px).float())
+    np.save(out_dir / "image_embeds.npy", img.astype(np.float32))
+    np.save(out_dir / "text_embeds.npy", txt.astype(np.float32))
+    np.save(out_dir / "logits_per_image.npy", out.logits_per_image.numpy().astype(np.float32))
+    (out_dir / "reference.json").write_text(json.dumps({"images": names, "prompts": prompts, "logit_scale": scale},
+                                                       indent=1))
+    print(f"tiny model: logit scale {scale}")
+
+
+def export_vision(module, path: Path, size: int):
+    import torch
+    x = torch.zeros(1, 3, size, size)
+    torch.onnx.export(module, (x,), str(path), input_names=["pixel_values"], output_names=["image_embeds"],
+                      dynamic_axes={"pixel_values": {0: "batch"}, "image_embeds": {0: "batch"}}, opset_version=17,
+                      dynamo=False)
+
+
+def full_vit_b32(out_dir: Path):
+    import torch
+    from transformers import CLIPConfig, CLIPModel
+
+    torch.manual_seed(0)
+    model = CLIPModel(CLIPConfig()).eval()  # HF defaults = ViT-B/32 geometry
+
+    class Vision(torch.nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, pixel_values):
+            return self.m.get_image_features(pixel_values=pixel_values).pooler_output
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    export_vision(Vision(model), out_dir / "vit_b32_image_encoder.onnx", 224)
+    print(f"full ViT-B/32 image encoder written to {out_dir}")
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--full", type=Path, help="also export a full-size ViT-B/32 image encoder into this folder")
+    ap.add_argument("--only-full", action="store_true")
+    a = ap.parse_args()
+    if not a.only_full:
+        build_tokenizer(FIX / "tokenizer")
+        make_images(FIX / "images")
+        preprocess_refs(FIX / "images", FIX / "preprocess")
+        tiny_model(FIX / "tiny", FIX / "images")
+    if a.full:
+        full_vit_b32(a.full)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,87 @@
+#!/usr/bin/env bash
+# Installs what xray-clip needs, from the package registries only (PyPI, Debian, crates.io, npm).
+# Idempotent: whatever is already in place is reused. Everything lands under $XRAY_CLIP_CACHE
+# (default ~/.cache/xray-clip), so fresh clones on the same machine share it.
+#
+#   scripts/setup.sh            ONNX Runtime library + the small Python venv the tests use (pydicom, ...)
+#   scripts/setup.sh --dev      also the tools venv (torch, transformers, onnx) for fixtures and benchmarks
+#   scripts/setup.sh --torch    also libtorch for the trainer (PyPI torch 2.11.0 --no-deps + CUDA runtime)
+set -euo pipefail
+
+CACHE="${XRAY_CLIP_CACHE:-$HOME/.cache/xray-clip}"
+ORT_VERSION=1.31.1          # matches ort =2.0.0-rc.15 (api-31)
+TORCH_VERSION=2.11.0        # matches tch =0.24.0
+PYTHON="${PYTHON:-python3}"
+mkdir -p "$CACHE"
+
+want_dev=0; want_torch=0
+for a in "$@"; do
+  case "$a" in
+    --dev) want_dev=1 ;;
+    --torch) want_torch=1 ;;
+    *) echo "usage: $0 [--dev] [--torch]" >&2; exit 2 ;;
+  esac
+done
+
+log() { echo "[setup] $*" >&2; }
+
+# --- ONNX Runtime shared library (from the PyPI wheel) -------------------------------------------
+install_onnxruntime() {
+  local dir="$CACHE/onnxruntime"
+  if [ -e "$dir/libonnxruntime.so.$ORT_VERSION" ]; then return; fi
+  log "ONNX Runtime $ORT_VERSION (PyPI wheel)"
+  local tmp; tmp=$(mktemp -d)
+  "$PYTHON" -m pip download -q --no-deps --only-binary=:all: --platform manylinux_2_28_x86_64 \
+    --python-version 3.11 -d "$tmp" "onnxruntime==$ORT_VERSION"
+  mkdir -p "$dir.part"
+  "$PYTHON" - "$tmp"/onnxruntime-*.whl "$dir.part" <<'PY'
+import sys, zipfile, os
+whl, out = sys.argv[1], sys.argv[2]
+with zipfile.ZipFile(whl) as z:
+    for n in z.namelist():
+        if n.startswith("onnxruntime/capi/libonnxruntime"):
+            with open(os.path.join(out, os.path.basename(n)), "wb") as f:
+                f.write(z.read(n))
+PY
+  ln -sf "libonnxruntime.so.$ORT_VERSION" "$dir.part/libonnxruntime.so.1"
+  ln -sf "libonnxruntime.so.$ORT_VERSION" "$dir.part/libonnxruntime.so"
+  rm -rf "$dir" && mv "$dir.part" "$dir" && rm -rf "$tmp"
+}
+
+# --- Python venvs -------------------------------------------------------------------------------
+# A venv is complete once its marker file (the requirement list) exists.
+make_venv() {
+  local dir="$1"; shift
+  local marker="$dir/.xray-clip-requirements"
+  if [ -f "$marker" ] && [ "$(cat "$marker")" = "$*" ]; then return; fi
+  log "Python venv $dir: $*"
+  [ -x "$dir/bin/python" ] || "$PYTHON" -m venv "$dir"
+  "$dir/bin/pip" install -q --disable-pip-version-check "$@"
+  echo "$*" > "$marker"
+}
+
+install_onnxruntime
+# Test helpers: pydicom as the DICOM reference, pydicom-data for real radiographs, numpy for .npy.
+make_venv "$CACHE/testpy" numpy==2.3.5 pydicom==3.0.2 pydicom-data==1.0.0 pylibjpeg==2.1.0 \
+  pylibjpeg-openjpeg==2.6.0 pillow==12.0.0
+
+if [ "$want_dev" = 1 ]; then
+  make_venv "$CACHE/py" "torch==$TORCH_VERSION" "transformers==5.24.0" onnx==1.23.2 "onnxruntime==$ORT_VERSION" \
+    onnxscript pillow numpy open-clip-torch ftfy regex pydicom pydicom-data pylibjpeg pylibjpeg-openjpeg \
+    scikit-learn safetensors
+fi
+
+if [ "$want_torch" = 1 ]; then
+  # Slim libtorch for tch: the CUDA wheel without its dependencies, plus the two CUDA runtime libraries
+  # libtorch_cpu.so links against.
+  dir="$CACHE/libtorch-venv"
+  marker="$dir/.xray-clip-requirements"
+  if [ ! -f "$marker" ]; then
+    log "libtorch $TORCH_VERSION (PyPI torch --no-deps)"
+    [ -x "$dir/bin/python" ] || "$PYTHON" -m venv "$dir"
+    "$dir/bin/pip" install -q --disable-pip-version-check --no-deps "torch==$TORCH_VERSION"
+    "$dir/bin/pip" install -q --disable-pip-version-check "cuda-toolkit[cudart,cupti]==13.0.2"
+    echo "torch==$TORCH_VERSION" > "$marker"
+  fi
+fi
+log "ready: $CACHE"
