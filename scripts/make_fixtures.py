@@ -2,8 +2,8 @@
 """Golden fixtures from code no one in this project wrote.
 
 Writes, under fixtures/ (committed; small):
-  tokenizer/tokenizer.json   HF `tokenizers` file built from OpenAI's BPE merges (open-clip-torch's copy)
-  tokens.json                OpenAI's token ids (open_clip.SimpleTokenizer) for 200+ strings
+  tokenizer/tokenizer.json   HF `tokenizers` file built from OpenAI's BPE merges (the openai-clip package)
+  tokens.json                OpenAI's token ids (openai-clip's simple_tokenizer) for 200+ strings
   images/*.png|jpg           generated test images (seeded)
   preprocess/*.npy           transformers' CLIPImageProcessorPil output for each image
   tiny/                      a tiny random HF CLIPModel exported by torch.onnx (vision + text),
@@ -43,7 +43,9 @@ EXTRA = [
     "radiographie du genou", "Ærøskøbing", "naïve café résumé", "東京の胸部X線", "рентген грудной клетки",
     "ακτινογραφία", "emoji 🦴🩻 x-ray", "👍", "tab\tseparated", "mixed CASE WoRdS", "a" * 100,
     " ".join(["word"] * 100), "supercalifragilisticexpialidocious " * 10, "1/2 3/4 5/6", "$100 & 50€", "C++ #include <x>",
-    "ñ ç ü ö ä ß", "the end.<|endoftext|>", "Ǆ ǅ ǆ ﬁ ligature", "x" * 300,
+    "ñ ç ü ö ä ß", "the end.<|endoftext|>", "Ǆ ǅ ǆ ﬁ ligature", "x" * 300, "Ｆｕｌｌｗｉｄｔｈ　ＡＢＣ１２３",
+    "fish &amp; chips &lt;3 &#65;&#x42;", "‘single’ and „low“ quotes", "line\r\nbreak\u2028sep", "zero\u200bwidth",
+    "ctrl\x01char\x7f", "ﬁnal ﬂoor ﬀ", "Ĳssel", "naı̈ve (combining)", "e\u0301 vs é",
 ]
 
 
@@ -52,26 +54,39 @@ def texts():
     return out + EXTRA
 
 
+def openai_simple_tokenizer():
+    """OpenAI's own tokenizer module from the `openai-clip` package, loaded without the package's
+    __init__ (which needs torchvision)."""
+    import importlib.util
+    spec = importlib.util.find_spec("clip")
+    path = Path(spec.submodule_search_locations[0]) / "simple_tokenizer.py"
+    mod_spec = importlib.util.spec_from_file_location("openai_simple_tokenizer", path)
+    mod = importlib.util.module_from_spec(mod_spec)
+    mod_spec.loader.exec_module(mod)
+    return mod.SimpleTokenizer()
+
+
+def openai_tokenize(st, text, context_length=77):
+    """clip.tokenize(text, truncate=True) without torch: start, BPE, end; truncated keeping the end."""
+    sot, eot = st.encoder["<|startoftext|>"], st.encoder["<|endoftext|>"]
+    ids = [sot] + st.encode(text) + [eot]
+    if len(ids) > context_length:
+        ids = ids[:context_length]
+        ids[-1] = eot
+    return ids
+
+
 def build_tokenizer(out_dir: Path):
-    from open_clip.tokenizer import SimpleTokenizer
     from transformers.models.clip.tokenization_clip import CLIPTokenizer
 
-    st = SimpleTokenizer()
-    # open_clip names the special tokens <start_of_text>/<end_of_text>; OpenAI's and HF's use <|...|>.
-    rename = {"<start_of_text>": "<|startoftext|>", "<end_of_text>": "<|endoftext|>"}
-    vocab = {rename.get(k, k): v for k, v in st.encoder.items()}
+    st = openai_simple_tokenizer()
+    vocab = dict(st.encoder)
     merges = [tuple(pair) for pair, _ in sorted(st.bpe_ranks.items(), key=lambda kv: kv[1])]
     tok = CLIPTokenizer(vocab=vocab, merges=merges)
     out_dir.mkdir(parents=True, exist_ok=True)
     tok.backend_tokenizer.save(str(out_dir / "tokenizer.json"))
-    # OpenAI's reference ids (open_clip.tokenize pads to 77 with 0 and keeps the end token on truncation).
-    from open_clip.tokenizer import tokenize
-    rows = []
-    for t in texts():
-        ids = tokenize([t])[0].tolist()
-        while ids and ids[-1] == 0:
-            ids.pop()
-        rows.append({"text": t, "ids": ids})
+    # OpenAI's reference ids (clip.tokenize keeps the end token on truncation and pads with 0).
+    rows = [{"text": t, "ids": openai_tokenize(st, t)} for t in texts()]
     (FIX / "tokens.json").write_text(json.dumps(rows, ensure_ascii=False, indent=0))
     print(f"tokenizer + {len(rows)} token rows")
 
@@ -86,6 +101,8 @@ def make_images(out_dir: Path):
     rgb = np.stack([(xx * 255 // 640), (yy * 255 // 480), ((xx + yy) % 256)], -1).astype(np.float64)
     rgb += rng.normal(0, 20, rgb.shape)
     Image.fromarray(rgb.clip(0, 255).astype(np.uint8), "RGB").save(out_dir / "rgb_640x480.jpg", quality=90)
+    # PIL's own decoding of that JPEG, stored losslessly: separates decoder differences from preprocessing.
+    Image.open(out_dir / "rgb_640x480.jpg").convert("RGB").save(out_dir / "rgb_640x480_pil.png")
     small = (rng.random((64, 64)) * 255).astype(np.uint8)
     Image.fromarray(small, "L").save(out_dir / "small_64x64.png")
     yy, xx = np.mgrid[0:400, 0:150]
@@ -110,7 +127,7 @@ def preprocess_refs(img_dir: Path, out_dir: Path):
     out_dir.mkdir(parents=True, exist_ok=True)
     for p in sorted(img_dir.iterdir()):
         px = proc(images=load_as_8bit(p), return_tensors="np")["pixel_values"].astype(np.float32)
-        np.save(out_dir / (p.stem + ".npy"), px)
+        np.save(out_dir / (p.stem + ".npy"), np.ascontiguousarray(px))
     print("preprocess references written")
 
 
@@ -158,16 +175,20 @@ def tiny_model(out_dir: Path, img_dir: Path):
     proc = CLIPImageProcessorPil()
     names = sorted(p.name for p in img_dir.iterdir())
     px = np.concatenate([proc(images=load_as_8bit(img_dir / n), return_tensors="np")["pixel_values"] for n in names])
-    from open_clip.tokenizer import tokenize
+    st = openai_simple_tokenizer()
+
+    def tokenize(texts):
+        return torch.tensor([ids + [0] * (77 - len(ids)) for ids in (openai_tokenize(st, t) for t in texts)])
+
     prompts = [t.format(l) for t in TEMPLATES[:2] for l in ["Chest", "Hand", "Knee", "Skull"]]
     with torch.no_grad():
         img = model.get_image_features(pixel_values=torch.from_numpy(px).float()).pooler_output.numpy()
         txt = model.get_text_features(input_ids=tokenize(prompts)).pooler_output.numpy()
         scale = float(model.logit_scale.exp())
         out = model(input_ids=tokenize(prompts), pixel_values=torch.from_numpy(px).float())
-    np.save(out_dir / "image_embeds.npy", img.astype(np.float32))
-    np.save(out_dir / "text_embeds.npy", txt.astype(np.float32))
-    np.save(out_dir / "logits_per_image.npy", out.logits_per_image.numpy().astype(np.float32))
+    np.save(out_dir / "image_embeds.npy", np.ascontiguousarray(img, dtype=np.float32))
+    np.save(out_dir / "text_embeds.npy", np.ascontiguousarray(txt, dtype=np.float32))
+    np.save(out_dir / "logits_per_image.npy", np.ascontiguousarray(out.logits_per_image.numpy().astype(np.float32)))
     (out_dir / "reference.json").write_text(json.dumps({"images": names, "prompts": prompts, "logit_scale": scale},
                                                        indent=1))
     print(f"tiny model: logit scale {scale}")

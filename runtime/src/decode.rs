@@ -120,7 +120,13 @@ fn decode_raster(
         format: label,
         reason: e.to_string(),
     };
-    // Check the header's claimed size before anything is allocated for pixels.
+    // Check the header's claimed size before anything is allocated for pixels. PNG keeps it at a
+    // fixed place (IHDR), so even a file cut right after its header is refused for its size.
+    if format == image::ImageFormat::Png && bytes.len() >= 24 && &bytes[12..16] == b"IHDR" {
+        let w = u32::from_be_bytes([bytes[16], bytes[17], bytes[18], bytes[19]]);
+        let h = u32::from_be_bytes([bytes[20], bytes[21], bytes[22], bytes[23]]);
+        check_size(name, w as u64, h as u64, 1)?;
+    }
     let reader = ImageReader::with_format(Cursor::new(bytes), format);
     let decoder = reader.into_decoder().map_err(decode_err)?;
     let (width, height) = decoder.dimensions();

@@ -63,9 +63,10 @@ impl ClipTokenizer {
 
     /// Ids of one text: start, BPE tokens, end; at most `CONTEXT_LENGTH`, the end token kept.
     pub fn encode(&self, text: &str) -> Result<Vec<i64>> {
+        let text = clean_text(text);
         let enc = self
             .inner
-            .encode(text, false)
+            .encode(text.as_str(), false)
             .map_err(|e| Error::Tokenizer { path: self.source.clone(), reason: format!("{text:?}: {e}") })?;
         let mut ids = Vec::with_capacity(CONTEXT_LENGTH);
         ids.push(self.start_id as i64);
@@ -86,5 +87,114 @@ impl ClipTokenizer {
             ids[i * len..i * len + r.len()].copy_from_slice(r);
         }
         Ok(TokenBatch { ids, batch: rows.len(), len })
+    }
+}
+
+/// OpenAI's `basic_clean` before BPE: the cheap fixes of `ftfy.fix_text` (curly quotes, Latin
+/// ligatures, full-width forms, control characters) and HTML entities (`html.unescape`, twice).
+/// Lower-casing, NFC and whitespace collapsing are in `tokenizer.json`'s normaliser.
+/// Not reproduced: ftfy's mojibake repair and the rarer HTML5 named entities.
+pub fn clean_text(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '\u{02bc}' | '\u{2018}'..='\u{201b}' => out.push('\''),
+            '\u{201c}'..='\u{201f}' => out.push('"'),
+            '\u{3000}' => out.push(' '),
+            '\u{0}'..='\u{8}' | '\u{b}' | '\u{e}'..='\u{1f}' | '\u{7f}' | '\u{206a}'..='\u{206f}' | '\u{fff9}'..='\u{fffc}' | '\u{feff}' => {}
+            '\u{ff01}'..='\u{ffef}' => out.extend(unicode_normalization::UnicodeNormalization::nfkc(std::iter::once(c))),
+            _ => match ligature(c) {
+                Some(s) => out.push_str(s),
+                None => out.push(c),
+            },
+        }
+    }
+    let once = unescape_html(&out);
+    unescape_html(&once).trim().to_string()
+}
+
+fn ligature(c: char) -> Option<&'static str> {
+    Some(match c {
+        'Ĳ' => "IJ",
+        'ĳ' => "ij",
+        'ŉ' => "ʼn",
+        'Ǳ' => "DZ",
+        'ǲ' => "Dz",
+        'ǳ' => "dz",
+        'Ǆ' => "DŽ",
+        'ǅ' => "Dž",
+        'ǆ' => "dž",
+        'Ǉ' => "LJ",
+        'ǈ' => "Lj",
+        'ǉ' => "lj",
+        'Ǌ' => "NJ",
+        'ǋ' => "Nj",
+        'ǌ' => "nj",
+        'ﬀ' => "ff",
+        'ﬁ' => "fi",
+        'ﬂ' => "fl",
+        'ﬃ' => "ffi",
+        'ﬄ' => "ffl",
+        'ﬅ' => "ſt",
+        'ﬆ' => "st",
+        _ => return None,
+    })
+}
+
+/// `&amp;`-style named entities (the common ones) and numeric `&#NN;` / `&#xHH;` references.
+fn unescape_html(text: &str) -> String {
+    if !text.contains('&') {
+        return text.to_string();
+    }
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(pos) = rest.find('&') {
+        out.push_str(&rest[..pos]);
+        rest = &rest[pos..];
+        let end = rest.find(';').filter(|&e| e <= 12);
+        let decoded = end.and_then(|e| {
+            let body = &rest[1..e];
+            let c = if let Some(num) = body.strip_prefix("#x").or_else(|| body.strip_prefix("#X")) {
+                u32::from_str_radix(num, 16).ok().and_then(char::from_u32)
+            } else if let Some(num) = body.strip_prefix('#') {
+                num.parse::<u32>().ok().and_then(char::from_u32)
+            } else {
+                match body {
+                    "amp" => Some('&'),
+                    "lt" => Some('<'),
+                    "gt" => Some('>'),
+                    "quot" => Some('"'),
+                    "apos" => Some('\''),
+                    "nbsp" => Some('\u{a0}'),
+                    _ => None,
+                }
+            };
+            c.map(|c| (c, e + 1))
+        });
+        match decoded {
+            Some((c, len)) => {
+                out.push(c);
+                rest = &rest[len..];
+            }
+            None => {
+                out.push('&');
+                rest = &rest[1..];
+            }
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cleaning_follows_ftfy_and_html_unescape() {
+        assert_eq!(clean_text("\u{201c}curly\u{201d} \u{2018}q\u{2019}"), "\"curly\" 'q'");
+        assert_eq!(clean_text("\u{fb01}ne \u{ff21}\u{ff11}"), "fine A1");
+        assert_eq!(clean_text("a &amp;amp; b &#65;&#x42; &bogus; &"), "a & b AB &bogus; &");
+        assert_eq!(clean_text("  x\u{0}y\u{feff} "), "xy");
     }
 }

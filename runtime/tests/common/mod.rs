@@ -1,0 +1,114 @@
+//! Shared helpers of the runtime's integration tests.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use runtime::assemble::{assemble, AssembleSpec};
+use runtime::bundle::{Bundle, Provenance};
+use runtime::engine::{Device, EngineOptions};
+use runtime::labels;
+use runtime::preprocess::PreprocessConfig;
+
+pub fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+pub fn fixtures() -> PathBuf {
+    root().join("fixtures")
+}
+
+pub fn cpu() -> EngineOptions {
+    EngineOptions { device: Device::Cpu, threads: 1 }
+}
+
+/// `scripts/setup.sh` must have run: the tests need ONNX Runtime and the test venv, and say so
+/// instead of skipping.
+pub fn require_setup() {
+    if let Err(e) = runtime::engine::onnxruntime_library() {
+        panic!("{e}");
+    }
+}
+
+pub fn test_python() -> PathBuf {
+    let p = runtime::cache_dir().join("testpy").join("bin").join("python");
+    assert!(p.exists(), "{} is missing: run scripts/setup.sh", p.display());
+    p
+}
+
+/// Folder of pydicom-data's files (installed into the test venv by scripts/setup.sh).
+pub fn pydicom_data() -> PathBuf {
+    let lib = runtime::cache_dir().join("testpy").join("lib");
+    let py = std::fs::read_dir(&lib)
+        .unwrap_or_else(|e| panic!("{}: {e}; run scripts/setup.sh", lib.display()))
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .find(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("python3")))
+        .expect("python3.x in the test venv");
+    let d = py.join("site-packages").join("data_store").join("data");
+    assert!(d.join("RG1_UNCI.dcm").exists(), "pydicom-data missing under {}", d.display());
+    d
+}
+
+pub fn tiny_reference() -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(fixtures().join("tiny/reference.json")).expect("reference.json"))
+        .expect("json")
+}
+
+/// The tiny HF CLIP (torch.onnx export) assembled into a bundle once per test binary.
+pub fn tiny_bundle() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        require_setup();
+        let dir = std::env::temp_dir().join(format!("xray-clip-test-tiny-{}", std::process::id()));
+        let f = fixtures();
+        let scale = tiny_reference()["logit_scale"].as_f64().expect("scale") as f32;
+        let spec = AssembleSpec {
+            name: "tiny-hf".into(),
+            description: "tiny random HF CLIPModel exported by torch.onnx".into(),
+            image_encoder: f.join("tiny/image_encoder.onnx"),
+            text_encoder: Some(f.join("tiny/text_encoder.onnx")),
+            tokenizer: Some(f.join("tokenizer/tokenizer.json")),
+            labels: labels::unifesp(),
+            templates: vec![labels::REFERENCE_TEMPLATES[0].to_string()],
+            label_embeddings: None,
+            logit_scale: scale,
+            preprocessing: PreprocessConfig::default(),
+            provenance: Provenance { base_weights: "random init (fixtures/tiny)".into(), ..Default::default() },
+        };
+        assemble(spec, &dir, &cpu()).expect("assemble tiny bundle");
+        dir
+    })
+}
+
+pub fn load_tiny() -> Bundle {
+    Bundle::load(tiny_bundle()).expect("tiny bundle loads")
+}
+
+/// Copies a bundle folder so a test can damage it.
+pub fn copy_bundle(src: &Path, name: &str) -> PathBuf {
+    let dst = std::env::temp_dir().join(format!("xray-clip-test-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dst);
+    std::fs::create_dir_all(&dst).expect("mkdir");
+    for e in std::fs::read_dir(src).expect("read bundle") {
+        let e = e.expect("entry");
+        std::fs::copy(e.path(), dst.join(e.file_name())).expect("copy");
+    }
+    dst
+}
+
+pub fn cosine(a: &[f32], b: &[f32]) -> f64 {
+    let dot: f64 = a.iter().zip(b).map(|(x, y)| *x as f64 * *y as f64).sum();
+    let na: f64 = a.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
+    let nb: f64 = b.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
+    dot / (na * nb)
+}
+
+pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+}
+
+pub fn mean_abs_diff(a: &[f32], b: &[f32]) -> f64 {
+    a.iter().zip(b).map(|(x, y)| (x - y).abs() as f64).sum::<f64>() / a.len() as f64
+}
