@@ -3,7 +3,9 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::bundle::{self, Bundle, BundleLabel, BundleWriter, Manifest, Provenance, FORMAT_VERSION};
+use crate::bundle::{
+    self, Bundle, BundleLabel, BundleWriter, Manifest, Provenance, FORMAT_VERSION,
+};
 use crate::engine::{Encoder, EngineOptions};
 use crate::error::{Error, Result};
 use crate::labels::{self, Label};
@@ -32,27 +34,38 @@ fn read(path: &Path) -> Result<Vec<u8>> {
 
 pub fn assemble(spec: AssembleSpec, out: &Path, opts: &EngineOptions) -> Result<Bundle> {
     let image_bytes = read(&spec.image_encoder)?;
-    let mut image = Encoder::from_bytes(&image_bytes, &spec.image_encoder.display().to_string(), opts, (None, None))?;
+    let mut image = Encoder::from_bytes(
+        &image_bytes,
+        &spec.image_encoder.display().to_string(),
+        opts,
+        (None, None),
+    )?;
     let s = spec.preprocessing.image_size as usize;
     let (_, image_dim) = image.embed_pixels(&[1, 3, s, s], &vec![0.0; 3 * s * s])?;
 
     let (embeddings, dim, text) = match (&spec.text_encoder, &spec.label_embeddings) {
         (Some(te), _) => {
-            let tok_path = spec
-                .tokenizer
-                .as_ref()
-                .ok_or_else(|| Error::InvalidArgument("a text encoder needs a tokenizer.json".into()))?;
+            let tok_path = spec.tokenizer.as_ref().ok_or_else(|| {
+                Error::InvalidArgument("a text encoder needs a tokenizer.json".into())
+            })?;
             let tok_bytes = read(tok_path)?;
             let tokenizer = ClipTokenizer::from_bytes(&tok_bytes, tok_path)?;
             let te_bytes = read(te)?;
-            let mut text = Encoder::from_bytes(&te_bytes, &te.display().to_string(), opts, (None, None))?;
-            let (emb, dim) = pipeline::prompt_embeddings(&mut text, &tokenizer, &spec.labels, &spec.templates)?;
-            let names = (text.input_name().to_string(), text.output_name().to_string());
+            let mut text =
+                Encoder::from_bytes(&te_bytes, &te.display().to_string(), opts, (None, None))?;
+            let (emb, dim) =
+                pipeline::prompt_embeddings(&mut text, &tokenizer, &spec.labels, &spec.templates)?;
+            let names = (
+                text.input_name().to_string(),
+                text.output_name().to_string(),
+            );
             (emb, dim, Some((te_bytes, tok_bytes, names)))
         }
         (None, Some(emb)) => (emb.clone(), image_dim, None),
         (None, None) => {
-            return Err(Error::InvalidArgument("give a text encoder or precomputed label embeddings".into()))
+            return Err(Error::InvalidArgument(
+                "give a text encoder or precomputed label embeddings".into(),
+            ))
         }
     };
     if dim != image_dim {
@@ -66,8 +79,15 @@ pub fn assemble(spec: AssembleSpec, out: &Path, opts: &EngineOptions) -> Result<
         .labels
         .iter()
         .map(|l| {
-            let prompts = spec.templates.iter().map(|t| labels::fill(t, l)).collect::<Result<_>>()?;
-            Ok(BundleLabel { label: l.clone(), prompts })
+            let prompts = spec
+                .templates
+                .iter()
+                .map(|t| labels::fill(t, l))
+                .collect::<Result<_>>()?;
+            Ok(BundleLabel {
+                label: l.clone(),
+                prompts,
+            })
         })
         .collect::<Result<Vec<_>>>()?;
     let manifest = Manifest {
@@ -83,11 +103,24 @@ pub fn assemble(spec: AssembleSpec, out: &Path, opts: &EngineOptions) -> Result<
         files: Default::default(),
         provenance: spec.provenance,
     };
-    let (img_in, img_out) = (image.input_name().to_string(), image.output_name().to_string());
+    let (img_in, img_out) = (
+        image.input_name().to_string(),
+        image.output_name().to_string(),
+    );
     let mut w = BundleWriter::new(out, manifest)?;
-    w.add_file(bundle::IMAGE_ENCODER, "image_encoder.onnx", &image_bytes, Some((&img_in, &img_out)))?;
+    w.add_file(
+        bundle::IMAGE_ENCODER,
+        "image_encoder.onnx",
+        &image_bytes,
+        Some((&img_in, &img_out)),
+    )?;
     if let Some((te_bytes, tok_bytes, (te_in, te_out))) = text {
-        w.add_file(bundle::TEXT_ENCODER, "text_encoder.onnx", &te_bytes, Some((&te_in, &te_out)))?;
+        w.add_file(
+            bundle::TEXT_ENCODER,
+            "text_encoder.onnx",
+            &te_bytes,
+            Some((&te_in, &te_out)),
+        )?;
         w.add_file(bundle::TOKENIZER, "tokenizer.json", &tok_bytes, None)?;
     }
     w.add_label_embeddings(&embeddings)?;

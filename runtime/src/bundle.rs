@@ -102,8 +102,10 @@ impl Bundle {
             return Err(Error::bundle(dir, "is not a folder"));
         }
         let text = std::fs::read(&manifest_path).map_err(|e| Error::io(&manifest_path, e))?;
-        let manifest: Manifest =
-            serde_json::from_slice(&text).map_err(|source| Error::Json { path: manifest_path.clone(), source })?;
+        let manifest: Manifest = serde_json::from_slice(&text).map_err(|source| Error::Json {
+            path: manifest_path.clone(),
+            source,
+        })?;
         Self::from_manifest(dir, manifest, |path| std::fs::read(path))
     }
 
@@ -139,7 +141,11 @@ impl Bundle {
             ));
         }
         let label_embeddings = normalize_rows(&data, manifest.embedding_dim);
-        Ok(Bundle { dir: dir.to_path_buf(), manifest, label_embeddings })
+        Ok(Bundle {
+            dir: dir.to_path_buf(),
+            manifest,
+            label_embeddings,
+        })
     }
 
     pub fn has_text_encoder(&self) -> bool {
@@ -147,7 +153,10 @@ impl Bundle {
     }
 
     pub fn file_path(&self, role: &str) -> Option<PathBuf> {
-        self.manifest.files.get(role).map(|e| self.dir.join(&e.path))
+        self.manifest
+            .files
+            .get(role)
+            .map(|e| self.dir.join(&e.path))
     }
 
     /// Reads a file of the bundle and checks its hash.
@@ -172,7 +181,11 @@ pub fn verify_bytes(dir: &Path, name: &str, entry: &FileEntry, bytes: &[u8]) -> 
     if bytes.len() as u64 != entry.bytes {
         return Err(Error::bundle(
             dir,
-            format!("file {name} has {} bytes, manifest says {}", bytes.len(), entry.bytes),
+            format!(
+                "file {name} has {} bytes, manifest says {}",
+                bytes.len(),
+                entry.bytes
+            ),
         ));
     }
     let actual = fsutil::sha256_hex(bytes);
@@ -192,7 +205,8 @@ pub fn is_contained(path: &str) -> bool {
     let p = Path::new(path);
     !path.is_empty()
         && !path.contains('\\')
-        && p.components().all(|c| matches!(c, Component::Normal(_) | Component::CurDir))
+        && p.components()
+            .all(|c| matches!(c, Component::Normal(_) | Component::CurDir))
 }
 
 impl Manifest {
@@ -211,12 +225,20 @@ impl Manifest {
             return fail("embedding_dim is 0".into());
         }
         if !(self.logit_scale.is_finite() && self.logit_scale > 0.0) {
-            return fail(format!("logit_scale {} must be a positive number", self.logit_scale));
+            return fail(format!(
+                "logit_scale {} must be a positive number",
+                self.logit_scale
+            ));
         }
-        self.preprocessing.validate().or_else(|e| fail(format!("preprocessing: {e}")))?;
+        self.preprocessing
+            .validate()
+            .or_else(|e| fail(format!("preprocessing: {e}")))?;
         for (role, entry) in &self.files {
             if !is_contained(&entry.path) {
-                return fail(format!("file {role} has path {:?}, which leaves the bundle folder", entry.path));
+                return fail(format!(
+                    "file {role} has path {:?}, which leaves the bundle folder",
+                    entry.path
+                ));
             }
             if entry.sha256.len() != 64 || !entry.sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
                 return fail(format!("file {role} has no valid sha256"));
@@ -288,23 +310,42 @@ pub struct BundleWriter {
 
 impl BundleWriter {
     pub fn new(target: &Path, manifest: Manifest) -> Result<BundleWriter> {
-        let parent = target.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        let parent = target
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
         std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
-        let name = target
-            .file_name()
-            .ok_or_else(|| Error::InvalidArgument(format!("{}: not a folder path", target.display())))?;
-        let staging = parent.join(format!(".{}.staging-{}", name.to_string_lossy(), std::process::id()));
+        let name = target.file_name().ok_or_else(|| {
+            Error::InvalidArgument(format!("{}: not a folder path", target.display()))
+        })?;
+        let staging = parent.join(format!(
+            ".{}.staging-{}",
+            name.to_string_lossy(),
+            std::process::id()
+        ));
         if staging.exists() {
             std::fs::remove_dir_all(&staging).map_err(|e| Error::io(&staging, e))?;
         }
         std::fs::create_dir_all(&staging).map_err(|e| Error::io(&staging, e))?;
-        Ok(BundleWriter { target: target.to_path_buf(), staging, manifest })
+        Ok(BundleWriter {
+            target: target.to_path_buf(),
+            staging,
+            manifest,
+        })
     }
 
     /// Writes one file of the bundle and records it in the manifest.
-    pub fn add_file(&mut self, role: &str, name: &str, bytes: &[u8], io: Option<(&str, &str)>) -> Result<()> {
+    pub fn add_file(
+        &mut self,
+        role: &str,
+        name: &str,
+        bytes: &[u8],
+        io: Option<(&str, &str)>,
+    ) -> Result<()> {
         if !is_contained(name) {
-            return Err(Error::InvalidArgument(format!("bundle file name {name:?} leaves the bundle folder")));
+            return Err(Error::InvalidArgument(format!(
+                "bundle file name {name:?} leaves the bundle folder"
+            )));
         }
         fsutil::write_atomic(&self.staging.join(name), bytes)?;
         self.manifest.set_file(role, name, bytes, io);
@@ -322,14 +363,20 @@ impl BundleWriter {
             });
         }
         let normalized = normalize_rows(embeddings, dim);
-        self.add_file(LABEL_EMBEDDINGS, "label_embeddings.npy", &npy::to_bytes(&[rows, dim], &normalized), None)
+        self.add_file(
+            LABEL_EMBEDDINGS,
+            "label_embeddings.npy",
+            &npy::to_bytes(&[rows, dim], &normalized),
+            None,
+        )
     }
 
     /// Validates, writes the manifest and moves the folder into place (replacing an older bundle).
     pub fn finish(mut self) -> Result<Bundle> {
         if !self.manifest.files.contains_key(PREPROCESSOR_CONFIG) {
-            let cfg = serde_json::to_vec_pretty(&hf_preprocessor_config(&self.manifest.preprocessing))
-                .expect("JSON value serialises");
+            let cfg =
+                serde_json::to_vec_pretty(&hf_preprocessor_config(&self.manifest.preprocessing))
+                    .expect("JSON value serialises");
             self.add_file(PREPROCESSOR_CONFIG, "preprocessor_config.json", &cfg, None)?;
         }
         self.manifest.validate(&self.target)?;
@@ -338,7 +385,9 @@ impl BundleWriter {
         // Verify what was written before it replaces anything.
         Bundle::load(&self.staging)?;
         if self.target.exists() {
-            let old = self.target.with_extension(format!("old-{}", std::process::id()));
+            let old = self
+                .target
+                .with_extension(format!("old-{}", std::process::id()));
             std::fs::rename(&self.target, &old).map_err(|e| Error::io(&self.target, e))?;
             std::fs::rename(&self.staging, &self.target).map_err(|e| Error::io(&self.target, e))?;
             let _ = std::fs::remove_dir_all(&old);

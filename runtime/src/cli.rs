@@ -62,7 +62,10 @@ pub struct DeviceArgs {
 
 impl DeviceArgs {
     pub fn options(&self) -> EngineOptions {
-        EngineOptions { device: self.device, threads: self.threads }
+        EngineOptions {
+            device: self.device,
+            threads: self.threads,
+        }
     }
 }
 
@@ -108,8 +111,11 @@ impl LabelArgs {
                 Ok((labels, engine.bundle.label_embeddings.clone()))
             }
             Some(labels) => {
-                let templates =
-                    if self.templates.is_empty() { engine.bundle.manifest.templates.clone() } else { self.templates.clone() };
+                let templates = if self.templates.is_empty() {
+                    engine.bundle.manifest.templates.clone()
+                } else {
+                    self.templates.clone()
+                };
                 let emb = pipeline::text_label_embeddings(engine, &labels, &templates)?;
                 Ok((labels, emb))
             }

@@ -85,7 +85,10 @@ pub fn decode_file(path: &Path) -> Result<Image> {
         return Err(Error::Decode {
             path: path.to_path_buf(),
             format: "input",
-            reason: format!("file of {} bytes is larger than the 1 GiB limit", meta.len()),
+            reason: format!(
+                "file of {} bytes is larger than the 1 GiB limit",
+                meta.len()
+            ),
         });
     }
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
@@ -165,7 +168,9 @@ fn from_dynamic(img: DynamicImage) -> Image {
     let (width, height) = (img.width(), img.height());
     let pixels = match img {
         DynamicImage::ImageLuma8(b) => Pixels::Gray(b.into_raw()),
-        DynamicImage::ImageLumaA8(b) => Pixels::Gray(b.into_raw().chunks_exact(2).map(|p| p[0]).collect()),
+        DynamicImage::ImageLumaA8(b) => {
+            Pixels::Gray(b.into_raw().chunks_exact(2).map(|p| p[0]).collect())
+        }
         DynamicImage::ImageLuma16(b) => Pixels::Gray(b.into_raw().into_iter().map(to_u8).collect()),
         DynamicImage::ImageLumaA16(b) => {
             Pixels::Gray(b.into_raw().chunks_exact(2).map(|p| to_u8(p[0])).collect())

@@ -6,10 +6,10 @@ use std::io::Cursor;
 use std::path::Path;
 
 use dicom_dictionary_std::tags;
+use dicom_encoding::transfer_syntax::TransferSyntaxIndex;
 use dicom_object::{file::ReadPreamble, meta::FileMetaTable, OpenFileOptions};
 use dicom_pixeldata::{ConvertOptions, ModalityLutOption, PixelDecoder};
 use dicom_transfer_syntax_registry::TransferSyntaxRegistry;
-use dicom_encoding::transfer_syntax::TransferSyntaxIndex;
 
 use crate::decode::{check_size, Image, Pixels};
 use crate::error::{Error, Result};
@@ -17,7 +17,8 @@ use crate::error::{Error, Result};
 const PREAMBLE: usize = 128;
 
 pub(crate) fn has_dicom_magic(bytes: &[u8]) -> bool {
-    bytes.len() >= PREAMBLE + 4 && &bytes[PREAMBLE..PREAMBLE + 4] == b"DICM" || bytes.starts_with(b"DICM")
+    bytes.len() >= PREAMBLE + 4 && &bytes[PREAMBLE..PREAMBLE + 4] == b"DICM"
+        || bytes.starts_with(b"DICM")
 }
 
 /// The grayscale of a DICOM frame as floats in [0, 1] (after windowing and MONOCHROME1 inversion),
@@ -54,7 +55,12 @@ pub(crate) fn decode(bytes: &[u8], name: &Path) -> Result<Image> {
         Decoded::Gray(g) => Ok(Image {
             width: g.width,
             height: g.height,
-            pixels: Pixels::Gray(g.values.iter().map(|&v| (v * 255.0).round() as u8).collect()),
+            pixels: Pixels::Gray(
+                g.values
+                    .iter()
+                    .map(|&v| (v * 255.0).round() as u8)
+                    .collect(),
+            ),
         }),
     }
 }
@@ -63,31 +69,50 @@ pub(crate) fn decode(bytes: &[u8], name: &Path) -> Result<Image> {
 pub fn decode_grayscale(bytes: &[u8], name: &Path) -> Result<Grayscale> {
     match decode_first_frame(bytes, name)? {
         Decoded::Gray(g) => Ok(g),
-        Decoded::Rgb(_) => Err(unsupported(name, "colour image where grayscale was expected")),
+        Decoded::Rgb(_) => Err(unsupported(
+            name,
+            "colour image where grayscale was expected",
+        )),
     }
 }
 
 fn decode_first_frame(bytes: &[u8], name: &Path) -> Result<Decoded> {
-    let body = if bytes.starts_with(b"DICM") { bytes } else { &bytes[PREAMBLE..] };
+    let body = if bytes.starts_with(b"DICM") {
+        bytes
+    } else {
+        &bytes[PREAMBLE..]
+    };
     // Look at the transfer syntax before parsing the data set, so an unknown one gets a clear message.
     let meta = FileMetaTable::from_reader(Cursor::new(body)).map_err(|e| decode_err(name, e))?;
-    let uid = meta.transfer_syntax().trim_end_matches(['\0', ' ']).to_string();
+    let uid = meta
+        .transfer_syntax()
+        .trim_end_matches(['\0', ' '])
+        .to_string();
     let ts = TransferSyntaxRegistry
         .get(&uid)
         .ok_or_else(|| unsupported(name, format!("unknown transfer syntax {uid}")))?;
     if !ts.can_decode_all() {
         return Err(unsupported(
             name,
-            format!("transfer syntax {} ({uid}) cannot be decoded by this build", ts.name()),
+            format!(
+                "transfer syntax {} ({uid}) cannot be decoded by this build",
+                ts.name()
+            ),
         ));
     }
-    let preamble = if bytes.starts_with(b"DICM") { ReadPreamble::Never } else { ReadPreamble::Always };
+    let preamble = if bytes.starts_with(b"DICM") {
+        ReadPreamble::Never
+    } else {
+        ReadPreamble::Always
+    };
     let obj = OpenFileOptions::new()
         .read_preamble(preamble)
         .from_reader(Cursor::new(bytes))
         .map_err(|e| decode_err(name, e))?;
     if obj.element_opt(tags::PIXEL_DATA).ok().flatten().is_none() {
-        return Err(Error::NoPixelData { path: name.to_path_buf() });
+        return Err(Error::NoPixelData {
+            path: name.to_path_buf(),
+        });
     }
     let int_attr = |tag, what: &str| -> Result<u64> {
         obj.element(tag)
@@ -100,7 +125,10 @@ fn decode_first_frame(bytes: &[u8], name: &Path) -> Result<Decoded> {
     let frames = int_attr(tags::NUMBER_OF_FRAMES, "NumberOfFrames").unwrap_or(1);
     check_size(name, columns, rows, frames)?;
     let float_attr = |tag| -> Option<Vec<f64>> {
-        obj.element_opt(tag).ok().flatten().and_then(|e| e.to_multi_float64().ok())
+        obj.element_opt(tag)
+            .ok()
+            .flatten()
+            .and_then(|e| e.to_multi_float64().ok())
     };
     let str_attr = |tag| -> Option<String> {
         obj.element_opt(tag)
@@ -110,23 +138,38 @@ fn decode_first_frame(bytes: &[u8], name: &Path) -> Result<Decoded> {
             .map(|s| s.trim().to_ascii_uppercase())
     };
 
-    let decoded = obj.decode_pixel_data_frame(0).map_err(|e| decode_err(name, e))?;
+    let decoded = obj
+        .decode_pixel_data_frame(0)
+        .map_err(|e| decode_err(name, e))?;
     let (width, height) = (decoded.columns(), decoded.rows());
     let spp = decoded.samples_per_pixel();
     if spp == 3 {
         let max = ((1u64 << decoded.bits_stored().min(16)) - 1) as f64;
         let raw: Vec<f64> = decoded
-            .to_vec_frame_with_options(0, &ConvertOptions::new().with_modality_lut(ModalityLutOption::None))
+            .to_vec_frame_with_options(
+                0,
+                &ConvertOptions::new().with_modality_lut(ModalityLutOption::None),
+            )
             .map_err(|e| decode_err(name, e))?;
-        let rgb = raw.iter().map(|&v| (v / max * 255.0).round().clamp(0.0, 255.0) as u8).collect();
-        return Ok(Decoded::Rgb(Image { width, height, pixels: Pixels::Rgb(rgb) }));
+        let rgb = raw
+            .iter()
+            .map(|&v| (v / max * 255.0).round().clamp(0.0, 255.0) as u8)
+            .collect();
+        return Ok(Decoded::Rgb(Image {
+            width,
+            height,
+            pixels: Pixels::Rgb(rgb),
+        }));
     }
     if spp != 1 {
         return Err(unsupported(name, format!("{spp} samples per pixel")));
     }
     let photometric = decoded.photometric_interpretation().as_str().to_string();
     let stored: Vec<f64> = decoded
-        .to_vec_frame_with_options(0, &ConvertOptions::new().with_modality_lut(ModalityLutOption::None))
+        .to_vec_frame_with_options(
+            0,
+            &ConvertOptions::new().with_modality_lut(ModalityLutOption::None),
+        )
         .map_err(|e| decode_err(name, e))?;
 
     let window = Window::from_attrs(
@@ -145,7 +188,11 @@ fn decode_first_frame(bytes: &[u8], name: &Path) -> Result<Decoded> {
     } else {
         values
     };
-    Ok(Decoded::Gray(Grayscale { width, height, values }))
+    Ok(Decoded::Gray(Grayscale {
+        width,
+        height,
+        values,
+    }))
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -163,13 +210,21 @@ struct Window {
 }
 
 impl Window {
-    fn from_attrs(center: Option<f64>, width: Option<f64>, function: Option<String>) -> Option<Window> {
+    fn from_attrs(
+        center: Option<f64>,
+        width: Option<f64>,
+        function: Option<String>,
+    ) -> Option<Window> {
         let function = match function.as_deref() {
             Some("LINEAR_EXACT") => VoiFunction::LinearExact,
             Some("SIGMOID") => VoiFunction::Sigmoid,
             _ => VoiFunction::Linear,
         };
-        Some(Window { center: center?, width: width?, function })
+        Some(Window {
+            center: center?,
+            width: width?,
+            function,
+        })
     }
 }
 
@@ -191,13 +246,20 @@ fn to_unit_range(
     let Some(w) = window else {
         // No window: min-max of the rescaled values.
         let values: Vec<f64> = rescaled.collect();
-        let (lo, hi) = values.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), &v| (lo.min(v), hi.max(v)));
+        let (lo, hi) = values
+            .iter()
+            .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), &v| {
+                (lo.min(v), hi.max(v))
+            });
         let span = if hi > lo { hi - lo } else { 1.0 };
         return Ok(values.iter().map(|&v| ((v - lo) / span) as f32).collect());
     };
     // The window's output range is the rescaled range of the stored bits (PS3.3 C.11.2.1.2).
     let (mut y_min, mut y_max) = if signed {
-        (-(2f64.powi(bits_stored - 1)), 2f64.powi(bits_stored - 1) - 1.0)
+        (
+            -(2f64.powi(bits_stored - 1)),
+            2f64.powi(bits_stored - 1) - 1.0,
+        )
     } else {
         (0.0, 2f64.powi(bits_stored) - 1.0)
     };
@@ -215,7 +277,9 @@ fn to_unit_range(
                 center -= 0.5;
                 width -= 1.0;
             } else if width <= 0.0 {
-                return Err(format!("window width {width} <= 0 for a LINEAR_EXACT window"));
+                return Err(format!(
+                    "window width {width} <= 0 for a LINEAR_EXACT window"
+                ));
             }
             Ok(rescaled
                 .map(|x| {
@@ -247,8 +311,20 @@ mod tests {
     #[test]
     fn linear_window_follows_the_standard() {
         // centre 100, width 11 (LINEAR): below 94.5 -> 0, above 104.5 -> 1, linear between.
-        let w = Window { center: 100.0, width: 11.0, function: VoiFunction::Linear };
-        let out = to_unit_range(&[0.0, 94.5, 99.5, 104.5, 105.0, 4095.0], 12, false, None, None, Some(w)).unwrap();
+        let w = Window {
+            center: 100.0,
+            width: 11.0,
+            function: VoiFunction::Linear,
+        };
+        let out = to_unit_range(
+            &[0.0, 94.5, 99.5, 104.5, 105.0, 4095.0],
+            12,
+            false,
+            None,
+            None,
+            Some(w),
+        )
+        .unwrap();
         assert_eq!(out[0], 0.0);
         assert_eq!(out[1], 0.0);
         assert!((out[2] - 0.5).abs() < 1e-6, "{}", out[2]);
@@ -259,17 +335,34 @@ mod tests {
 
     #[test]
     fn rescale_applies_before_window_and_minmax_without_one() {
-        let out = to_unit_range(&[0.0, 10.0, 20.0], 16, false, Some(2.0), Some(-10.0), None).unwrap();
+        let out =
+            to_unit_range(&[0.0, 10.0, 20.0], 16, false, Some(2.0), Some(-10.0), None).unwrap();
         assert_eq!(out, vec![0.0, 0.5, 1.0]);
-        let w = Window { center: 0.0, width: 1.0, function: VoiFunction::Linear };
+        let w = Window {
+            center: 0.0,
+            width: 1.0,
+            function: VoiFunction::Linear,
+        };
         // rescaled: -10, 10, 30 -> window at 0 (width 1 -> threshold only)
-        let out = to_unit_range(&[0.0, 10.0, 20.0], 16, false, Some(2.0), Some(-10.0), Some(w)).unwrap();
+        let out = to_unit_range(
+            &[0.0, 10.0, 20.0],
+            16,
+            false,
+            Some(2.0),
+            Some(-10.0),
+            Some(w),
+        )
+        .unwrap();
         assert_eq!(out, vec![0.0, 1.0, 1.0]);
     }
 
     #[test]
     fn bad_window_width_is_an_error() {
-        let w = Window { center: 0.0, width: 0.5, function: VoiFunction::Linear };
+        let w = Window {
+            center: 0.0,
+            width: 0.5,
+            function: VoiFunction::Linear,
+        };
         assert!(to_unit_range(&[1.0], 8, false, None, None, Some(w)).is_err());
     }
 }

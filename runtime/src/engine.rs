@@ -47,7 +47,9 @@ pub fn onnxruntime_library() -> Result<PathBuf> {
     if let Some(p) = std::env::var_os("ORT_DYLIB_PATH") {
         return Ok(PathBuf::from(p));
     }
-    let candidate = crate::cache_dir().join("onnxruntime").join("libonnxruntime.so");
+    let candidate = crate::cache_dir()
+        .join("onnxruntime")
+        .join("libonnxruntime.so");
     if candidate.exists() {
         return Ok(candidate);
     }
@@ -62,18 +64,29 @@ pub fn onnxruntime_library() -> Result<PathBuf> {
 
 fn ort_err(context: impl Into<String>) -> impl FnOnce(ort::Error) -> Error {
     let context = context.into();
-    move |e| Error::Inference { context, reason: e.to_string() }
+    move |e| Error::Inference {
+        context,
+        reason: e.to_string(),
+    }
 }
 
 fn environment() -> Result<&'static ort::environment::Environment> {
-    static ENV: OnceLock<std::result::Result<ort::environment::Environment, String>> = OnceLock::new();
+    static ENV: OnceLock<std::result::Result<ort::environment::Environment, String>> =
+        OnceLock::new();
     ENV.get_or_init(|| {
         let lib = onnxruntime_library().map_err(|e| e.to_string())?;
-        let builder = ort::init_from(&lib).map_err(|e| format!("loading {}: {e}", lib.display()))?;
-        builder.with_name("xray-clip").build().map_err(|e| e.to_string())
+        let builder =
+            ort::init_from(&lib).map_err(|e| format!("loading {}: {e}", lib.display()))?;
+        builder
+            .with_name("xray-clip")
+            .build()
+            .map_err(|e| e.to_string())
     })
     .as_ref()
-    .map_err(|reason| Error::Inference { context: "ONNX Runtime".into(), reason: reason.clone() })
+    .map_err(|reason| Error::Inference {
+        context: "ONNX Runtime".into(),
+        reason: reason.clone(),
+    })
 }
 
 /// One ONNX graph with one input and one output of interest.
@@ -87,7 +100,12 @@ pub struct Encoder {
 
 impl Encoder {
     /// Builds a session from verified model bytes.
-    pub fn from_bytes(bytes: &[u8], what: &str, opts: &EngineOptions, names: (Option<&str>, Option<&str>)) -> Result<Encoder> {
+    pub fn from_bytes(
+        bytes: &[u8],
+        what: &str,
+        opts: &EngineOptions,
+        names: (Option<&str>, Option<&str>),
+    ) -> Result<Encoder> {
         let env = environment()?;
         let build = |cuda: bool| -> Result<Session> {
             let mut b = Session::builder(env)
@@ -99,7 +117,9 @@ impl Encoder {
                 .with_inter_op_spinning(false)
                 .map_err(|e| ort_err(what)(e.into()))?;
             if opts.threads > 0 {
-                b = b.with_intra_threads(opts.threads).map_err(|e| ort_err(what)(e.into()))?;
+                b = b
+                    .with_intra_threads(opts.threads)
+                    .map_err(|e| ort_err(what)(e.into()))?;
             }
             if cuda {
                 b = with_cuda(b).map_err(|e| ort_err(what)(e))?;
@@ -132,37 +152,69 @@ impl Encoder {
                 }),
             }
         };
-        let inputs = session.inputs().iter().map(|o| o.name().to_string()).collect();
-        let outputs = session.outputs().iter().map(|o| o.name().to_string()).collect();
+        let inputs = session
+            .inputs()
+            .iter()
+            .map(|o| o.name().to_string())
+            .collect();
+        let outputs = session
+            .outputs()
+            .iter()
+            .map(|o| o.name().to_string())
+            .collect();
         let input = pick(names.0, inputs, "input")?;
         let output = pick(names.1, outputs, "output")?;
-        Ok(Encoder { session, input, output, device })
+        Ok(Encoder {
+            session,
+            input,
+            output,
+            device,
+        })
     }
 
     fn from_entry(bundle: &Bundle, role: &str, opts: &EngineOptions) -> Result<Encoder> {
         let entry: &FileEntry = &bundle.manifest.files[role];
         let bytes = bundle.read_verified(role)?;
         let what = format!("{} ({role})", bundle.dir.join(&entry.path).display());
-        Encoder::from_bytes(&bytes, &what, opts, (entry.input.as_deref(), entry.output.as_deref()))
+        Encoder::from_bytes(
+            &bytes,
+            &what,
+            opts,
+            (entry.input.as_deref(), entry.output.as_deref()),
+        )
     }
 
     /// Runs a float input of `shape`; returns `[rows, dim]` row-major and `dim`.
     fn run_f32(&mut self, shape: &[usize], data: &[f32]) -> Result<(Vec<f32>, usize)> {
-        let t = TensorRef::from_array_view((shape.to_vec(), data)).map_err(ort_err("input tensor"))?;
+        let t =
+            TensorRef::from_array_view((shape.to_vec(), data)).map_err(ort_err("input tensor"))?;
         let input = self.input.clone();
         self.run(ort::inputs![input.as_str() => t], shape[0])
     }
 
     fn run_i64(&mut self, shape: &[usize], data: &[i64]) -> Result<(Vec<f32>, usize)> {
-        let t = TensorRef::from_array_view((shape.to_vec(), data)).map_err(ort_err("input tensor"))?;
+        let t =
+            TensorRef::from_array_view((shape.to_vec(), data)).map_err(ort_err("input tensor"))?;
         let input = self.input.clone();
         self.run(ort::inputs![input.as_str() => t], shape[0])
     }
 
-    fn run(&mut self, inputs: Vec<(std::borrow::Cow<'_, str>, ort::session::SessionInputValue<'_>)>, rows: usize) -> Result<(Vec<f32>, usize)> {
+    fn run(
+        &mut self,
+        inputs: Vec<(
+            std::borrow::Cow<'_, str>,
+            ort::session::SessionInputValue<'_>,
+        )>,
+        rows: usize,
+    ) -> Result<(Vec<f32>, usize)> {
         let output = self.output.clone();
-        let outputs = self.session.run(inputs).map_err(ort_err(format!("running graph (output {output})")))?;
-        let (shape, values) = outputs[output.as_str()].try_extract_tensor::<f32>().map_err(ort_err("reading output"))?;
+        let outputs = self
+            .session
+            .run(inputs)
+            .map_err(ort_err(format!("running graph (output {output})")))?;
+        let (shape, values) = outputs[output.as_str()]
+            .try_extract_tensor::<f32>()
+            .map_err(ort_err("reading output"))?;
         if shape.len() != 2 || shape[0] as usize != rows {
             return Err(Error::Shape {
                 what: format!("output {output}"),
@@ -175,13 +227,20 @@ impl Encoder {
 }
 
 #[cfg(feature = "cuda")]
-fn with_cuda(b: ort::session::builder::SessionBuilder) -> std::result::Result<ort::session::builder::SessionBuilder, ort::Error> {
-    b.with_execution_providers([ort::ep::CUDA::default().build().error_on_failure()]).map_err(Into::into)
+fn with_cuda(
+    b: ort::session::builder::SessionBuilder,
+) -> std::result::Result<ort::session::builder::SessionBuilder, ort::Error> {
+    b.with_execution_providers([ort::ep::CUDA::default().build().error_on_failure()])
+        .map_err(Into::into)
 }
 
 #[cfg(not(feature = "cuda"))]
-fn with_cuda(_: ort::session::builder::SessionBuilder) -> std::result::Result<ort::session::builder::SessionBuilder, ort::Error> {
-    Err(ort::Error::new("this build has no CUDA support (build with --features cuda)"))
+fn with_cuda(
+    _: ort::session::builder::SessionBuilder,
+) -> std::result::Result<ort::session::builder::SessionBuilder, ort::Error> {
+    Err(ort::Error::new(
+        "this build has no CUDA support (build with --features cuda)",
+    ))
 }
 
 /// The encoders of a bundle.
@@ -195,7 +254,12 @@ pub struct Engine {
 impl Engine {
     pub fn load(bundle: Bundle, options: EngineOptions) -> Result<Engine> {
         let image = Encoder::from_entry(&bundle, bundle::IMAGE_ENCODER, &options)?;
-        Ok(Engine { bundle, image, text: None, options })
+        Ok(Engine {
+            bundle,
+            image,
+            text: None,
+            options,
+        })
     }
 
     pub fn device(&self) -> Device {
@@ -228,7 +292,11 @@ impl Engine {
                     self.bundle.dir.display()
                 )));
             }
-            self.text = Some(Encoder::from_entry(&self.bundle, bundle::TEXT_ENCODER, &self.options)?);
+            self.text = Some(Encoder::from_entry(
+                &self.bundle,
+                bundle::TEXT_ENCODER,
+                &self.options,
+            )?);
         }
         Ok(self.text.as_mut().expect("loaded above"))
     }

@@ -27,7 +27,9 @@ pub enum Error {
         format: &'static str,
         reason: String,
     },
-    #[error("{path}: image of {width}x{height} ({frames} frame(s)) exceeds the limit of {limit} pixels")]
+    #[error(
+        "{path}: image of {width}x{height} ({frames} frame(s)) exceeds the limit of {limit} pixels"
+    )]
     TooLarge {
         path: PathBuf,
         width: u64,

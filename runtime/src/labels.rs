@@ -18,7 +18,11 @@ pub struct Label {
 impl Label {
     pub fn new(id: impl Into<String>, name: impl Into<String>) -> Label {
         let name = name.into();
-        Label { id: id.into(), prompt_name: name.to_lowercase(), name }
+        Label {
+            id: id.into(),
+            prompt_name: name.to_lowercase(),
+            name,
+        }
     }
 }
 
@@ -33,21 +37,56 @@ pub const REFERENCE_TEMPLATES: [&str; 5] = [
 
 /// UNIFESP body parts, indices 0..21 as in the competition's `train.csv`.
 pub const UNIFESP_NAMES: [&str; 22] = [
-    "Abdomen", "Ankle", "Cervical Spine", "Chest", "Clavicles", "Elbow", "Feet", "Finger", "Forearm", "Hand", "Hip",
-    "Knee", "Lower Leg", "Lumbar Spine", "Others", "Pelvis", "Shoulder", "Sinus", "Skull", "Thigh",
-    "Thoracic Spine", "Wrist",
+    "Abdomen",
+    "Ankle",
+    "Cervical Spine",
+    "Chest",
+    "Clavicles",
+    "Elbow",
+    "Feet",
+    "Finger",
+    "Forearm",
+    "Hand",
+    "Hip",
+    "Knee",
+    "Lower Leg",
+    "Lumbar Spine",
+    "Others",
+    "Pelvis",
+    "Shoulder",
+    "Sinus",
+    "Skull",
+    "Thigh",
+    "Thoracic Spine",
+    "Wrist",
 ];
 
 /// The 15 IRMA categories of the reference experiment (1-9: first digit of the anatomical code,
 /// 10-15: second-level chest codes).
 pub const IRMA15_NAMES: [&str; 15] = [
-    "whole body", "cranium", "spine", "upper extremity/arm", "chest", "breast", "abdomen", "pelvis",
-    "lower extremity", "chest/bones", "chest/lung", "chest/hilum", "chest/mediastinum", "chest/heart",
+    "whole body",
+    "cranium",
+    "spine",
+    "upper extremity/arm",
+    "chest",
+    "breast",
+    "abdomen",
+    "pelvis",
+    "lower extremity",
+    "chest/bones",
+    "chest/lung",
+    "chest/hilum",
+    "chest/mediastinum",
+    "chest/heart",
     "chest/diaphragm",
 ];
 
 pub fn unifesp() -> Vec<Label> {
-    UNIFESP_NAMES.iter().enumerate().map(|(i, n)| Label::new(i.to_string(), *n)).collect()
+    UNIFESP_NAMES
+        .iter()
+        .enumerate()
+        .map(|(i, n)| Label::new(i.to_string(), *n))
+        .collect()
 }
 
 pub fn irma15() -> Vec<Label> {
@@ -77,7 +116,10 @@ pub fn from_list<'a>(names: impl IntoIterator<Item = &'a str>) -> Result<Vec<Lab
     let mut seen = std::collections::HashSet::new();
     for l in &labels {
         if !seen.insert(l.name.to_lowercase()) {
-            return Err(Error::InvalidArgument(format!("label {:?} appears twice", l.name)));
+            return Err(Error::InvalidArgument(format!(
+                "label {:?} appears twice",
+                l.name
+            )));
         }
     }
     Ok(labels)
@@ -95,7 +137,9 @@ pub fn builtin(name: &str) -> Option<Vec<Label>> {
 /// Fills a template: every `{}` becomes the label's prompt name.
 pub fn fill(template: &str, label: &Label) -> Result<String> {
     if !template.contains("{}") {
-        return Err(Error::InvalidArgument(format!("template {template:?} has no {{}} placeholder")));
+        return Err(Error::InvalidArgument(format!(
+            "template {template:?} has no {{}} placeholder"
+        )));
     }
     Ok(template.replace("{}", &label.prompt_name))
 }
@@ -112,7 +156,10 @@ mod tests {
         assert_eq!(u[21].name, "Wrist");
         let i = irma15();
         assert_eq!(i.len(), 15);
-        assert_eq!((i[0].id.as_str(), i[14].name.as_str()), ("1", "chest/diaphragm"));
+        assert_eq!(
+            (i[0].id.as_str(), i[14].name.as_str()),
+            ("1", "chest/diaphragm")
+        );
     }
 
     #[test]

@@ -43,5 +43,8 @@ pub fn default_model_dir() -> std::path::PathBuf {
     if let Some(p) = std::env::var_os("XRAY_CLIP_MODEL") {
         return p.into();
     }
-    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join("models").join("default")
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .join("models")
+        .join("default")
 }

@@ -8,7 +8,11 @@ use crate::error::{Error, Result};
 pub fn to_bytes(shape: &[usize], data: &[f32]) -> Vec<u8> {
     debug_assert_eq!(shape.iter().product::<usize>(), data.len());
     let dims: Vec<String> = shape.iter().map(|d| d.to_string()).collect();
-    let shape_txt = if dims.len() == 1 { format!("({},)", dims[0]) } else { format!("({})", dims.join(", ")) };
+    let shape_txt = if dims.len() == 1 {
+        format!("({},)", dims[0])
+    } else {
+        format!("({})", dims.join(", "))
+    };
     let mut header = format!("{{'descr': '<f4', 'fortran_order': False, 'shape': {shape_txt}, }}");
     // Pad so that magic(6) + version(2) + len(2) + header ends on a 64-byte boundary with '\n'.
     while (10 + header.len() + 1) % 64 != 0 {
@@ -27,19 +31,30 @@ pub fn to_bytes(shape: &[usize], data: &[f32]) -> Vec<u8> {
 
 /// Parses a float32 array; returns (shape, data).
 pub fn from_bytes(bytes: &[u8], name: &Path) -> Result<(Vec<usize>, Vec<f32>)> {
-    let bad = |reason: &str| Error::Decode { path: name.to_path_buf(), format: "npy", reason: reason.to_string() };
+    let bad = |reason: &str| Error::Decode {
+        path: name.to_path_buf(),
+        format: "npy",
+        reason: reason.to_string(),
+    };
     if bytes.len() < 10 || &bytes[..6] != b"\x93NUMPY" {
         return Err(bad("not a .npy file"));
     }
     let (header_len, start) = match bytes[6] {
         1 => (u16::from_le_bytes([bytes[8], bytes[9]]) as usize, 10),
-        2 | 3 if bytes.len() >= 12 => (u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]) as usize, 12),
+        2 | 3 if bytes.len() >= 12 => (
+            u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]) as usize,
+            12,
+        ),
         _ => return Err(bad("unsupported .npy version")),
     };
-    let header = bytes.get(start..start + header_len).ok_or_else(|| bad("truncated header"))?;
+    let header = bytes
+        .get(start..start + header_len)
+        .ok_or_else(|| bad("truncated header"))?;
     let header = std::str::from_utf8(header).map_err(|_| bad("header is not text"))?;
     if !header.contains("'descr': '<f4'") {
-        return Err(bad("only little-endian float32 ('<f4') arrays are supported"));
+        return Err(bad(
+            "only little-endian float32 ('<f4') arrays are supported",
+        ));
     }
     if header.contains("'fortran_order': True") {
         return Err(bad("Fortran-order arrays are not supported"));
@@ -56,12 +71,22 @@ pub fn from_bytes(bytes: &[u8], name: &Path) -> Result<(Vec<usize>, Vec<f32>)> {
         .filter(|s| !s.is_empty())
         .map(|s| s.parse::<usize>().map_err(|_| bad("bad shape")))
         .collect::<Result<_>>()?;
-    let count = shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d)).ok_or_else(|| bad("shape overflows"))?;
+    let count = shape
+        .iter()
+        .try_fold(1usize, |a, &d| a.checked_mul(d))
+        .ok_or_else(|| bad("shape overflows"))?;
     let body = &bytes[start + header_len..];
     if body.len() != count * 4 {
-        return Err(bad(&format!("shape {shape:?} needs {} bytes of data, file has {}", count * 4, body.len())));
+        return Err(bad(&format!(
+            "shape {shape:?} needs {} bytes of data, file has {}",
+            count * 4,
+            body.len()
+        )));
     }
-    let data = body.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+    let data = body
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect();
     Ok((shape, data))
 }
 

@@ -65,13 +65,21 @@ pub struct PipelineOptions {
 
 impl Default for PipelineOptions {
     fn default() -> Self {
-        PipelineOptions { batch_size: 16, workers: 1, progress: false }
+        PipelineOptions {
+            batch_size: 16,
+            workers: 1,
+            progress: false,
+        }
     }
 }
 
 /// Image embeddings (not normalised) of every file, in input order; a file that cannot be read gets
 /// its error and does not stop the others.
-pub fn embed_files(engine: &mut Engine, files: &[PathBuf], opts: &PipelineOptions) -> Vec<Result<Vec<f32>>> {
+pub fn embed_files(
+    engine: &mut Engine,
+    files: &[PathBuf],
+    opts: &PipelineOptions,
+) -> Vec<Result<Vec<f32>>> {
     let cfg = engine.bundle.manifest.preprocessing.clone();
     let batch_size = opts.batch_size.max(1);
     let workers = opts.workers.max(1).min(files.len().max(1));
@@ -92,11 +100,15 @@ pub fn embed_files(engine: &mut Engine, files: &[PathBuf], opts: &PipelineOption
         }
         drop(tx);
         let mut pending: Vec<(usize, Vec<f32>)> = Vec::with_capacity(batch_size);
-        let mut flush = |pending: &mut Vec<(usize, Vec<f32>)>, results: &mut Vec<Option<Result<Vec<f32>>>>| {
+        let mut flush = |pending: &mut Vec<(usize, Vec<f32>)>,
+                         results: &mut Vec<Option<Result<Vec<f32>>>>| {
             if pending.is_empty() {
                 return;
             }
-            let pixels: Vec<f32> = pending.iter().flat_map(|(_, t)| t.iter().copied()).collect();
+            let pixels: Vec<f32> = pending
+                .iter()
+                .flat_map(|(_, t)| t.iter().copied())
+                .collect();
             match engine.embed_images(&pixels, pending.len()) {
                 Ok(emb) => {
                     let dim = emb.len() / pending.len();
@@ -107,7 +119,10 @@ pub fn embed_files(engine: &mut Engine, files: &[PathBuf], opts: &PipelineOption
                 Err(e) => {
                     let msg = e.to_string();
                     for (i, _) in pending.iter() {
-                        results[*i] = Some(Err(Error::Inference { context: files[*i].display().to_string(), reason: msg.clone() }));
+                        results[*i] = Some(Err(Error::Inference {
+                            context: files[*i].display().to_string(),
+                            reason: msg.clone(),
+                        }));
                     }
                 }
             }
@@ -131,7 +146,10 @@ pub fn embed_files(engine: &mut Engine, files: &[PathBuf], opts: &PipelineOption
         flush(&mut pending, &mut results);
     });
     bar.finish_and_clear();
-    results.into_iter().map(|r| r.expect("every file gets a result")).collect()
+    results
+        .into_iter()
+        .map(|r| r.expect("every file gets a result"))
+        .collect()
 }
 
 fn progress_bar(len: u64, show: bool) -> indicatif::ProgressBar {
@@ -140,24 +158,37 @@ fn progress_bar(len: u64, show: bool) -> indicatif::ProgressBar {
     }
     let bar = indicatif::ProgressBar::new(len);
     bar.set_style(
-        indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} images, {per_sec}, eta {eta}")
-            .expect("valid template"),
+        indicatif::ProgressStyle::with_template(
+            "{bar:40} {pos}/{len} images, {per_sec}, eta {eta}",
+        )
+        .expect("valid template"),
     );
     bar
 }
 
 /// Label embeddings (normalised, `[labels x dim]`) from the bundle's text encoder: every template is
 /// filled with every label, encoded, normalised, and the templates averaged.
-pub fn text_label_embeddings(engine: &mut Engine, labels: &[Label], templates: &[String]) -> Result<Vec<f32>> {
+pub fn text_label_embeddings(
+    engine: &mut Engine,
+    labels: &[Label],
+    templates: &[String],
+) -> Result<Vec<f32>> {
     let tok_path = engine
         .bundle
         .file_path(crate::bundle::TOKENIZER)
         .ok_or_else(|| Error::bundle(&engine.bundle.dir, "has no tokenizer"))?;
-    let tokenizer = ClipTokenizer::from_bytes(&engine.bundle.read_verified(crate::bundle::TOKENIZER)?, &tok_path)?;
+    let tokenizer = ClipTokenizer::from_bytes(
+        &engine.bundle.read_verified(crate::bundle::TOKENIZER)?,
+        &tok_path,
+    )?;
     let dim = engine.bundle.manifest.embedding_dim;
     let (emb, got) = prompt_embeddings(engine.text_encoder()?, &tokenizer, labels, templates)?;
     if got != dim {
-        return Err(Error::Shape { what: "text encoder".into(), expected: format!("embedding size {dim}"), actual: got.to_string() });
+        return Err(Error::Shape {
+            what: "text encoder".into(),
+            expected: format!("embedding size {dim}"),
+            actual: got.to_string(),
+        });
     }
     Ok(emb)
 }
@@ -175,7 +206,10 @@ pub fn prompt_embeddings(
     let mut per_template = Vec::with_capacity(templates.len());
     let mut dim = 0;
     for t in templates {
-        let prompts: Vec<String> = labels.iter().map(|l| labels::fill(t, l)).collect::<Result<_>>()?;
+        let prompts: Vec<String> = labels
+            .iter()
+            .map(|l| labels::fill(t, l))
+            .collect::<Result<_>>()?;
         let tokens = tokenizer.encode_batch(&prompts, Padding::Longest)?;
         let (emb, d) = encoder.embed_tokens(&tokens)?;
         dim = d;

@@ -45,12 +45,21 @@ impl PreprocessConfig {
 
     pub fn validate(&self) -> Result<(), String> {
         if self.resize_filter != "bicubic" {
-            return Err(format!("resize filter {:?} is not supported (bicubic only)", self.resize_filter));
+            return Err(format!(
+                "resize filter {:?} is not supported (bicubic only)",
+                self.resize_filter
+            ));
         }
         if self.crop != "center" {
-            return Err(format!("crop {:?} is not supported (center only)", self.crop));
+            return Err(format!(
+                "crop {:?} is not supported (center only)",
+                self.crop
+            ));
         }
-        if self.image_size == 0 || self.image_size > 4096 || self.resize_shortest_edge < self.image_size {
+        if self.image_size == 0
+            || self.image_size > 4096
+            || self.resize_shortest_edge < self.image_size
+        {
             return Err(format!(
                 "image size {} with shortest edge {} is not a valid resize-then-crop",
                 self.image_size, self.resize_shortest_edge
@@ -81,7 +90,14 @@ pub fn preprocess_into(img: &Image, cfg: &PreprocessConfig, out: &mut [f32]) {
     let src = match &img.pixels {
         Pixels::Gray(p) | Pixels::Rgb(p) => p.as_slice(),
     };
-    let resized = resample_bicubic(src, img.width as usize, img.height as usize, channels, new_w as usize, new_h as usize);
+    let resized = resample_bicubic(
+        src,
+        img.width as usize,
+        img.height as usize,
+        channels,
+        new_w as usize,
+        new_h as usize,
+    );
     let size = cfg.image_size as usize;
     let (new_w, new_h) = (new_w as usize, new_h as usize);
     // Centre crop (floor of half the excess, as transformers; the resize guarantees no padding).
@@ -159,11 +175,19 @@ fn precompute_coefficients(in_size: usize, out_size: usize) -> Coefficients {
         for (x, &w) in k.iter().enumerate().take(xmax) {
             let w = if total != 0.0 { w / total } else { w };
             let scaled = w * (1u32 << PRECISION_BITS) as f64;
-            weights[xx * ksize + x] = if w < 0.0 { (scaled - 0.5) as i32 } else { (scaled + 0.5) as i32 };
+            weights[xx * ksize + x] = if w < 0.0 {
+                (scaled - 0.5) as i32
+            } else {
+                (scaled + 0.5) as i32
+            };
         }
         bounds.push((xmin, xmax));
     }
-    Coefficients { ksize, bounds, weights }
+    Coefficients {
+        ksize,
+        bounds,
+        weights,
+    }
 }
 
 fn clip8(v: i32) -> u8 {
@@ -177,7 +201,14 @@ fn clip8(v: i32) -> u8 {
 }
 
 /// Separable bicubic resize of interleaved 8-bit samples: horizontal pass, then vertical, as Pillow.
-pub fn resample_bicubic(src: &[u8], w: usize, h: usize, channels: usize, out_w: usize, out_h: usize) -> Vec<u8> {
+pub fn resample_bicubic(
+    src: &[u8],
+    w: usize,
+    h: usize,
+    channels: usize,
+    out_w: usize,
+    out_h: usize,
+) -> Vec<u8> {
     let horizontal = if out_w != w {
         let co = precompute_coefficients(w, out_w);
         let mut tmp = vec![0u8; out_w * h * channels];
@@ -246,15 +277,25 @@ mod tests {
         for (i, o) in [(1955, 224), (64, 224), (300, 224), (7, 3)] {
             let co = precompute_coefficients(i, o);
             for (xx, &(_, n)) in co.bounds.iter().enumerate() {
-                let sum: i64 = co.weights[xx * co.ksize..xx * co.ksize + n].iter().map(|&v| v as i64).sum();
-                assert!((sum - (1 << PRECISION_BITS)).abs() <= n as i64, "{i}->{o} pixel {xx}: {sum}");
+                let sum: i64 = co.weights[xx * co.ksize..xx * co.ksize + n]
+                    .iter()
+                    .map(|&v| v as i64)
+                    .sum();
+                assert!(
+                    (sum - (1 << PRECISION_BITS)).abs() <= n as i64,
+                    "{i}->{o} pixel {xx}: {sum}"
+                );
             }
         }
     }
 
     #[test]
     fn normalisation_uses_clip_statistics() {
-        let img = Image { width: 224, height: 224, pixels: Pixels::Gray(vec![255; 224 * 224]) };
+        let img = Image {
+            width: 224,
+            height: 224,
+            pixels: Pixels::Gray(vec![255; 224 * 224]),
+        };
         let t = preprocess(&img, &PreprocessConfig::default());
         for c in 0..3 {
             let expect = (1.0 - CLIP_MEAN[c]) / CLIP_STD[c];

@@ -4,10 +4,22 @@
 /// Probabilities over labels for one image embedding. `labels` is `[n x dim]`, rows normalised.
 pub fn probabilities(image_embedding: &[f32], labels: &[f32], logit_scale: f32) -> Vec<f32> {
     let dim = image_embedding.len();
-    let norm = image_embedding.iter().map(|v| v * v).sum::<f32>().sqrt().max(f32::MIN_POSITIVE);
+    let norm = image_embedding
+        .iter()
+        .map(|v| v * v)
+        .sum::<f32>()
+        .sqrt()
+        .max(f32::MIN_POSITIVE);
     let logits: Vec<f32> = labels
         .chunks_exact(dim)
-        .map(|l| logit_scale * l.iter().zip(image_embedding).map(|(a, b)| a * b).sum::<f32>() / norm)
+        .map(|l| {
+            logit_scale
+                * l.iter()
+                    .zip(image_embedding)
+                    .map(|(a, b)| a * b)
+                    .sum::<f32>()
+                / norm
+        })
         .collect();
     softmax(&logits)
 }

@@ -47,14 +47,28 @@ impl ClipTokenizer {
     }
 
     pub fn from_bytes(bytes: &[u8], name: &Path) -> Result<Self> {
-        let err = |reason: String| Error::Tokenizer { path: name.to_path_buf(), reason };
+        let err = |reason: String| Error::Tokenizer {
+            path: name.to_path_buf(),
+            reason,
+        };
         let mut inner = tokenizers::Tokenizer::from_bytes(bytes).map_err(|e| err(e.to_string()))?;
         // Framing, truncation and padding are done here, the same for every tokenizer.json.
         inner.with_padding(None);
-        inner.with_truncation(None).map_err(|e| err(e.to_string()))?;
-        let id = |tok: &str| inner.token_to_id(tok).ok_or_else(|| err(format!("vocabulary has no {tok}")));
+        inner
+            .with_truncation(None)
+            .map_err(|e| err(e.to_string()))?;
+        let id = |tok: &str| {
+            inner
+                .token_to_id(tok)
+                .ok_or_else(|| err(format!("vocabulary has no {tok}")))
+        };
         let (start_id, end_id) = (id(START_TOKEN)?, id(END_TOKEN)?);
-        Ok(ClipTokenizer { inner, start_id, end_id, source: name.to_path_buf() })
+        Ok(ClipTokenizer {
+            inner,
+            start_id,
+            end_id,
+            source: name.to_path_buf(),
+        })
     }
 
     pub fn vocab_size(&self) -> usize {
@@ -67,7 +81,10 @@ impl ClipTokenizer {
         let enc = self
             .inner
             .encode(text.as_str(), false)
-            .map_err(|e| Error::Tokenizer { path: self.source.clone(), reason: format!("{text:?}: {e}") })?;
+            .map_err(|e| Error::Tokenizer {
+                path: self.source.clone(),
+                reason: format!("{text:?}: {e}"),
+            })?;
         let mut ids = Vec::with_capacity(CONTEXT_LENGTH);
         ids.push(self.start_id as i64);
         ids.extend(enc.get_ids().iter().map(|&t| t as i64));
@@ -77,7 +94,10 @@ impl ClipTokenizer {
     }
 
     pub fn encode_batch<S: AsRef<str>>(&self, texts: &[S], padding: Padding) -> Result<TokenBatch> {
-        let rows: Vec<Vec<i64>> = texts.iter().map(|t| self.encode(t.as_ref())).collect::<Result<_>>()?;
+        let rows: Vec<Vec<i64>> = texts
+            .iter()
+            .map(|t| self.encode(t.as_ref()))
+            .collect::<Result<_>>()?;
         let len = match padding {
             Padding::Context => CONTEXT_LENGTH,
             Padding::Longest => rows.iter().map(Vec::len).max().unwrap_or(2),
@@ -86,7 +106,11 @@ impl ClipTokenizer {
         for (i, r) in rows.iter().enumerate() {
             ids[i * len..i * len + r.len()].copy_from_slice(r);
         }
-        Ok(TokenBatch { ids, batch: rows.len(), len })
+        Ok(TokenBatch {
+            ids,
+            batch: rows.len(),
+            len,
+        })
     }
 }
 
@@ -101,8 +125,16 @@ pub fn clean_text(text: &str) -> String {
             '\u{02bc}' | '\u{2018}'..='\u{201b}' => out.push('\''),
             '\u{201c}'..='\u{201f}' => out.push('"'),
             '\u{3000}' => out.push(' '),
-            '\u{0}'..='\u{8}' | '\u{b}' | '\u{e}'..='\u{1f}' | '\u{7f}' | '\u{206a}'..='\u{206f}' | '\u{fff9}'..='\u{fffc}' | '\u{feff}' => {}
-            '\u{ff01}'..='\u{ffef}' => out.extend(unicode_normalization::UnicodeNormalization::nfkc(std::iter::once(c))),
+            '\u{0}'..='\u{8}'
+            | '\u{b}'
+            | '\u{e}'..='\u{1f}'
+            | '\u{7f}'
+            | '\u{206a}'..='\u{206f}'
+            | '\u{fff9}'..='\u{fffc}'
+            | '\u{feff}' => {}
+            '\u{ff01}'..='\u{ffef}' => out.extend(
+                unicode_normalization::UnicodeNormalization::nfkc(std::iter::once(c)),
+            ),
             _ => match ligature(c) {
                 Some(s) => out.push_str(s),
                 None => out.push(c),
@@ -192,9 +224,15 @@ mod tests {
 
     #[test]
     fn cleaning_follows_ftfy_and_html_unescape() {
-        assert_eq!(clean_text("\u{201c}curly\u{201d} \u{2018}q\u{2019}"), "\"curly\" 'q'");
+        assert_eq!(
+            clean_text("\u{201c}curly\u{201d} \u{2018}q\u{2019}"),
+            "\"curly\" 'q'"
+        );
         assert_eq!(clean_text("\u{fb01}ne \u{ff21}\u{ff11}"), "fine A1");
-        assert_eq!(clean_text("a &amp;amp; b &#65;&#x42; &bogus; &"), "a & b AB &bogus; &");
+        assert_eq!(
+            clean_text("a &amp;amp; b &#65;&#x42; &bogus; &"),
+            "a & b AB &bogus; &"
+        );
         assert_eq!(clean_text("  x\u{0}y\u{feff} "), "xy");
     }
 }

@@ -15,14 +15,14 @@ use runtime::{dicom, npy, Error};
 
 /// Real files: NEMA WG04 radiographs (uncompressed and JPEG 2000) and the compressed syntaxes.
 const FILES: [&str; 8] = [
-    "RG1_UNCI.dcm",                     // chest CR, 15-bit, MONOCHROME1, explicit VR LE
-    "RG1_J2KI.dcm",                     // same, JPEG 2000 (lossy)
-    "RG3_UNCI.dcm",                     // leg CR, 10-bit, MONOCHROME1
-    "RG3_J2KI.dcm",                     // same, JPEG 2000
-    "JPEG-LL.dcm",                      // JPEG lossless (process 14)
-    "JPGLosslessP14SV1_1s_1f_8b.dcm",   // JPEG lossless SV1, 8-bit
-    "emri_small_RLE.dcm",               // RLE lossless, 16-bit MR
-    "color3d_jpeg_baseline.dcm",        // JPEG baseline, YBR colour, multi-frame
+    "RG1_UNCI.dcm",                   // chest CR, 15-bit, MONOCHROME1, explicit VR LE
+    "RG1_J2KI.dcm",                   // same, JPEG 2000 (lossy)
+    "RG3_UNCI.dcm",                   // leg CR, 10-bit, MONOCHROME1
+    "RG3_J2KI.dcm",                   // same, JPEG 2000
+    "JPEG-LL.dcm",                    // JPEG lossless (process 14)
+    "JPGLosslessP14SV1_1s_1f_8b.dcm", // JPEG lossless SV1, 8-bit
+    "emri_small_RLE.dcm",             // RLE lossless, 16-bit MR
+    "color3d_jpeg_baseline.dcm",      // JPEG baseline, YBR colour, multi-frame
 ];
 
 #[test]
@@ -40,21 +40,33 @@ fn real_dicoms_decode_as_pydicom() {
     let mut report = Vec::new();
     for f in &files {
         let name = f.file_stem().expect("stem").to_string_lossy().to_string();
-        let (shape, reference) = npy::read(&out.join(format!("{name}.npy"))).expect("reference npy");
+        let (shape, reference) =
+            npy::read(&out.join(format!("{name}.npy"))).expect("reference npy");
         let bytes = std::fs::read(f).expect("read dicom");
         let (ours, tolerance) = if shape.len() == 3 {
             let img = decode_bytes(&bytes, f).expect("decode colour");
-            let Pixels::Rgb(rgb) = img.pixels else { panic!("{name}: expected RGB") };
+            let Pixels::Rgb(rgb) = img.pixels else {
+                panic!("{name}: expected RGB")
+            };
             // Colour JPEG: different JPEG decoders (libjpeg vs jpeg-decoder) differ by a few levels.
-            (rgb.iter().map(|&v| v as f32 / 255.0).collect::<Vec<f32>>(), 0.1)
+            (
+                rgb.iter().map(|&v| v as f32 / 255.0).collect::<Vec<f32>>(),
+                0.1,
+            )
         } else {
             let g = dicom::decode_grayscale(&bytes, f).expect("decode grayscale");
             (g.values, 1e-5)
         };
         assert_eq!(ours.len(), reference.len(), "{name}: size");
-        let (max, mean) = (max_abs_diff(&ours, &reference), mean_abs_diff(&ours, &reference));
+        let (max, mean) = (
+            max_abs_diff(&ours, &reference),
+            mean_abs_diff(&ours, &reference),
+        );
         report.push(format!("{name}: max {max:.1e} mean {mean:.1e}"));
-        assert!(max <= tolerance, "{name}: max difference {max} (mean {mean})");
+        assert!(
+            max <= tolerance,
+            "{name}: max difference {max} (mean {mean})"
+        );
     }
     eprintln!("DICOM vs pydicom (values in [0,1]): {}", report.join("; "));
     let _ = std::fs::remove_dir_all(&out);
@@ -65,12 +77,17 @@ fn monochrome1_chest_is_inverted_and_windowed() {
     let f = pydicom_data().join("RG1_UNCI.dcm");
     let img = decode_bytes(&std::fs::read(&f).expect("read"), &f).expect("decode");
     assert_eq!((img.width, img.height), (1841, 1955));
-    let Pixels::Gray(g) = img.pixels else { panic!("gray expected") };
+    let Pixels::Gray(g) = img.pixels else {
+        panic!("gray expected")
+    };
     // Chest PA: the lungs (centre-left and centre-right) are darker than the mediastinum (centre).
     let at = |x: usize, y: usize| g[y * 1841 + x] as f32;
     let lungs = (at(600, 800) + at(1250, 800)) / 2.0;
     let spine = at(920, 800);
-    assert!(spine > lungs + 20.0, "mediastinum {spine} vs lungs {lungs}: inversion wrong?");
+    assert!(
+        spine > lungs + 20.0,
+        "mediastinum {spine} vs lungs {lungs}: inversion wrong?"
+    );
 }
 
 fn write_dicom(dir: &Path, name: &str, obj: InMemDicomObject, ts: &str) -> PathBuf {
@@ -89,16 +106,56 @@ fn write_dicom(dir: &Path, name: &str, obj: InMemDicomObject, ts: &str) -> PathB
 
 fn image_object(rows: u16, cols: u16, pixels: Vec<u16>, photometric: &str) -> InMemDicomObject {
     let mut obj = InMemDicomObject::new_empty();
-    obj.put(DataElement::new(tags::SOP_CLASS_UID, VR::UI, PrimitiveValue::from("1.2.840.10008.5.1.4.1.1.1")));
-    obj.put(DataElement::new(tags::SAMPLES_PER_PIXEL, VR::US, PrimitiveValue::from(1u16)));
-    obj.put(DataElement::new(tags::PHOTOMETRIC_INTERPRETATION, VR::CS, PrimitiveValue::from(photometric)));
-    obj.put(DataElement::new(tags::ROWS, VR::US, PrimitiveValue::from(rows)));
-    obj.put(DataElement::new(tags::COLUMNS, VR::US, PrimitiveValue::from(cols)));
-    obj.put(DataElement::new(tags::BITS_ALLOCATED, VR::US, PrimitiveValue::from(16u16)));
-    obj.put(DataElement::new(tags::BITS_STORED, VR::US, PrimitiveValue::from(12u16)));
-    obj.put(DataElement::new(tags::HIGH_BIT, VR::US, PrimitiveValue::from(11u16)));
-    obj.put(DataElement::new(tags::PIXEL_REPRESENTATION, VR::US, PrimitiveValue::from(0u16)));
-    obj.put(DataElement::new(tags::PIXEL_DATA, VR::OW, PrimitiveValue::U16(pixels.into())));
+    obj.put(DataElement::new(
+        tags::SOP_CLASS_UID,
+        VR::UI,
+        PrimitiveValue::from("1.2.840.10008.5.1.4.1.1.1"),
+    ));
+    obj.put(DataElement::new(
+        tags::SAMPLES_PER_PIXEL,
+        VR::US,
+        PrimitiveValue::from(1u16),
+    ));
+    obj.put(DataElement::new(
+        tags::PHOTOMETRIC_INTERPRETATION,
+        VR::CS,
+        PrimitiveValue::from(photometric),
+    ));
+    obj.put(DataElement::new(
+        tags::ROWS,
+        VR::US,
+        PrimitiveValue::from(rows),
+    ));
+    obj.put(DataElement::new(
+        tags::COLUMNS,
+        VR::US,
+        PrimitiveValue::from(cols),
+    ));
+    obj.put(DataElement::new(
+        tags::BITS_ALLOCATED,
+        VR::US,
+        PrimitiveValue::from(16u16),
+    ));
+    obj.put(DataElement::new(
+        tags::BITS_STORED,
+        VR::US,
+        PrimitiveValue::from(12u16),
+    ));
+    obj.put(DataElement::new(
+        tags::HIGH_BIT,
+        VR::US,
+        PrimitiveValue::from(11u16),
+    ));
+    obj.put(DataElement::new(
+        tags::PIXEL_REPRESENTATION,
+        VR::US,
+        PrimitiveValue::from(0u16),
+    ));
+    obj.put(DataElement::new(
+        tags::PIXEL_DATA,
+        VR::OW,
+        PrimitiveValue::U16(pixels.into()),
+    ));
     obj
 }
 
@@ -114,10 +171,26 @@ fn rescale_and_window_from_written_dicom() {
     // Stored 0..4095 ramp; rescale 2x - 1000; window centre 0, width 2001 -> stored 250..749 ramps.
     let pixels: Vec<u16> = (0..64u16).map(|i| i * 64).collect();
     let mut obj = image_object(8, 8, pixels.clone(), "MONOCHROME2");
-    obj.put(DataElement::new(tags::RESCALE_SLOPE, VR::DS, PrimitiveValue::from("2")));
-    obj.put(DataElement::new(tags::RESCALE_INTERCEPT, VR::DS, PrimitiveValue::from("-1000")));
-    obj.put(DataElement::new(tags::WINDOW_CENTER, VR::DS, PrimitiveValue::from("0")));
-    obj.put(DataElement::new(tags::WINDOW_WIDTH, VR::DS, PrimitiveValue::from("2001")));
+    obj.put(DataElement::new(
+        tags::RESCALE_SLOPE,
+        VR::DS,
+        PrimitiveValue::from("2"),
+    ));
+    obj.put(DataElement::new(
+        tags::RESCALE_INTERCEPT,
+        VR::DS,
+        PrimitiveValue::from("-1000"),
+    ));
+    obj.put(DataElement::new(
+        tags::WINDOW_CENTER,
+        VR::DS,
+        PrimitiveValue::from("0"),
+    ));
+    obj.put(DataElement::new(
+        tags::WINDOW_WIDTH,
+        VR::DS,
+        PrimitiveValue::from("2001"),
+    ));
     let path = write_dicom(&dir, "window.dcm", obj, "1.2.840.10008.1.2.1");
     let g = dicom::decode_grayscale(&std::fs::read(&path).expect("read"), &path).expect("decode");
     for (i, &stored) in pixels.iter().enumerate() {
@@ -130,7 +203,11 @@ fn rescale_and_window_from_written_dicom() {
         } else {
             (((x + 0.5) / 2000.0 + 0.5) * 8190.0) / 8190.0
         };
-        assert!((g.values[i] as f64 - y).abs() < 1e-6, "pixel {i}: stored {stored} -> {} expected {y}", g.values[i]);
+        assert!(
+            (g.values[i] as f64 - y).abs() < 1e-6,
+            "pixel {i}: stored {stored} -> {} expected {y}",
+            g.values[i]
+        );
     }
 }
 
@@ -138,8 +215,16 @@ fn rescale_and_window_from_written_dicom() {
 fn dicom_without_pixel_data_is_a_clear_error() {
     let dir = tmpdir("dcm-nopixels");
     let mut obj = InMemDicomObject::new_empty();
-    obj.put(DataElement::new(tags::SOP_CLASS_UID, VR::UI, PrimitiveValue::from("1.2.840.10008.5.1.4.1.1.1")));
-    obj.put(DataElement::new(tags::PATIENT_NAME, VR::PN, PrimitiveValue::from("Doe^John")));
+    obj.put(DataElement::new(
+        tags::SOP_CLASS_UID,
+        VR::UI,
+        PrimitiveValue::from("1.2.840.10008.5.1.4.1.1.1"),
+    ));
+    obj.put(DataElement::new(
+        tags::PATIENT_NAME,
+        VR::PN,
+        PrimitiveValue::from("Doe^John"),
+    ));
     let path = write_dicom(&dir, "nopixels.dcm", obj, "1.2.840.10008.1.2.1");
     let err = decode_bytes(&std::fs::read(&path).expect("read"), &path).expect_err("must fail");
     assert!(matches!(err, Error::NoPixelData { .. }), "{err}");
@@ -154,19 +239,38 @@ fn unknown_transfer_syntax_is_a_clear_error() {
     // Rewrite the transfer syntax UID in the meta group to one nobody knows (same length).
     let mut bytes = std::fs::read(&path).expect("read");
     let needle = b"1.2.840.10008.1.2.1";
-    let pos = bytes.windows(needle.len()).position(|w| w == needle).expect("ts uid in meta");
+    let pos = bytes
+        .windows(needle.len())
+        .position(|w| w == needle)
+        .expect("ts uid in meta");
     bytes[pos..pos + needle.len()].copy_from_slice(b"1.2.840.99999.9.9.9");
     let err = decode_bytes(&bytes, &path).expect_err("must fail");
-    assert!(err.to_string().contains("unknown transfer syntax 1.2.840.99999.9.9.9"), "{err}");
+    assert!(
+        err.to_string()
+            .contains("unknown transfer syntax 1.2.840.99999.9.9.9"),
+        "{err}"
+    );
 }
 
 #[test]
 fn absurd_dicom_size_is_refused_before_decoding() {
     let dir = tmpdir("dcm-size");
     let mut obj = image_object(4, 4, vec![0; 16], "MONOCHROME2");
-    obj.put(DataElement::new(tags::ROWS, VR::US, PrimitiveValue::from(65535u16)));
-    obj.put(DataElement::new(tags::COLUMNS, VR::US, PrimitiveValue::from(65535u16)));
-    obj.put(DataElement::new(tags::NUMBER_OF_FRAMES, VR::IS, PrimitiveValue::from("1000")));
+    obj.put(DataElement::new(
+        tags::ROWS,
+        VR::US,
+        PrimitiveValue::from(65535u16),
+    ));
+    obj.put(DataElement::new(
+        tags::COLUMNS,
+        VR::US,
+        PrimitiveValue::from(65535u16),
+    ));
+    obj.put(DataElement::new(
+        tags::NUMBER_OF_FRAMES,
+        VR::IS,
+        PrimitiveValue::from("1000"),
+    ));
     let path = write_dicom(&dir, "huge.dcm", obj, "1.2.840.10008.1.2.1");
     let err = decode_bytes(&std::fs::read(&path).expect("read"), &path).expect_err("must fail");
     assert!(matches!(err, Error::TooLarge { .. }), "{err}");

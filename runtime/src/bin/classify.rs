@@ -44,12 +44,29 @@ fn main() -> ExitCode {
         let mut engine = Engine::load(bundle, cli.device.options())?;
         let (labels, label_emb) = cli.labels.resolve(&mut engine)?;
         let scale = engine.bundle.manifest.logit_scale;
-        let opts = PipelineOptions { batch_size: cli.batch_size, workers: 1, progress: files.len() > 32 && !cli.json };
+        let opts = PipelineOptions {
+            batch_size: cli.batch_size,
+            workers: 1,
+            progress: files.len() > 32 && !cli.json,
+        };
         let results = pipeline::embed_files(&mut engine, &files, &opts);
         let k = cli.top_k.clamp(1, labels.len());
         let mut failed = 0;
+        let width = files
+            .iter()
+            .map(|f| show_path(f).chars().count())
+            .max()
+            .unwrap_or(0)
+            .max(4);
         if !cli.json {
-            println!("{:<40} {}", "file", (1..=k).map(|i| format!("{:<28}", format!("top-{i}"))).collect::<String>().trim_end());
+            println!(
+                "{:<width$}  {}",
+                "file",
+                (1..=k)
+                    .map(|i| format!("{:<28}", format!("top-{i}")))
+                    .collect::<String>()
+                    .trim_end()
+            );
         }
         for (path, result) in files.iter().zip(results) {
             match result {
@@ -61,17 +78,27 @@ fn main() -> ExitCode {
                             .iter()
                             .map(|&i| serde_json::json!({"label": labels[i].name, "id": labels[i].id, "probability": probs[i]}))
                             .collect();
-                        println!("{}", serde_json::json!({"file": show_path(path), "top": entries}));
+                        println!(
+                            "{}",
+                            serde_json::json!({"file": show_path(path), "top": entries})
+                        );
                     } else {
-                        let cells: String =
-                            top.iter().map(|&i| format!("{:<28}", format!("{} {:.4}", labels[i].name, probs[i]))).collect();
-                        println!("{:<40} {}", show_path(path), cells.trim_end());
+                        let cells: String = top
+                            .iter()
+                            .map(|&i| {
+                                format!("{:<28}", format!("{} {:.4}", labels[i].name, probs[i]))
+                            })
+                            .collect();
+                        println!("{:<width$}  {}", show_path(path), cells.trim_end());
                     }
                 }
                 Err(e) => {
                     failed += 1;
                     if cli.json {
-                        println!("{}", serde_json::json!({"file": show_path(path), "error": e.to_string()}));
+                        println!(
+                            "{}",
+                            serde_json::json!({"file": show_path(path), "error": e.to_string()})
+                        );
                     }
                     eprintln!("error: {e}");
                 }
@@ -79,7 +106,10 @@ fn main() -> ExitCode {
         }
         if failed > 0 {
             if files.len() > 1 {
-                eprintln!("error: {failed} of {} file(s) could not be classified", files.len());
+                eprintln!(
+                    "error: {failed} of {} file(s) could not be classified",
+                    files.len()
+                );
             }
             return Ok(ExitCode::FAILURE);
         }

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use runtime::assemble::{assemble, AssembleSpec};
-use runtime::bundle::{Provenance, Bundle, BundleLabel, BundleWriter, LABEL_EMBEDDINGS, MANIFEST};
+use runtime::bundle::{Bundle, BundleLabel, BundleWriter, Provenance, LABEL_EMBEDDINGS, MANIFEST};
 use runtime::cli::{run_main, DeviceArgs, LabelArgs, ModelArgs};
 use runtime::engine::Engine;
 use runtime::preprocess::{self, PreprocessConfig};
@@ -100,17 +100,31 @@ fn main() -> ExitCode {
     run_main(|| {
         match Cli::parse().command {
             Command::Info { model, json } => info(&model.load()?, json)?,
-            Command::Tokenize { model, tokenizer, pad, texts } => {
+            Command::Tokenize {
+                model,
+                tokenizer,
+                pad,
+                texts,
+            } => {
                 let tok = match tokenizer {
                     Some(p) => ClipTokenizer::from_file(&p)?,
                     None => {
                         let b = model.load()?;
-                        let path = b.file_path(runtime::bundle::TOKENIZER).context("bundle has no tokenizer")?;
-                        ClipTokenizer::from_bytes(&b.read_verified(runtime::bundle::TOKENIZER)?, &path)?
+                        let path = b
+                            .file_path(runtime::bundle::TOKENIZER)
+                            .context("bundle has no tokenizer")?;
+                        ClipTokenizer::from_bytes(
+                            &b.read_verified(runtime::bundle::TOKENIZER)?,
+                            &path,
+                        )?
                     }
                 };
                 for t in &texts {
-                    let ids = if pad { tok.encode_batch(&[t], Padding::Context)?.ids } else { tok.encode(t)? };
+                    let ids = if pad {
+                        tok.encode_batch(&[t], Padding::Context)?.ids
+                    } else {
+                        tok.encode(t)?
+                    };
                     println!("{}", serde_json::to_string(&ids)?);
                 }
             }
@@ -123,7 +137,13 @@ fn main() -> ExitCode {
                 let t = preprocess::preprocess(&img, &cfg);
                 let s = cfg.image_size as usize;
                 npy::write(&out, &[1, 3, s, s], &t)?;
-                eprintln!("{}: {}x{} -> {} [1, 3, {s}, {s}]", path.display(), img.width, img.height, out.display());
+                eprintln!(
+                    "{}: {}x{} -> {} [1, 3, {s}, {s}]",
+                    path.display(),
+                    img.width,
+                    img.height,
+                    out.display()
+                );
             }
             Command::Assemble {
                 image_encoder,
@@ -146,8 +166,11 @@ fn main() -> ExitCode {
                     Some(p) => Some(npy::read(&p)?.1),
                     None => None,
                 };
-                let templates =
-                    if templates.is_empty() { vec![labels::REFERENCE_TEMPLATES[0].to_string()] } else { templates };
+                let templates = if templates.is_empty() {
+                    vec![labels::REFERENCE_TEMPLATES[0].to_string()]
+                } else {
+                    templates
+                };
                 let spec = AssembleSpec {
                     name,
                     description: String::new(),
@@ -159,12 +182,25 @@ fn main() -> ExitCode {
                     label_embeddings,
                     logit_scale,
                     preprocessing: PreprocessConfig::default(),
-                    provenance: Provenance { base_weights, ..Default::default() },
+                    provenance: Provenance {
+                        base_weights,
+                        ..Default::default()
+                    },
                 };
                 let b = assemble(spec, &out, &device.options())?;
-                println!("wrote {} ({} labels, {} dims)", b.dir.display(), b.manifest.labels.len(), b.manifest.embedding_dim);
+                println!(
+                    "wrote {} ({} labels, {} dims)",
+                    b.dir.display(),
+                    b.manifest.labels.len(),
+                    b.manifest.embedding_dim
+                );
             }
-            Command::Prompts { model, labels: label_args, device, out } => {
+            Command::Prompts {
+                model,
+                labels: label_args,
+                device,
+                out,
+            } => {
                 let bundle = model.load()?;
                 let src = bundle.dir.clone();
                 let mut engine = Engine::load(bundle, device.options())?;
@@ -178,8 +214,14 @@ fn main() -> ExitCode {
                 manifest.labels = labels
                     .iter()
                     .map(|l| {
-                        let prompts = templates.iter().map(|t| labels::fill(t, l)).collect::<runtime::Result<_>>()?;
-                        Ok(BundleLabel { label: l.clone(), prompts })
+                        let prompts = templates
+                            .iter()
+                            .map(|t| labels::fill(t, l))
+                            .collect::<runtime::Result<_>>()?;
+                        Ok(BundleLabel {
+                            label: l.clone(),
+                            prompts,
+                        })
                     })
                     .collect::<runtime::Result<_>>()?;
                 manifest.templates = templates;
@@ -190,11 +232,21 @@ fn main() -> ExitCode {
                         continue;
                     }
                     let bytes = engine.bundle.read_verified(role)?;
-                    writer.add_file(role, &entry.path, &bytes, entry.input.as_deref().zip(entry.output.as_deref()))?;
+                    writer.add_file(
+                        role,
+                        &entry.path,
+                        &bytes,
+                        entry.input.as_deref().zip(entry.output.as_deref()),
+                    )?;
                 }
                 writer.add_label_embeddings(&emb)?;
                 let written = writer.finish()?;
-                println!("wrote {} ({} labels, from {})", written.dir.display(), labels.len(), src.display());
+                println!(
+                    "wrote {} ({} labels, from {})",
+                    written.dir.display(),
+                    labels.len(),
+                    src.display()
+                );
             }
         }
         Ok(ExitCode::SUCCESS)
@@ -212,13 +264,32 @@ fn info(b: &Bundle, json: bool) -> anyhow::Result<()> {
     if !m.description.is_empty() {
         println!("about       {}", m.description);
     }
-    println!("labels      {}: {}", m.labels.len(), m.labels.iter().map(|l| l.label.name.as_str()).collect::<Vec<_>>().join(", "));
+    println!(
+        "labels      {}: {}",
+        m.labels.len(),
+        m.labels
+            .iter()
+            .map(|l| l.label.name.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
     println!("templates   {}", m.templates.join(" | "));
-    println!("embedding   {} dims, logit scale {}", m.embedding_dim, m.logit_scale);
+    println!(
+        "embedding   {} dims, logit scale {}",
+        m.embedding_dim, m.logit_scale
+    );
     let p = &m.preprocessing;
-    println!("input       {}x{} (shorter side -> {}, {} resize, {} crop)", p.image_size, p.image_size, p.resize_shortest_edge, p.resize_filter, p.crop);
+    println!(
+        "input       {}x{} (shorter side -> {}, {} resize, {} crop)",
+        p.image_size, p.image_size, p.resize_shortest_edge, p.resize_filter, p.crop
+    );
     for (role, f) in &m.files {
-        println!("file        {role:<20} {:<28} {:>12} bytes  sha256 {}…", f.path, f.bytes, &f.sha256[..12]);
+        println!(
+            "file        {role:<20} {:<28} {:>12} bytes  sha256 {}…",
+            f.path,
+            f.bytes,
+            &f.sha256[..12]
+        );
     }
     println!("base        {}", m.provenance.base_weights);
     if !m.provenance.dataset.is_empty() {

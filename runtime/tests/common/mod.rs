@@ -19,7 +19,10 @@ pub fn fixtures() -> PathBuf {
 }
 
 pub fn cpu() -> EngineOptions {
-    EngineOptions { device: Device::Cpu, threads: 1 }
+    EngineOptions {
+        device: Device::Cpu,
+        threads: 1,
+    }
 }
 
 /// `scripts/setup.sh` must have run: the tests need ONNX Runtime and the test venv, and say so
@@ -31,8 +34,15 @@ pub fn require_setup() {
 }
 
 pub fn test_python() -> PathBuf {
-    let p = runtime::cache_dir().join("testpy").join("bin").join("python");
-    assert!(p.exists(), "{} is missing: run scripts/setup.sh", p.display());
+    let p = runtime::cache_dir()
+        .join("testpy")
+        .join("bin")
+        .join("python");
+    assert!(
+        p.exists(),
+        "{} is missing: run scripts/setup.sh",
+        p.display()
+    );
     p
 }
 
@@ -43,16 +53,25 @@ pub fn pydicom_data() -> PathBuf {
         .unwrap_or_else(|e| panic!("{}: {e}; run scripts/setup.sh", lib.display()))
         .filter_map(|e| e.ok())
         .map(|e| e.path())
-        .find(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("python3")))
+        .find(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("python3"))
+        })
         .expect("python3.x in the test venv");
     let d = py.join("site-packages").join("data_store").join("data");
-    assert!(d.join("RG1_UNCI.dcm").exists(), "pydicom-data missing under {}", d.display());
+    assert!(
+        d.join("RG1_UNCI.dcm").exists(),
+        "pydicom-data missing under {}",
+        d.display()
+    );
     d
 }
 
 pub fn tiny_reference() -> serde_json::Value {
-    serde_json::from_str(&std::fs::read_to_string(fixtures().join("tiny/reference.json")).expect("reference.json"))
-        .expect("json")
+    serde_json::from_str(
+        &std::fs::read_to_string(fixtures().join("tiny/reference.json")).expect("reference.json"),
+    )
+    .expect("json")
 }
 
 /// The tiny HF CLIP (torch.onnx export) assembled into a bundle once per test binary.
@@ -74,7 +93,10 @@ pub fn tiny_bundle() -> &'static Path {
             label_embeddings: None,
             logit_scale: scale,
             preprocessing: PreprocessConfig::default(),
-            provenance: Provenance { base_weights: "random init (fixtures/tiny)".into(), ..Default::default() },
+            provenance: Provenance {
+                base_weights: "random init (fixtures/tiny)".into(),
+                ..Default::default()
+            },
         };
         assemble(spec, &dir, &cpu()).expect("assemble tiny bundle");
         dir
@@ -106,9 +128,16 @@ pub fn cosine(a: &[f32], b: &[f32]) -> f64 {
 
 pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
 }
 
 pub fn mean_abs_diff(a: &[f32], b: &[f32]) -> f64 {
-    a.iter().zip(b).map(|(x, y)| (x - y).abs() as f64).sum::<f64>() / a.len() as f64
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs() as f64)
+        .sum::<f64>()
+        / a.len() as f64
 }
