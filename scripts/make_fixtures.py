@@ -148,6 +148,8 @@ def tiny_model(out_dir: Path, img_dir: Path):
     model = CLIPModel(cfg).eval()
     out_dir.mkdir(parents=True, exist_ok=True)
     cfg.save_pretrained(out_dir)
+    # The same weights in HF's layout, for the trainer's import and parity tests.
+    model.save_pretrained(out_dir / "hf", safe_serialization=True)
 
     class Vision(torch.nn.Module):
         def __init__(self, m):
@@ -194,6 +196,44 @@ def tiny_model(out_dir: Path, img_dir: Path):
     print(f"tiny model: logit scale {scale}")
 
 
+def openai_torchscript(out_dir: Path, img_dir: Path):
+    """A tiny model built with OpenAI's own model code (PyPI openai-clip), scripted and saved as OpenAI's
+    released .pt archives are, with its outputs on the fixture images and prompts."""
+    import importlib.util
+    import torch
+    spec = importlib.util.find_spec("clip")
+    path = Path(spec.submodule_search_locations[0]) / "model.py"
+    mod_spec = importlib.util.spec_from_file_location("openai_clip_model", path)
+    mod = importlib.util.module_from_spec(mod_spec)
+    mod_spec.loader.exec_module(mod)
+    torch.manual_seed(1)
+    # Widths of 64 give one head each, as OpenAI's build_model infers (width // 64).
+    model = mod.CLIP(embed_dim=16, image_resolution=224, vision_layers=2, vision_width=64, vision_patch_size=32,
+                     context_length=77, vocab_size=1000, transformer_width=64, transformer_heads=1,
+                     transformer_layers=2).eval()
+    with torch.no_grad():  # random, not zero, projections and class token
+        model.visual.proj.normal_(0, 0.1)
+        model.text_projection.normal_(0, 0.1)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+    proc = CLIPImageProcessorPil()
+    names = sorted(p.name for p in img_dir.iterdir())
+    px = np.concatenate([proc(images=load_as_8bit(img_dir / n), return_tensors="np")["pixel_values"] for n in names])
+    ids = torch.zeros(3, 77, dtype=torch.long)
+    for r, row in enumerate([[999, 5, 6, 7, 998], [999, 42, 998], [999, 1, 2, 3, 4, 5, 6, 998]]):
+        ids[r, :len(row)] = torch.tensor(row)
+    with torch.no_grad():
+        img = model.encode_image(torch.from_numpy(px).float()).numpy()
+        txt = model.encode_text(ids).numpy()
+        # OpenAI's released archives are traced TorchScript of CLIP.forward(image, text).
+        traced = torch.jit.trace(model, (torch.from_numpy(px[:1]).float(), ids[:1]))
+    traced.save(str(out_dir / "openai_tiny.pt"))
+    np.save(out_dir / "openai_image_embeds.npy", np.ascontiguousarray(img, dtype=np.float32))
+    np.save(out_dir / "openai_text_embeds.npy", np.ascontiguousarray(txt, dtype=np.float32))
+    (out_dir / "openai_reference.json").write_text(json.dumps({"images": names, "ids": ids.tolist()}))
+    print("OpenAI TorchScript tiny model written")
+
+
 def export_vision(module, path: Path, size: int):
     import torch
     x = torch.zeros(1, 3, size, size)
@@ -232,6 +272,7 @@ def main():
         make_images(FIX / "images")
         preprocess_refs(FIX / "images", FIX / "preprocess")
         tiny_model(FIX / "tiny", FIX / "images")
+        openai_torchscript(FIX / "openai", FIX / "images")
     if a.full:
         full_vit_b32(a.full)
 

@@ -83,5 +83,7 @@ if [ "$want_torch" = 1 ]; then
     "$dir/bin/pip" install -q --disable-pip-version-check "cuda-toolkit[cudart,cupti]==13.0.2"
     echo "torch==$TORCH_VERSION" > "$marker"
   fi
+  # .cargo/config.toml points LIBTORCH at this link (the build needs an absolute place per machine).
+  ln -sfn "$(echo "$dir"/lib/python3*/site-packages/torch)" "$(dirname "$0")/../.libtorch"
 fi
 log "ready: $CACHE"

@@ -1,0 +1,231 @@
+//! Weight import and checkpoints.
+//!
+//! - HF model folders (`config.json` + `model.safetensors`): names match the model's as they are.
+//! - OpenAI TorchScript archives (`ViT-B-32.pt`): read with libtorch's module loader, renamed and
+//!   reshaped to HF's layout (fused q/k/v split, projections transposed).
+//! - Checkpoints: a folder with `config.json` and `model.safetensors` (HF layout), written atomically.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+use tch::{nn, Device, Kind, Tensor};
+
+use crate::error::{Error, Result};
+use crate::model::{is_ignored_buffer, ClipConfig};
+
+pub const CONFIG: &str = "config.json";
+pub const WEIGHTS: &str = "model.safetensors";
+
+/// Copies `tensors` into the variables of `vs`; every variable must be given with its shape, and no
+/// tensor may be left over (HF's `position_ids` buffers excepted).
+pub fn assign(vs: &nn::VarStore, tensors: Vec<(String, Tensor)>, source: &Path) -> Result<()> {
+    let mut given: HashMap<String, Tensor> = HashMap::new();
+    for (name, t) in tensors {
+        if !is_ignored_buffer(&name) {
+            given.insert(name, t);
+        }
+    }
+    let vars = vs.variables();
+    let mut problems = Vec::new();
+    let mut missing: Vec<&String> = vars.keys().filter(|k| !given.contains_key(*k)).collect();
+    missing.sort();
+    if !missing.is_empty() {
+        problems.push(format!("missing {}", list(&missing)));
+    }
+    let mut extra: Vec<&String> = given.keys().filter(|k| !vars.contains_key(*k)).collect();
+    extra.sort();
+    if !extra.is_empty() {
+        problems.push(format!("unexpected {}", list(&extra)));
+    }
+    let mut shapes: Vec<String> = vars
+        .iter()
+        .filter_map(|(k, v)| {
+            let t = given.get(k)?;
+            (t.size() != v.size()).then(|| format!("{k} is {:?}, model wants {:?}", t.size(), v.size()))
+        })
+        .collect();
+    shapes.sort();
+    if !shapes.is_empty() {
+        let n = shapes.len();
+        let mut text = format!("{n} mis-shaped: {}", shapes.iter().take(8).cloned().collect::<Vec<_>>().join(", "));
+        if n > 8 {
+            text.push_str(&format!(" and {} more", n - 8));
+        }
+        problems.push(text);
+    }
+    if !problems.is_empty() {
+        return Err(Error::WeightMismatch { path: source.to_path_buf(), problems });
+    }
+    tch::no_grad(|| {
+        for (k, mut v) in vars {
+            let src = &given[&k];
+            v.copy_(&src.to_kind(v.kind()).to_device(v.device()));
+        }
+    });
+    Ok(())
+}
+
+fn list(names: &[&String]) -> String {
+    const SHOWN: usize = 8;
+    let mut s = names.iter().take(SHOWN).map(|n| n.as_str()).collect::<Vec<_>>().join(", ");
+    if names.len() > SHOWN {
+        s.push_str(&format!(" and {} more", names.len() - SHOWN));
+    }
+    format!("{} tensor(s): {s}", names.len())
+}
+
+pub fn read_config(path: &Path) -> Result<ClipConfig> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let cfg: ClipConfig = serde_json::from_str(&text)
+        .map_err(|e| Error::Checkpoint { path: path.to_path_buf(), reason: format!("not a CLIP config.json: {e}") })?;
+    cfg.validate().map_err(|reason| Error::Checkpoint { path: path.to_path_buf(), reason })?;
+    Ok(cfg)
+}
+
+/// Tensors of an HF folder or a checkpoint folder (`model.safetensors`), or a `.safetensors` file.
+pub fn read_safetensors(path: &Path) -> Result<Vec<(String, Tensor)>> {
+    let file = if path.is_dir() { path.join(WEIGHTS) } else { path.to_path_buf() };
+    if !file.exists() {
+        return Err(Error::Checkpoint { path: file, reason: "no such file".into() });
+    }
+    Tensor::read_safetensors(&file)
+        .map_err(|e| Error::Checkpoint { path: file.clone(), reason: format!("not a safetensors file: {e}") })
+}
+
+/// Reads OpenAI's TorchScript archive and returns its tensors under HF names, with the
+/// configuration inferred from the shapes (as OpenAI's `build_model` does).
+pub fn read_openai_torchscript(path: &Path) -> Result<(ClipConfig, Vec<(String, Tensor)>)> {
+    let module = tch::CModule::load_on_device(path, Device::Cpu)
+        .map_err(|e| Error::Checkpoint { path: path.to_path_buf(), reason: format!("not a TorchScript archive: {e}") })?;
+    let mut sd: BTreeMap<String, Tensor> = BTreeMap::new();
+    for (name, t) in module.named_parameters().map_err(Error::Torch)? {
+        sd.insert(name, t.to_kind(Kind::Float));
+    }
+    let bad = |reason: String| Error::Checkpoint { path: path.to_path_buf(), reason };
+    let get = |sd: &BTreeMap<String, Tensor>, k: &str| -> Result<Tensor> {
+        sd.get(k).map(|t| t.shallow_clone()).ok_or_else(|| bad(format!("no tensor {k} (not an OpenAI CLIP archive?)")))
+    };
+    let conv = get(&sd, "visual.conv1.weight")?;
+    let vision_width = conv.size()[0];
+    let patch = conv.size()[2];
+    let vision_layers = sd.keys().filter(|k| k.starts_with("visual.transformer.resblocks.") && k.ends_with(".attn.in_proj_weight")).count() as i64;
+    if vision_layers == 0 {
+        return Err(bad("no visual transformer blocks (ResNet CLIP models are not supported)".into()));
+    }
+    let grid = ((get(&sd, "visual.positional_embedding")?.size()[0] - 1) as f64).sqrt().round() as i64;
+    let embed_dim = get(&sd, "text_projection")?.size()[1];
+    let ctx = get(&sd, "positional_embedding")?.size()[0];
+    let vocab = get(&sd, "token_embedding.weight")?.size()[0];
+    let text_width = get(&sd, "ln_final.weight")?.size()[0];
+    let text_layers = sd.keys().filter(|k| k.starts_with("transformer.resblocks.") && k.ends_with(".attn.in_proj_weight")).count() as i64;
+    let mut cfg = ClipConfig::default();
+    cfg.vision_config.hidden_size = vision_width;
+    cfg.vision_config.intermediate_size = vision_width * 4;
+    cfg.vision_config.num_hidden_layers = vision_layers;
+    cfg.vision_config.num_attention_heads = vision_width / 64;
+    cfg.vision_config.patch_size = patch;
+    cfg.vision_config.image_size = patch * grid;
+    cfg.text_config.hidden_size = text_width;
+    cfg.text_config.intermediate_size = text_width * 4;
+    cfg.text_config.num_hidden_layers = text_layers;
+    cfg.text_config.num_attention_heads = text_width / 64;
+    cfg.text_config.max_position_embeddings = ctx;
+    cfg.text_config.vocab_size = vocab;
+    cfg.projection_dim = embed_dim;
+    cfg.validate().map_err(bad)?;
+
+    let mut out: Vec<(String, Tensor)> = Vec::new();
+    let mut put = |k: String, t: Tensor| out.push((k, t));
+    let blocks = |src: &str, dst: &str, n: i64, put: &mut dyn FnMut(String, Tensor)| -> Result<()> {
+        for i in 0..n {
+            let s = format!("{src}.resblocks.{i}");
+            let d = format!("{dst}.encoder.layers.{i}");
+            let w = get(&sd, &format!("{s}.attn.in_proj_weight"))?.chunk(3, 0);
+            let b = get(&sd, &format!("{s}.attn.in_proj_bias"))?.chunk(3, 0);
+            for (j, name) in ["q_proj", "k_proj", "v_proj"].iter().enumerate() {
+                put(format!("{d}.self_attn.{name}.weight"), w[j].shallow_clone());
+                put(format!("{d}.self_attn.{name}.bias"), b[j].shallow_clone());
+            }
+            for (from, to) in [
+                ("attn.out_proj", "self_attn.out_proj"),
+                ("ln_1", "layer_norm1"),
+                ("mlp.c_fc", "mlp.fc1"),
+                ("mlp.c_proj", "mlp.fc2"),
+                ("ln_2", "layer_norm2"),
+            ] {
+                for p in ["weight", "bias"] {
+                    put(format!("{d}.{to}.{p}"), get(&sd, &format!("{s}.{from}.{p}"))?);
+                }
+            }
+        }
+        Ok(())
+    };
+    blocks("visual.transformer", "vision_model", vision_layers, &mut put)?;
+    blocks("transformer", "text_model", text_layers, &mut put)?;
+    put("vision_model.embeddings.class_embedding".into(), get(&sd, "visual.class_embedding")?);
+    put("vision_model.embeddings.patch_embedding.weight".into(), conv);
+    put("vision_model.embeddings.position_embedding.weight".into(), get(&sd, "visual.positional_embedding")?);
+    for (from, to) in [("visual.ln_pre", "vision_model.pre_layrnorm"), ("visual.ln_post", "vision_model.post_layernorm"), ("ln_final", "text_model.final_layer_norm")] {
+        for p in ["weight", "bias"] {
+            put(format!("{to}.{p}"), get(&sd, &format!("{from}.{p}"))?);
+        }
+    }
+    put("visual_projection.weight".into(), get(&sd, "visual.proj")?.tr().contiguous());
+    put("text_projection.weight".into(), get(&sd, "text_projection")?.tr().contiguous());
+    put("text_model.embeddings.token_embedding.weight".into(), get(&sd, "token_embedding.weight")?);
+    put("text_model.embeddings.position_embedding.weight".into(), get(&sd, "positional_embedding")?);
+    put("logit_scale".into(), get(&sd, "logit_scale")?);
+    Ok((cfg, out))
+}
+
+/// Writes a checkpoint folder (`config.json`, `model.safetensors`, and any `extra` files) atomically:
+/// a staging folder is filled, synced and renamed over the target.
+pub fn save_checkpoint(dir: &Path, config: &ClipConfig, vs: &nn::VarStore, extra: &[(&str, Vec<u8>)]) -> Result<()> {
+    let parent = dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
+    let name = dir.file_name().ok_or_else(|| Error::Config(format!("{}: not a folder path", dir.display())))?;
+    let staging = parent.join(format!(".{}.partial-{}", name.to_string_lossy(), std::process::id()));
+    let _ = std::fs::remove_dir_all(&staging);
+    std::fs::create_dir_all(&staging).map_err(|e| Error::io(&staging, e))?;
+    let result = (|| -> Result<()> {
+        let json = serde_json::to_vec_pretty(config).expect("config serialises");
+        runtime::fsutil::write_atomic(&staging.join(CONFIG), &json)?;
+        vs.save(staging.join(WEIGHTS)).map_err(Error::Torch)?;
+        let f = std::fs::File::open(staging.join(WEIGHTS)).map_err(|e| Error::io(staging.join(WEIGHTS), e))?;
+        f.sync_all().map_err(|e| Error::io(staging.join(WEIGHTS), e))?;
+        for (file, bytes) in extra {
+            runtime::fsutil::write_atomic(&staging.join(file), bytes)?;
+        }
+        let old = parent.join(format!(".{}.old-{}", name.to_string_lossy(), std::process::id()));
+        if dir.exists() {
+            std::fs::rename(dir, &old).map_err(|e| Error::io(dir, e))?;
+        }
+        std::fs::rename(&staging, dir).map_err(|e| Error::io(dir, e))?;
+        let _ = std::fs::remove_dir_all(&old);
+        Ok(())
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_dir_all(&staging);
+    }
+    result
+}
+
+/// A model loaded from a checkpoint or HF folder.
+pub struct Loaded {
+    pub vs: nn::VarStore,
+    pub model: crate::model::Clip,
+    pub source: PathBuf,
+}
+
+/// Loads a checkpoint / HF folder onto `device`; a config that does not fit the weights is an error
+/// naming the tensors.
+pub fn load(dir: &Path, device: Device) -> Result<Loaded> {
+    if !dir.is_dir() {
+        return Err(Error::Checkpoint { path: dir.to_path_buf(), reason: "not a checkpoint folder (config.json + model.safetensors)".into() });
+    }
+    let config = read_config(&dir.join(CONFIG))?;
+    let vs = nn::VarStore::new(device);
+    let model = crate::model::Clip::new(&vs.root(), &config);
+    assign(&vs, read_safetensors(dir)?, &dir.join(WEIGHTS))?;
+    Ok(Loaded { vs, model, source: dir.to_path_buf() })
+}
