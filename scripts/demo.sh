@@ -16,7 +16,7 @@ if [ ! -f "$MODEL/manifest.json" ]; then
   target/release/runtime assemble --device cpu --labels unifesp --logit-scale 100 --name tiny-random-demo \
     --base-weights "random init (fixtures/tiny, not a trained model)" \
     --image-encoder fixtures/tiny/image_encoder.onnx --text-encoder fixtures/tiny/text_encoder.onnx \
-    --tokenizer fixtures/tokenizer/tokenizer.json --out "$MODEL" >/dev/null
+    --tokenizer models/tokenizer/tokenizer.json --out "$MODEL" >/dev/null
 fi
 DICOM=$(echo "$CACHE"/testpy/lib/python3*/site-packages/data_store/data/RG1_UNCI.dcm)
 target/release/classify --model "$MODEL" "${@:-$DICOM}"

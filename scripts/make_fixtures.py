@@ -2,7 +2,7 @@
 """Golden fixtures from code no one in this project wrote.
 
 Writes, under fixtures/ (committed; small):
-  tokenizer/tokenizer.json   HF `tokenizers` file built from OpenAI's BPE merges (the openai-clip package)
+  ../models/tokenizer/tokenizer.json   HF `tokenizers` file built from OpenAI's BPE merges (the openai-clip package)
   tokens.json                OpenAI's token ids (openai-clip's simple_tokenizer) for 200+ strings
   images/*.png|jpg           generated test images (seeded)
   preprocess/*.npy           transformers' CLIPImageProcessorPil output for each image
@@ -268,7 +268,7 @@ def main():
     ap.add_argument("--only-full", action="store_true")
     a = ap.parse_args()
     if not a.only_full:
-        build_tokenizer(FIX / "tokenizer")
+        build_tokenizer(ROOT / "models" / "tokenizer")
         make_images(FIX / "images")
         preprocess_refs(FIX / "images", FIX / "preprocess")
         tiny_model(FIX / "tiny", FIX / "images")

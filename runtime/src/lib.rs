@@ -6,9 +6,11 @@
 #![warn(clippy::unwrap_used)]
 
 pub mod bundle;
+pub mod datasets;
 pub mod decode;
 pub mod dicom;
 pub mod error;
+pub mod files;
 pub mod fsutil;
 pub mod labels;
 pub mod npy;
@@ -47,4 +49,14 @@ pub fn default_model_dir() -> std::path::PathBuf {
         .join("..")
         .join("models")
         .join("default")
+}
+
+/// OpenAI's CLIP BPE vocabulary as a `tokenizer.json` (built by `scripts/make_fixtures.py` from the
+/// `openai-clip` package's merges), shipped in `models/tokenizer/`.
+pub fn default_tokenizer_path() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .join("models")
+        .join("tokenizer")
+        .join("tokenizer.json")
 }

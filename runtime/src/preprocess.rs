@@ -83,8 +83,8 @@ pub fn resized_size(width: u32, height: u32, shortest: u32) -> (u32, u32) {
     }
 }
 
-/// Resize, crop and normalise into `out` (length `cfg.tensor_len()`, CHW).
-pub fn preprocess_into(img: &Image, cfg: &PreprocessConfig, out: &mut [f32]) {
+/// Resize (shorter side, PIL bicubic) and centre-crop: the 8-bit picture the model sees.
+pub fn resize_crop(img: &Image, cfg: &PreprocessConfig) -> Image {
     let (new_w, new_h) = resized_size(img.width, img.height, cfg.resize_shortest_edge);
     let channels = img.channels();
     let src = match &img.pixels {
@@ -103,7 +103,27 @@ pub fn preprocess_into(img: &Image, cfg: &PreprocessConfig, out: &mut [f32]) {
     // Centre crop (floor of half the excess, as transformers; the resize guarantees no padding).
     let top = (new_h - size) / 2;
     let left = (new_w - size) / 2;
-    let plane = size * size;
+    let mut crop = Vec::with_capacity(size * size * channels);
+    for y in 0..size {
+        crop.extend_from_slice(
+            &resized[((top + y) * new_w + left) * channels..][..size * channels],
+        );
+    }
+    let pixels = if channels == 1 {
+        Pixels::Gray(crop)
+    } else {
+        Pixels::Rgb(crop)
+    };
+    Image {
+        width: size as u32,
+        height: size as u32,
+        pixels,
+    }
+}
+
+/// Scales a cropped 8-bit picture to [0, 1] and normalises it into `out` (CHW, 3 channels).
+pub fn normalize_into(crop: &Image, cfg: &PreprocessConfig, out: &mut [f32]) {
+    let plane = (crop.width * crop.height) as usize;
     // 8-bit value -> normalised float, per channel: a 256-entry table avoids a division per pixel.
     let mut lut = [[0f32; 256]; 3];
     for (c, table) in lut.iter_mut().enumerate() {
@@ -111,15 +131,27 @@ pub fn preprocess_into(img: &Image, cfg: &PreprocessConfig, out: &mut [f32]) {
             *slot = ((v as f64 / 255.0) as f32 - cfg.mean[c]) / cfg.std[c];
         }
     }
-    for y in 0..size {
-        let row = &resized[((top + y) * new_w + left) * channels..][..size * channels];
-        for x in 0..size {
+    match &crop.pixels {
+        Pixels::Gray(g) => {
             for c in 0..3 {
-                let v = row[x * channels + if channels == 1 { 0 } else { c }];
-                out[c * plane + y * size + x] = lut[c][v as usize];
+                for (o, &v) in out[c * plane..(c + 1) * plane].iter_mut().zip(g) {
+                    *o = lut[c][v as usize];
+                }
+            }
+        }
+        Pixels::Rgb(rgb) => {
+            for (i, px) in rgb.chunks_exact(3).enumerate() {
+                for c in 0..3 {
+                    out[c * plane + i] = lut[c][px[c] as usize];
+                }
             }
         }
     }
+}
+
+/// Resize, crop and normalise into `out` (length `cfg.tensor_len()`, CHW).
+pub fn preprocess_into(img: &Image, cfg: &PreprocessConfig, out: &mut [f32]) {
+    normalize_into(&resize_crop(img, cfg), cfg, out);
 }
 
 pub fn preprocess(img: &Image, cfg: &PreprocessConfig) -> Vec<f32> {

@@ -49,8 +49,8 @@ fn preprocessing_matches_clip_image_processor() {
 
 #[test]
 fn token_ids_equal_openai_for_every_fixture_string() {
-    let tok =
-        ClipTokenizer::from_file(&fixtures().join("tokenizer/tokenizer.json")).expect("tokenizer");
+    let tok = ClipTokenizer::from_file(&fixtures().join("../models/tokenizer/tokenizer.json"))
+        .expect("tokenizer");
     let rows: Vec<serde_json::Value> = serde_json::from_str(
         &std::fs::read_to_string(fixtures().join("tokens.json")).expect("tokens"),
     )
@@ -147,7 +147,8 @@ fn tiny_hf_onnx_gives_reference_embeddings() {
         .iter()
         .map(|p| p.as_str().expect("p").to_string())
         .collect();
-    let tok = ClipTokenizer::from_file(&fixtures().join("tokenizer/tokenizer.json")).expect("tok");
+    let tok = ClipTokenizer::from_file(&fixtures().join("../models/tokenizer/tokenizer.json"))
+        .expect("tok");
     let (_, txt_ref) = npy::read(&fixtures().join("tiny/text_embeds.npy")).expect("text ref");
     for padding in [Padding::Longest, Padding::Context] {
         let ours = engine

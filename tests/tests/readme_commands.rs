@@ -59,7 +59,7 @@ fn assemble_then_classify_a_real_chest_dicom() {
         .arg("--text-encoder")
         .arg(f.join("tiny/text_encoder.onnx"))
         .arg("--tokenizer")
-        .arg(f.join("tokenizer/tokenizer.json"))
+        .arg(root().join("models/tokenizer/tokenizer.json"))
         .status()
         .expect("runtime assemble");
     assert!(status.success());

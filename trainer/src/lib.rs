@@ -2,8 +2,14 @@
 //! that `runtime` runs.
 #![warn(clippy::unwrap_used)]
 
+pub mod cli;
+pub mod data;
 pub mod error;
 pub mod model;
+pub mod optim;
+pub mod plot;
+pub mod progress;
+pub mod train;
 pub mod weights;
 
 pub use error::{Error, Result};

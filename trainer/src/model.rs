@@ -147,22 +147,38 @@ impl ClipConfig {
         let v = &self.vision_config;
         let t = &self.text_config;
         let positive = [
-            v.image_size, v.patch_size, v.hidden_size, v.intermediate_size, v.num_hidden_layers,
-            v.num_attention_heads, t.vocab_size, t.max_position_embeddings, t.hidden_size,
-            t.intermediate_size, t.num_hidden_layers, t.num_attention_heads, self.projection_dim,
+            v.image_size,
+            v.patch_size,
+            v.hidden_size,
+            v.intermediate_size,
+            v.num_hidden_layers,
+            v.num_attention_heads,
+            t.vocab_size,
+            t.max_position_embeddings,
+            t.hidden_size,
+            t.intermediate_size,
+            t.num_hidden_layers,
+            t.num_attention_heads,
+            self.projection_dim,
         ];
         if positive.iter().any(|&x| x <= 0) {
             return Err("every size in the configuration must be positive".into());
         }
         if v.image_size % v.patch_size != 0 {
-            return Err(format!("image size {} is not a multiple of patch size {}", v.image_size, v.patch_size));
+            return Err(format!(
+                "image size {} is not a multiple of patch size {}",
+                v.image_size, v.patch_size
+            ));
         }
-        if v.hidden_size % v.num_attention_heads != 0 || t.hidden_size % t.num_attention_heads != 0 {
+        if v.hidden_size % v.num_attention_heads != 0 || t.hidden_size % t.num_attention_heads != 0
+        {
             return Err("hidden size must be a multiple of the number of heads".into());
         }
         for act in [&v.hidden_act, &t.hidden_act] {
             if act != "quick_gelu" && act != "gelu" {
-                return Err(format!("activation {act:?} is not supported (quick_gelu, gelu)"));
+                return Err(format!(
+                    "activation {act:?} is not supported (quick_gelu, gelu)"
+                ));
             }
         }
         Ok(())
@@ -200,9 +216,16 @@ impl Attention {
         let (b, n, d) = x.size3().expect("[batch, tokens, dim]");
         let hd = d / self.heads;
         let split = |t: Tensor| t.view([b, n, self.heads, hd]).transpose(1, 2);
-        let (q, k, v) = (split(self.q.forward(x)), split(self.k.forward(x)), split(self.v.forward(x)));
-        let y = Tensor::scaled_dot_product_attention::<Tensor>(&q, &k, &v, None, 0.0, causal, None, false);
-        self.out.forward(&y.transpose(1, 2).contiguous().view([b, n, d]))
+        let (q, k, v) = (
+            split(self.q.forward(x)),
+            split(self.k.forward(x)),
+            split(self.v.forward(x)),
+        );
+        let y = Tensor::scaled_dot_product_attention::<Tensor>(
+            &q, &k, &v, None, 0.0, causal, None, false,
+        );
+        self.out
+            .forward(&y.transpose(1, 2).contiguous().view([b, n, d]))
     }
 }
 
@@ -217,7 +240,10 @@ struct EncoderLayer {
 
 impl EncoderLayer {
     fn new(p: nn::Path, dim: i64, mlp: i64, heads: i64, eps: f64, act: &str) -> EncoderLayer {
-        let ln = nn::LayerNormConfig { eps, ..Default::default() };
+        let ln = nn::LayerNormConfig {
+            eps,
+            ..Default::default()
+        };
         EncoderLayer {
             attn: Attention::new(&p / "self_attn", dim, heads),
             ln1: nn::layer_norm(&p / "layer_norm1", vec![dim], ln),
@@ -230,13 +256,26 @@ impl EncoderLayer {
 
     fn forward(&self, x: &Tensor, causal: bool) -> Tensor {
         let x = x + self.attn.forward(&self.ln1.forward(x), causal);
-        let h = self.fc2.forward(&activation(&self.fc1.forward(&self.ln2.forward(&x)), &self.act));
+        let h = self.fc2.forward(&activation(
+            &self.fc1.forward(&self.ln2.forward(&x)),
+            &self.act,
+        ));
         x + h
     }
 }
 
-fn encoder(p: nn::Path, n: i64, dim: i64, mlp: i64, heads: i64, eps: f64, act: &str) -> Vec<EncoderLayer> {
-    (0..n).map(|i| EncoderLayer::new(&p / "layers" / i, dim, mlp, heads, eps, act)).collect()
+fn encoder(
+    p: nn::Path,
+    n: i64,
+    dim: i64,
+    mlp: i64,
+    heads: i64,
+    eps: f64,
+    act: &str,
+) -> Vec<EncoderLayer> {
+    (0..n)
+        .map(|i| EncoderLayer::new(&p / "layers" / i, dim, mlp, heads, eps, act))
+        .collect()
 }
 
 pub struct VisionTower {
@@ -271,42 +310,129 @@ impl Clip {
         let t = &config.text_config;
         let vp = root / "vision_model";
         let grid = v.image_size / v.patch_size;
-        let std = |s: f64| nn::Init::Randn { mean: 0.0, stdev: s };
-        let ln = |eps| nn::LayerNormConfig { eps, ..Default::default() };
-        let no_bias = nn::LinearConfig { bias: false, ..Default::default() };
+        let std = |s: f64| nn::Init::Randn {
+            mean: 0.0,
+            stdev: s,
+        };
+        let ln = |eps| nn::LayerNormConfig {
+            eps,
+            ..Default::default()
+        };
+        let no_bias = nn::LinearConfig {
+            bias: false,
+            ..Default::default()
+        };
         let vision = VisionTower {
-            class_embedding: (&vp / "embeddings").var("class_embedding", &[v.hidden_size], std((v.hidden_size as f64).powf(-0.5))),
+            class_embedding: (&vp / "embeddings").var(
+                "class_embedding",
+                &[v.hidden_size],
+                std((v.hidden_size as f64).powf(-0.5)),
+            ),
             patch_embedding: nn::conv2d(
                 &vp / "embeddings" / "patch_embedding",
                 3,
                 v.hidden_size,
                 v.patch_size,
-                nn::ConvConfig { stride: v.patch_size, bias: false, ..Default::default() },
+                nn::ConvConfig {
+                    stride: v.patch_size,
+                    bias: false,
+                    ..Default::default()
+                },
             ),
-            position_embedding: (&vp / "embeddings" / "position_embedding").var("weight", &[grid * grid + 1, v.hidden_size], std(0.02)),
-            pre_ln: nn::layer_norm(&vp / "pre_layrnorm", vec![v.hidden_size], ln(v.layer_norm_eps)),
-            layers: encoder(&vp / "encoder", v.num_hidden_layers, v.hidden_size, v.intermediate_size, v.num_attention_heads, v.layer_norm_eps, &v.hidden_act),
-            post_ln: nn::layer_norm(&vp / "post_layernorm", vec![v.hidden_size], ln(v.layer_norm_eps)),
-            projection: nn::linear(root / "visual_projection", v.hidden_size, config.projection_dim, no_bias),
+            position_embedding: (&vp / "embeddings" / "position_embedding").var(
+                "weight",
+                &[grid * grid + 1, v.hidden_size],
+                std(0.02),
+            ),
+            pre_ln: nn::layer_norm(
+                &vp / "pre_layrnorm",
+                vec![v.hidden_size],
+                ln(v.layer_norm_eps),
+            ),
+            layers: encoder(
+                &vp / "encoder",
+                v.num_hidden_layers,
+                v.hidden_size,
+                v.intermediate_size,
+                v.num_attention_heads,
+                v.layer_norm_eps,
+                &v.hidden_act,
+            ),
+            post_ln: nn::layer_norm(
+                &vp / "post_layernorm",
+                vec![v.hidden_size],
+                ln(v.layer_norm_eps),
+            ),
+            projection: nn::linear(
+                root / "visual_projection",
+                v.hidden_size,
+                config.projection_dim,
+                no_bias,
+            ),
         };
         let tp = root / "text_model";
         let text = TextTower {
-            token_embedding: nn::embedding(&tp / "embeddings" / "token_embedding", t.vocab_size, t.hidden_size, nn::EmbeddingConfig { ws_init: std(0.02), ..Default::default() }),
-            position_embedding: (&tp / "embeddings" / "position_embedding").var("weight", &[t.max_position_embeddings, t.hidden_size], std(0.01)),
-            layers: encoder(&tp / "encoder", t.num_hidden_layers, t.hidden_size, t.intermediate_size, t.num_attention_heads, t.layer_norm_eps, &t.hidden_act),
-            final_ln: nn::layer_norm(&tp / "final_layer_norm", vec![t.hidden_size], ln(t.layer_norm_eps)),
-            projection: nn::linear(root / "text_projection", t.hidden_size, config.projection_dim, no_bias),
+            token_embedding: nn::embedding(
+                &tp / "embeddings" / "token_embedding",
+                t.vocab_size,
+                t.hidden_size,
+                nn::EmbeddingConfig {
+                    ws_init: std(0.02),
+                    ..Default::default()
+                },
+            ),
+            position_embedding: (&tp / "embeddings" / "position_embedding").var(
+                "weight",
+                &[t.max_position_embeddings, t.hidden_size],
+                std(0.01),
+            ),
+            layers: encoder(
+                &tp / "encoder",
+                t.num_hidden_layers,
+                t.hidden_size,
+                t.intermediate_size,
+                t.num_attention_heads,
+                t.layer_norm_eps,
+                &t.hidden_act,
+            ),
+            final_ln: nn::layer_norm(
+                &tp / "final_layer_norm",
+                vec![t.hidden_size],
+                ln(t.layer_norm_eps),
+            ),
+            projection: nn::linear(
+                root / "text_projection",
+                t.hidden_size,
+                config.projection_dim,
+                no_bias,
+            ),
         };
-        let logit_scale = root.var("logit_scale", &[], nn::Init::Const(config.logit_scale_init_value));
-        Clip { config: config.clone(), vision, text, logit_scale }
+        let logit_scale = root.var(
+            "logit_scale",
+            &[],
+            nn::Init::Const(config.logit_scale_init_value),
+        );
+        Clip {
+            config: config.clone(),
+            vision,
+            text,
+            logit_scale,
+        }
     }
 
     /// Projected image embeddings (not normalised) of `[batch, 3, S, S]` pixels.
     pub fn image_features(&self, pixels: &Tensor) -> Tensor {
         let v = &self.vision;
-        let x = pixels.apply(&v.patch_embedding).flatten(2, 3).transpose(1, 2); // [b, grid², d]
+        let x = pixels
+            .apply(&v.patch_embedding)
+            .flatten(2, 3)
+            .transpose(1, 2); // [b, grid², d]
         let b = x.size()[0];
-        let cls = v.class_embedding.view([1, 1, -1]).expand([b, 1, -1], false).to_kind(x.kind());
+        let cls = v
+            .class_embedding
+            .view([1, 1, -1])
+            .expand([b, 1, -1], false)
+            .to_kind(x.kind());
         let mut x = Tensor::cat(&[cls, x], 1) + &v.position_embedding;
         x = v.pre_ln.forward(&x);
         for layer in &v.layers {

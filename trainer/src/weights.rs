@@ -41,20 +41,32 @@ pub fn assign(vs: &nn::VarStore, tensors: Vec<(String, Tensor)>, source: &Path) 
         .iter()
         .filter_map(|(k, v)| {
             let t = given.get(k)?;
-            (t.size() != v.size()).then(|| format!("{k} is {:?}, model wants {:?}", t.size(), v.size()))
+            (t.size() != v.size())
+                .then(|| format!("{k} is {:?}, model wants {:?}", t.size(), v.size()))
         })
         .collect();
     shapes.sort();
     if !shapes.is_empty() {
         let n = shapes.len();
-        let mut text = format!("{n} mis-shaped: {}", shapes.iter().take(8).cloned().collect::<Vec<_>>().join(", "));
+        let mut text = format!(
+            "{n} mis-shaped: {}",
+            shapes
+                .iter()
+                .take(8)
+                .cloned()
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
         if n > 8 {
             text.push_str(&format!(" and {} more", n - 8));
         }
         problems.push(text);
     }
     if !problems.is_empty() {
-        return Err(Error::WeightMismatch { path: source.to_path_buf(), problems });
+        return Err(Error::WeightMismatch {
+            path: source.to_path_buf(),
+            problems,
+        });
     }
     tch::no_grad(|| {
         for (k, mut v) in vars {
@@ -67,7 +79,12 @@ pub fn assign(vs: &nn::VarStore, tensors: Vec<(String, Tensor)>, source: &Path) 
 
 fn list(names: &[&String]) -> String {
     const SHOWN: usize = 8;
-    let mut s = names.iter().take(SHOWN).map(|n| n.as_str()).collect::<Vec<_>>().join(", ");
+    let mut s = names
+        .iter()
+        .take(SHOWN)
+        .map(|n| n.as_str())
+        .collect::<Vec<_>>()
+        .join(", ");
     if names.len() > SHOWN {
         s.push_str(&format!(" and {} more", names.len() - SHOWN));
     }
@@ -76,48 +93,82 @@ fn list(names: &[&String]) -> String {
 
 pub fn read_config(path: &Path) -> Result<ClipConfig> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-    let cfg: ClipConfig = serde_json::from_str(&text)
-        .map_err(|e| Error::Checkpoint { path: path.to_path_buf(), reason: format!("not a CLIP config.json: {e}") })?;
-    cfg.validate().map_err(|reason| Error::Checkpoint { path: path.to_path_buf(), reason })?;
+    let cfg: ClipConfig = serde_json::from_str(&text).map_err(|e| Error::Checkpoint {
+        path: path.to_path_buf(),
+        reason: format!("not a CLIP config.json: {e}"),
+    })?;
+    cfg.validate().map_err(|reason| Error::Checkpoint {
+        path: path.to_path_buf(),
+        reason,
+    })?;
     Ok(cfg)
 }
 
 /// Tensors of an HF folder or a checkpoint folder (`model.safetensors`), or a `.safetensors` file.
 pub fn read_safetensors(path: &Path) -> Result<Vec<(String, Tensor)>> {
-    let file = if path.is_dir() { path.join(WEIGHTS) } else { path.to_path_buf() };
+    let file = if path.is_dir() {
+        path.join(WEIGHTS)
+    } else {
+        path.to_path_buf()
+    };
     if !file.exists() {
-        return Err(Error::Checkpoint { path: file, reason: "no such file".into() });
+        return Err(Error::Checkpoint {
+            path: file,
+            reason: "no such file".into(),
+        });
     }
-    Tensor::read_safetensors(&file)
-        .map_err(|e| Error::Checkpoint { path: file.clone(), reason: format!("not a safetensors file: {e}") })
+    Tensor::read_safetensors(&file).map_err(|e| Error::Checkpoint {
+        path: file.clone(),
+        reason: format!("not a safetensors file: {e}"),
+    })
 }
 
 /// Reads OpenAI's TorchScript archive and returns its tensors under HF names, with the
 /// configuration inferred from the shapes (as OpenAI's `build_model` does).
 pub fn read_openai_torchscript(path: &Path) -> Result<(ClipConfig, Vec<(String, Tensor)>)> {
-    let module = tch::CModule::load_on_device(path, Device::Cpu)
-        .map_err(|e| Error::Checkpoint { path: path.to_path_buf(), reason: format!("not a TorchScript archive: {e}") })?;
+    let module =
+        tch::CModule::load_on_device(path, Device::Cpu).map_err(|e| Error::Checkpoint {
+            path: path.to_path_buf(),
+            reason: format!("not a TorchScript archive: {e}"),
+        })?;
     let mut sd: BTreeMap<String, Tensor> = BTreeMap::new();
     for (name, t) in module.named_parameters().map_err(Error::Torch)? {
         sd.insert(name, t.to_kind(Kind::Float));
     }
-    let bad = |reason: String| Error::Checkpoint { path: path.to_path_buf(), reason };
+    let bad = |reason: String| Error::Checkpoint {
+        path: path.to_path_buf(),
+        reason,
+    };
     let get = |sd: &BTreeMap<String, Tensor>, k: &str| -> Result<Tensor> {
-        sd.get(k).map(|t| t.shallow_clone()).ok_or_else(|| bad(format!("no tensor {k} (not an OpenAI CLIP archive?)")))
+        sd.get(k)
+            .map(|t| t.shallow_clone())
+            .ok_or_else(|| bad(format!("no tensor {k} (not an OpenAI CLIP archive?)")))
     };
     let conv = get(&sd, "visual.conv1.weight")?;
     let vision_width = conv.size()[0];
     let patch = conv.size()[2];
-    let vision_layers = sd.keys().filter(|k| k.starts_with("visual.transformer.resblocks.") && k.ends_with(".attn.in_proj_weight")).count() as i64;
+    let vision_layers = sd
+        .keys()
+        .filter(|k| {
+            k.starts_with("visual.transformer.resblocks.") && k.ends_with(".attn.in_proj_weight")
+        })
+        .count() as i64;
     if vision_layers == 0 {
-        return Err(bad("no visual transformer blocks (ResNet CLIP models are not supported)".into()));
+        return Err(bad(
+            "no visual transformer blocks (ResNet CLIP models are not supported)".into(),
+        ));
     }
-    let grid = ((get(&sd, "visual.positional_embedding")?.size()[0] - 1) as f64).sqrt().round() as i64;
+    let grid = ((get(&sd, "visual.positional_embedding")?.size()[0] - 1) as f64)
+        .sqrt()
+        .round() as i64;
     let embed_dim = get(&sd, "text_projection")?.size()[1];
     let ctx = get(&sd, "positional_embedding")?.size()[0];
     let vocab = get(&sd, "token_embedding.weight")?.size()[0];
     let text_width = get(&sd, "ln_final.weight")?.size()[0];
-    let text_layers = sd.keys().filter(|k| k.starts_with("transformer.resblocks.") && k.ends_with(".attn.in_proj_weight")).count() as i64;
+    let text_layers = sd
+        .keys()
+        .filter(|k| k.starts_with("transformer.resblocks.") && k.ends_with(".attn.in_proj_weight"))
+        .count() as i64;
     let mut cfg = ClipConfig::default();
     cfg.vision_config.hidden_size = vision_width;
     cfg.vision_config.intermediate_size = vision_width * 4;
@@ -136,67 +187,121 @@ pub fn read_openai_torchscript(path: &Path) -> Result<(ClipConfig, Vec<(String, 
 
     let mut out: Vec<(String, Tensor)> = Vec::new();
     let mut put = |k: String, t: Tensor| out.push((k, t));
-    let blocks = |src: &str, dst: &str, n: i64, put: &mut dyn FnMut(String, Tensor)| -> Result<()> {
-        for i in 0..n {
-            let s = format!("{src}.resblocks.{i}");
-            let d = format!("{dst}.encoder.layers.{i}");
-            let w = get(&sd, &format!("{s}.attn.in_proj_weight"))?.chunk(3, 0);
-            let b = get(&sd, &format!("{s}.attn.in_proj_bias"))?.chunk(3, 0);
-            for (j, name) in ["q_proj", "k_proj", "v_proj"].iter().enumerate() {
-                put(format!("{d}.self_attn.{name}.weight"), w[j].shallow_clone());
-                put(format!("{d}.self_attn.{name}.bias"), b[j].shallow_clone());
-            }
-            for (from, to) in [
-                ("attn.out_proj", "self_attn.out_proj"),
-                ("ln_1", "layer_norm1"),
-                ("mlp.c_fc", "mlp.fc1"),
-                ("mlp.c_proj", "mlp.fc2"),
-                ("ln_2", "layer_norm2"),
-            ] {
-                for p in ["weight", "bias"] {
-                    put(format!("{d}.{to}.{p}"), get(&sd, &format!("{s}.{from}.{p}"))?);
+    let blocks =
+        |src: &str, dst: &str, n: i64, put: &mut dyn FnMut(String, Tensor)| -> Result<()> {
+            for i in 0..n {
+                let s = format!("{src}.resblocks.{i}");
+                let d = format!("{dst}.encoder.layers.{i}");
+                let w = get(&sd, &format!("{s}.attn.in_proj_weight"))?.chunk(3, 0);
+                let b = get(&sd, &format!("{s}.attn.in_proj_bias"))?.chunk(3, 0);
+                for (j, name) in ["q_proj", "k_proj", "v_proj"].iter().enumerate() {
+                    put(format!("{d}.self_attn.{name}.weight"), w[j].shallow_clone());
+                    put(format!("{d}.self_attn.{name}.bias"), b[j].shallow_clone());
+                }
+                for (from, to) in [
+                    ("attn.out_proj", "self_attn.out_proj"),
+                    ("ln_1", "layer_norm1"),
+                    ("mlp.c_fc", "mlp.fc1"),
+                    ("mlp.c_proj", "mlp.fc2"),
+                    ("ln_2", "layer_norm2"),
+                ] {
+                    for p in ["weight", "bias"] {
+                        put(
+                            format!("{d}.{to}.{p}"),
+                            get(&sd, &format!("{s}.{from}.{p}"))?,
+                        );
+                    }
                 }
             }
-        }
-        Ok(())
-    };
-    blocks("visual.transformer", "vision_model", vision_layers, &mut put)?;
+            Ok(())
+        };
+    blocks(
+        "visual.transformer",
+        "vision_model",
+        vision_layers,
+        &mut put,
+    )?;
     blocks("transformer", "text_model", text_layers, &mut put)?;
-    put("vision_model.embeddings.class_embedding".into(), get(&sd, "visual.class_embedding")?);
-    put("vision_model.embeddings.patch_embedding.weight".into(), conv);
-    put("vision_model.embeddings.position_embedding.weight".into(), get(&sd, "visual.positional_embedding")?);
-    for (from, to) in [("visual.ln_pre", "vision_model.pre_layrnorm"), ("visual.ln_post", "vision_model.post_layernorm"), ("ln_final", "text_model.final_layer_norm")] {
+    put(
+        "vision_model.embeddings.class_embedding".into(),
+        get(&sd, "visual.class_embedding")?,
+    );
+    put(
+        "vision_model.embeddings.patch_embedding.weight".into(),
+        conv,
+    );
+    put(
+        "vision_model.embeddings.position_embedding.weight".into(),
+        get(&sd, "visual.positional_embedding")?,
+    );
+    for (from, to) in [
+        ("visual.ln_pre", "vision_model.pre_layrnorm"),
+        ("visual.ln_post", "vision_model.post_layernorm"),
+        ("ln_final", "text_model.final_layer_norm"),
+    ] {
         for p in ["weight", "bias"] {
             put(format!("{to}.{p}"), get(&sd, &format!("{from}.{p}"))?);
         }
     }
-    put("visual_projection.weight".into(), get(&sd, "visual.proj")?.tr().contiguous());
-    put("text_projection.weight".into(), get(&sd, "text_projection")?.tr().contiguous());
-    put("text_model.embeddings.token_embedding.weight".into(), get(&sd, "token_embedding.weight")?);
-    put("text_model.embeddings.position_embedding.weight".into(), get(&sd, "positional_embedding")?);
+    put(
+        "visual_projection.weight".into(),
+        get(&sd, "visual.proj")?.tr().contiguous(),
+    );
+    put(
+        "text_projection.weight".into(),
+        get(&sd, "text_projection")?.tr().contiguous(),
+    );
+    put(
+        "text_model.embeddings.token_embedding.weight".into(),
+        get(&sd, "token_embedding.weight")?,
+    );
+    put(
+        "text_model.embeddings.position_embedding.weight".into(),
+        get(&sd, "positional_embedding")?,
+    );
     put("logit_scale".into(), get(&sd, "logit_scale")?);
     Ok((cfg, out))
 }
 
 /// Writes a checkpoint folder (`config.json`, `model.safetensors`, and any `extra` files) atomically:
 /// a staging folder is filled, synced and renamed over the target.
-pub fn save_checkpoint(dir: &Path, config: &ClipConfig, vs: &nn::VarStore, extra: &[(&str, Vec<u8>)]) -> Result<()> {
-    let parent = dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+pub fn save_checkpoint(
+    dir: &Path,
+    config: &ClipConfig,
+    vs: &nn::VarStore,
+    extra: &[(&str, Vec<u8>)],
+) -> Result<()> {
+    let parent = dir
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
     std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
-    let name = dir.file_name().ok_or_else(|| Error::Config(format!("{}: not a folder path", dir.display())))?;
-    let staging = parent.join(format!(".{}.partial-{}", name.to_string_lossy(), std::process::id()));
+    let name = dir
+        .file_name()
+        .ok_or_else(|| Error::Config(format!("{}: not a folder path", dir.display())))?;
+    let staging = parent.join(format!(
+        ".{}.partial-{}",
+        name.to_string_lossy(),
+        std::process::id()
+    ));
     let _ = std::fs::remove_dir_all(&staging);
     std::fs::create_dir_all(&staging).map_err(|e| Error::io(&staging, e))?;
     let result = (|| -> Result<()> {
         let json = serde_json::to_vec_pretty(config).expect("config serialises");
         runtime::fsutil::write_atomic(&staging.join(CONFIG), &json)?;
         vs.save(staging.join(WEIGHTS)).map_err(Error::Torch)?;
-        let f = std::fs::File::open(staging.join(WEIGHTS)).map_err(|e| Error::io(staging.join(WEIGHTS), e))?;
-        f.sync_all().map_err(|e| Error::io(staging.join(WEIGHTS), e))?;
+        let f = std::fs::File::open(staging.join(WEIGHTS))
+            .map_err(|e| Error::io(staging.join(WEIGHTS), e))?;
+        f.sync_all()
+            .map_err(|e| Error::io(staging.join(WEIGHTS), e))?;
         for (file, bytes) in extra {
             runtime::fsutil::write_atomic(&staging.join(file), bytes)?;
         }
-        let old = parent.join(format!(".{}.old-{}", name.to_string_lossy(), std::process::id()));
+        let old = parent.join(format!(
+            ".{}.old-{}",
+            name.to_string_lossy(),
+            std::process::id()
+        ));
         if dir.exists() {
             std::fs::rename(dir, &old).map_err(|e| Error::io(dir, e))?;
         }
@@ -221,11 +326,18 @@ pub struct Loaded {
 /// naming the tensors.
 pub fn load(dir: &Path, device: Device) -> Result<Loaded> {
     if !dir.is_dir() {
-        return Err(Error::Checkpoint { path: dir.to_path_buf(), reason: "not a checkpoint folder (config.json + model.safetensors)".into() });
+        return Err(Error::Checkpoint {
+            path: dir.to_path_buf(),
+            reason: "not a checkpoint folder (config.json + model.safetensors)".into(),
+        });
     }
     let config = read_config(&dir.join(CONFIG))?;
     let vs = nn::VarStore::new(device);
     let model = crate::model::Clip::new(&vs.root(), &config);
     assign(&vs, read_safetensors(dir)?, &dir.join(WEIGHTS))?;
-    Ok(Loaded { vs, model, source: dir.to_path_buf() })
+    Ok(Loaded {
+        vs,
+        model,
+        source: dir.to_path_buf(),
+    })
 }

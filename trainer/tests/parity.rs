@@ -24,7 +24,11 @@ fn pixels(names: &[String]) -> Tensor {
     let rows: Vec<Tensor> = names
         .iter()
         .map(|n| {
-            let stem = Path::new(n).file_stem().unwrap().to_string_lossy().to_string();
+            let stem = Path::new(n)
+                .file_stem()
+                .unwrap()
+                .to_string_lossy()
+                .to_string();
             npy_tensor(&fixtures().join("preprocess").join(format!("{stem}.npy")))
         })
         .collect();
@@ -38,11 +42,24 @@ fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
 #[test]
 fn hf_tiny_model_matches_transformers() {
     let m = weights::load(&fixtures().join("tiny/hf"), Device::Cpu).unwrap();
-    let reference: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(fixtures().join("tiny/reference.json")).unwrap()).unwrap();
-    let names: Vec<String> = reference["images"].as_array().unwrap().iter().map(|v| v.as_str().unwrap().to_string()).collect();
-    let prompts: Vec<String> = reference["prompts"].as_array().unwrap().iter().map(|v| v.as_str().unwrap().to_string()).collect();
-    let tok = ClipTokenizer::from_file(&fixtures().join("tokenizer/tokenizer.json")).unwrap();
+    let reference: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(fixtures().join("tiny/reference.json")).unwrap(),
+    )
+    .unwrap();
+    let names: Vec<String> = reference["images"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap().to_string())
+        .collect();
+    let prompts: Vec<String> = reference["prompts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap().to_string())
+        .collect();
+    let tok =
+        ClipTokenizer::from_file(&fixtures().join("../models/tokenizer/tokenizer.json")).unwrap();
     let batch = tok.encode_batch(&prompts, Padding::Context).unwrap();
     let ids = Tensor::from_slice(&batch.ids).view([batch.batch as i64, batch.len as i64]);
     let (img, txt, logits) = tch::no_grad(|| {
@@ -53,8 +70,13 @@ fn hf_tiny_model_matches_transformers() {
     });
     let d_img = max_diff(&img, &npy_tensor(&fixtures().join("tiny/image_embeds.npy")));
     let d_txt = max_diff(&txt, &npy_tensor(&fixtures().join("tiny/text_embeds.npy")));
-    let d_log = max_diff(&logits, &npy_tensor(&fixtures().join("tiny/logits_per_image.npy")));
-    eprintln!("tch vs HF transformers (tiny): image {d_img:.2e}, text {d_txt:.2e}, logits {d_log:.2e}");
+    let d_log = max_diff(
+        &logits,
+        &npy_tensor(&fixtures().join("tiny/logits_per_image.npy")),
+    );
+    eprintln!(
+        "tch vs HF transformers (tiny): image {d_img:.2e}, text {d_txt:.2e}, logits {d_log:.2e}"
+    );
     assert!(d_img <= 1e-4 && d_txt <= 1e-4 && d_log <= 1e-4);
     // Shorter padding gives the same text embeddings (causal attention, end-token pooling).
     let short = tok.encode_batch(&prompts, Padding::Longest).unwrap();
@@ -65,21 +87,45 @@ fn hf_tiny_model_matches_transformers() {
 
 #[test]
 fn openai_torchscript_import_matches_openai_code() {
-    let (config, tensors) = weights::read_openai_torchscript(&fixtures().join("openai/openai_tiny.pt")).unwrap();
+    let (config, tensors) =
+        weights::read_openai_torchscript(&fixtures().join("openai/openai_tiny.pt")).unwrap();
     assert_eq!(config.vision_config.hidden_size, 64);
     assert_eq!(config.text_config.vocab_size, 1000);
     assert_eq!(config.projection_dim, 16);
     let vs = nn::VarStore::new(Device::Cpu);
     let model = Clip::new(&vs.root(), &config);
     weights::assign(&vs, tensors, Path::new("openai_tiny.pt")).unwrap();
-    let reference: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(fixtures().join("openai/openai_reference.json")).unwrap()).unwrap();
-    let names: Vec<String> = reference["images"].as_array().unwrap().iter().map(|v| v.as_str().unwrap().to_string()).collect();
-    let ids: Vec<i64> = reference["ids"].as_array().unwrap().iter().flat_map(|r| r.as_array().unwrap().iter().map(|v| v.as_i64().unwrap())).collect();
+    let reference: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(fixtures().join("openai/openai_reference.json")).unwrap(),
+    )
+    .unwrap();
+    let names: Vec<String> = reference["images"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap().to_string())
+        .collect();
+    let ids: Vec<i64> = reference["ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|r| r.as_array().unwrap().iter().map(|v| v.as_i64().unwrap()))
+        .collect();
     let ids = Tensor::from_slice(&ids).view([3, 77]);
-    let (img, txt) = tch::no_grad(|| (model.image_features(&pixels(&names)), model.text_features(&ids)));
-    let d_img = max_diff(&img, &npy_tensor(&fixtures().join("openai/openai_image_embeds.npy")));
-    let d_txt = max_diff(&txt, &npy_tensor(&fixtures().join("openai/openai_text_embeds.npy")));
+    let (img, txt) = tch::no_grad(|| {
+        (
+            model.image_features(&pixels(&names)),
+            model.text_features(&ids),
+        )
+    });
+    let d_img = max_diff(
+        &img,
+        &npy_tensor(&fixtures().join("openai/openai_image_embeds.npy")),
+    );
+    let d_txt = max_diff(
+        &txt,
+        &npy_tensor(&fixtures().join("openai/openai_text_embeds.npy")),
+    );
     eprintln!("tch vs OpenAI clip (TorchScript import): image {d_img:.2e}, text {d_txt:.2e}");
     assert!(d_img <= 1e-4 && d_txt <= 1e-4);
 }
@@ -88,18 +134,43 @@ fn openai_torchscript_import_matches_openai_code() {
 fn wrong_architecture_lists_the_tensors() {
     // The HF tiny weights into a ViT-B/32-shaped model.
     let vs = nn::VarStore::new(Device::Cpu);
-    let _ = Clip::new(&vs.root(), &trainer::model::ClipConfig::preset("vit-b-32").unwrap());
-    let err = weights::assign(&vs, weights::read_safetensors(&fixtures().join("tiny/hf")).unwrap(), Path::new("x"))
-        .unwrap_err()
-        .to_string();
-    assert!(err.contains("missing 320 tensor(s): text_model.encoder.layers.10"), "{err}");
+    let _ = Clip::new(
+        &vs.root(),
+        &trainer::model::ClipConfig::preset("vit-b-32").unwrap(),
+    );
+    let err = weights::assign(
+        &vs,
+        weights::read_safetensors(&fixtures().join("tiny/hf")).unwrap(),
+        Path::new("x"),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("missing 320 tensor(s): text_model.encoder.layers.10"),
+        "{err}"
+    );
     assert!(err.contains("mis-shaped: text_model.embeddings.position_embedding.weight is [77, 16], model wants [77, 512]"), "{err}");
-    assert!(err.len() < 2000, "the message stays readable: {} chars", err.len());
+    assert!(
+        err.len() < 2000,
+        "the message stays readable: {} chars",
+        err.len()
+    );
     // Extra tensors are named too.
     let vs = nn::VarStore::new(Device::Cpu);
-    let _ = Clip::new(&vs.root(), &trainer::model::ClipConfig::preset("tiny").unwrap());
+    let _ = Clip::new(
+        &vs.root(),
+        &trainer::model::ClipConfig::preset("tiny").unwrap(),
+    );
     let mut t = weights::read_safetensors(&fixtures().join("tiny/hf")).unwrap();
-    t.push(("something.else".into(), Tensor::zeros([2], (Kind::Float, Device::Cpu))));
-    let err = weights::assign(&vs, t, Path::new("x")).unwrap_err().to_string();
-    assert!(err.contains("unexpected 1 tensor(s): something.else"), "{err}");
+    t.push((
+        "something.else".into(),
+        Tensor::zeros([2], (Kind::Float, Device::Cpu)),
+    ));
+    let err = weights::assign(&vs, t, Path::new("x"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("unexpected 1 tensor(s): something.else"),
+        "{err}"
+    );
 }

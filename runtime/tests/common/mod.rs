@@ -87,7 +87,7 @@ pub fn tiny_bundle() -> &'static Path {
             description: "tiny random HF CLIPModel exported by torch.onnx".into(),
             image_encoder: f.join("tiny/image_encoder.onnx"),
             text_encoder: Some(f.join("tiny/text_encoder.onnx")),
-            tokenizer: Some(f.join("tokenizer/tokenizer.json")),
+            tokenizer: Some(root().join("models/tokenizer/tokenizer.json")),
             labels: labels::unifesp(),
             templates: vec![labels::REFERENCE_TEMPLATES[0].to_string()],
             label_embeddings: None,

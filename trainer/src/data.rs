@@ -1,0 +1,132 @@
+//! Training data in memory: each image decoded once and kept as the 8-bit centre crop the model sees
+//! (224x224, about 50-150 KB), normalised per batch. Decoding and preprocessing are the runtime's.
+
+use std::path::PathBuf;
+
+use runtime::datasets::Sample;
+use runtime::decode::Image;
+use runtime::preprocess::{normalize_into, resize_crop, PreprocessConfig};
+use tch::{Device, Tensor};
+
+use crate::error::{Error, Result};
+
+/// What to do with an image that cannot be read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BadImages {
+    /// Leave it out, count it and list it.
+    Skip,
+    /// Stop with an error naming it.
+    Fail,
+}
+
+impl std::str::FromStr for BadImages {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "skip" => Ok(BadImages::Skip),
+            "fail" => Ok(BadImages::Fail),
+            other => Err(format!("unknown policy {other:?} (skip or fail)")),
+        }
+    }
+}
+
+pub struct ImageSet {
+    pub crops: Vec<Image>,
+    /// Training label (first label) of each image.
+    pub labels: Vec<usize>,
+    /// All labels of each image (multi-label rows).
+    pub all_labels: Vec<Vec<usize>>,
+    pub skipped: Vec<(PathBuf, String)>,
+}
+
+impl ImageSet {
+    pub fn len(&self) -> usize {
+        self.crops.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.crops.is_empty()
+    }
+
+    /// Decodes every sample on `threads` threads, with a progress bar.
+    pub fn load(
+        samples: &[Sample],
+        cfg: &PreprocessConfig,
+        bad: BadImages,
+        threads: usize,
+        what: &str,
+    ) -> Result<ImageSet> {
+        let bar = crate::progress::bar(samples.len() as u64, &format!("loading {what}"));
+        let threads = threads.max(1);
+        let chunk = samples.len().div_ceil(threads).max(1);
+        let results: Vec<Vec<(usize, std::result::Result<Image, String>)>> =
+            std::thread::scope(|s| {
+                let handles: Vec<_> = samples
+                    .chunks(chunk)
+                    .enumerate()
+                    .map(|(c, part)| {
+                        let bar = bar.clone();
+                        s.spawn(move || {
+                            part.iter()
+                                .enumerate()
+                                .map(|(i, sample)| {
+                                    let r = runtime::decode::decode_file(&sample.path)
+                                        .map(|img| resize_crop(&img, cfg))
+                                        .map_err(|e| e.to_string());
+                                    bar.inc(1);
+                                    (c * chunk + i, r)
+                                })
+                                .collect()
+                        })
+                    })
+                    .collect();
+                handles
+                    .into_iter()
+                    .map(|h| h.join().expect("decoder thread"))
+                    .collect()
+            });
+        bar.finish_and_clear();
+        let mut set = ImageSet {
+            crops: Vec::new(),
+            labels: Vec::new(),
+            all_labels: Vec::new(),
+            skipped: Vec::new(),
+        };
+        for (i, r) in results.into_iter().flatten() {
+            match r {
+                Ok(img) => {
+                    set.crops.push(img);
+                    set.labels.push(samples[i].primary());
+                    set.all_labels.push(samples[i].labels.clone());
+                }
+                Err(e) => match bad {
+                    BadImages::Fail => {
+                        return Err(Error::Data(format!(
+                            "{e} (use --bad-images skip to leave such files out)"
+                        )))
+                    }
+                    BadImages::Skip => set.skipped.push((samples[i].path.clone(), e)),
+                },
+            }
+        }
+        if set.is_empty() {
+            return Err(Error::Data(format!(
+                "the {what} split has no readable images"
+            )));
+        }
+        Ok(set)
+    }
+
+    /// `[n, 3, S, S]` normalised pixels of the given images.
+    pub fn pixels(&self, idx: &[usize], cfg: &PreprocessConfig, device: Device) -> Tensor {
+        let len = cfg.tensor_len();
+        let mut buf = vec![0f32; idx.len() * len];
+        for (slot, &i) in buf.chunks_exact_mut(len).zip(idx) {
+            normalize_into(&self.crops[i], cfg, slot);
+        }
+        let s = cfg.image_size as i64;
+        Tensor::from_slice(&buf)
+            .view([idx.len() as i64, 3, s, s])
+            .to_device(device)
+    }
+}

@@ -1,0 +1,95 @@
+//! Training curves as PNG: loss per epoch and test top-1 per epoch, one line per learning rate
+//! (like the reference experiment's figures).
+
+use std::path::Path;
+
+use plotters::prelude::*;
+
+use crate::error::{Error, Result};
+use crate::train::EpochMetrics;
+
+const FONT_PATHS: [&str; 2] = [
+    "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
+    "/usr/share/fonts/dejavu/DejaVuSans.ttf",
+];
+
+/// Registers a system font for the labels; false when none is installed (then no PNG is drawn).
+fn ensure_font() -> bool {
+    static FONT: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *FONT.get_or_init(|| {
+        for p in FONT_PATHS {
+            if let Ok(bytes) = std::fs::read(p) {
+                let bytes: &'static [u8] = Box::leak(bytes.into_boxed_slice());
+                if plotters::style::register_font("sans-serif", FontStyle::Normal, bytes).is_ok() {
+                    return true;
+                }
+            }
+        }
+        false
+    })
+}
+
+/// Draws `runs` (label, metrics per epoch) into a two-panel PNG. Returns false when no font is found.
+pub fn curves(path: &Path, runs: &[(String, Vec<EpochMetrics>)]) -> Result<bool> {
+    if !ensure_font() {
+        return Ok(false);
+    }
+    let err = |e: String| Error::Data(format!("{}: drawing failed: {e}", path.display()));
+    let root = BitMapBackend::new(path, (1200, 480)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| err(e.to_string()))?;
+    let (left, right) = root.split_horizontally(600);
+    let epochs = runs
+        .iter()
+        .flat_map(|(_, m)| m.iter().map(|e| e.epoch))
+        .max()
+        .unwrap_or(1)
+        .max(2);
+    let max_loss = runs
+        .iter()
+        .flat_map(|(_, m)| m.iter().map(|e| e.train_loss))
+        .filter(|v| v.is_finite())
+        .fold(0.0f64, f64::max)
+        .max(1e-3);
+    let palette = [BLUE, RED, GREEN, MAGENTA, CYAN, BLACK];
+    for (panel, title, y_max, pick) in [
+        (&left, "training loss", max_loss * 1.05, 0usize),
+        (&right, "test top-1 accuracy", 1.0, 1usize),
+    ] {
+        let mut chart = ChartBuilder::on(panel)
+            .caption(title, ("sans-serif", 22))
+            .margin(12)
+            .x_label_area_size(36)
+            .y_label_area_size(52)
+            .build_cartesian_2d(1usize..epochs, 0f64..y_max)
+            .map_err(|e| err(e.to_string()))?;
+        chart
+            .configure_mesh()
+            .x_desc("epoch")
+            .label_style(("sans-serif", 14))
+            .draw()
+            .map_err(|e| err(e.to_string()))?;
+        for (i, (label, m)) in runs.iter().enumerate() {
+            let color = palette[i % palette.len()];
+            let points: Vec<(usize, f64)> = m
+                .iter()
+                .map(|e| (e.epoch, if pick == 0 { e.train_loss } else { e.test_top1 }))
+                .collect();
+            chart
+                .draw_series(LineSeries::new(points, color.stroke_width(2)))
+                .map_err(|e| err(e.to_string()))?
+                .label(label.clone())
+                .legend(move |(x, y)| {
+                    PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(2))
+                });
+        }
+        chart
+            .configure_series_labels()
+            .background_style(WHITE.mix(0.8))
+            .border_style(BLACK)
+            .label_font(("sans-serif", 14))
+            .draw()
+            .map_err(|e| err(e.to_string()))?;
+    }
+    root.present().map_err(|e| err(e.to_string()))?;
+    Ok(true)
+}

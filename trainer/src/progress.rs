@@ -1,0 +1,13 @@
+//! Progress bars (hidden when stderr is not a terminal, e.g. in tests and CI logs).
+
+use indicatif::{ProgressBar, ProgressStyle};
+
+pub fn bar(len: u64, message: &str) -> ProgressBar {
+    let bar = ProgressBar::new(len);
+    bar.set_style(
+        ProgressStyle::with_template("{msg:<24} {bar:32} {pos}/{len} {per_sec} eta {eta}")
+            .expect("valid template"),
+    );
+    bar.set_message(message.to_string());
+    bar
+}

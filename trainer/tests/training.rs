@@ -1,0 +1,415 @@
+//! The training loop on generated images (runs on every machine): it learns, checkpoints are
+//! complete, a resumed run equals an uninterrupted one, and bad input is a clear error.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn trainer(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_trainer"))
+        .args(args)
+        .output()
+        .expect("run trainer")
+}
+
+fn tmp(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("xray-clip-train-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// Writes a PNG (8-bit gray) without any image library: stored (uncompressed) deflate blocks.
+fn write_png(path: &Path, w: u32, h: u32, pixel: impl Fn(u32, u32) -> u8) {
+    fn crc32(bytes: &[u8]) -> u32 {
+        let mut crc = !0u32;
+        for &b in bytes {
+            crc ^= b as u32;
+            for _ in 0..8 {
+                crc = if crc & 1 != 0 {
+                    (crc >> 1) ^ 0xEDB8_8320
+                } else {
+                    crc >> 1
+                };
+            }
+        }
+        !crc
+    }
+    fn adler(bytes: &[u8]) -> u32 {
+        let (mut a, mut b) = (1u32, 0u32);
+        for &x in bytes {
+            a = (a + x as u32) % 65521;
+            b = (b + a) % 65521;
+        }
+        (b << 16) | a
+    }
+    let mut raw = Vec::new();
+    for y in 0..h {
+        raw.push(0);
+        for x in 0..w {
+            raw.push(pixel(x, y));
+        }
+    }
+    let mut z = vec![0x78, 0x01];
+    for (i, chunk) in raw.chunks(65535).enumerate() {
+        let last = (i + 1) * 65535 >= raw.len();
+        z.push(last as u8);
+        z.extend_from_slice(&(chunk.len() as u16).to_le_bytes());
+        z.extend_from_slice(&(!(chunk.len() as u16)).to_le_bytes());
+        z.extend_from_slice(chunk);
+    }
+    z.extend_from_slice(&adler(&raw).to_be_bytes());
+    let mut png = b"\x89PNG\r\n\x1a\n".to_vec();
+    let mut chunk = |kind: &[u8], data: &[u8]| {
+        png.extend_from_slice(&(data.len() as u32).to_be_bytes());
+        let mut body = kind.to_vec();
+        body.extend_from_slice(data);
+        png.extend_from_slice(&body);
+        png.extend_from_slice(&crc32(&body).to_be_bytes());
+    };
+    let mut ihdr = w.to_be_bytes().to_vec();
+    ihdr.extend_from_slice(&h.to_be_bytes());
+    ihdr.extend_from_slice(&[8, 0, 0, 0, 0]);
+    chunk(b"IHDR", &ihdr);
+    chunk(b"IDAT", &z);
+    chunk(b"IEND", &[]);
+    std::fs::write(path, png).unwrap();
+}
+
+/// Three easy classes: horizontal stripes, vertical stripes, a bright disc; with seeded noise.
+fn make_folder(root: &Path, per_class: usize, seed: u32) {
+    for (c, class) in ["stripes horizontal", "stripes vertical", "disc"]
+        .iter()
+        .enumerate()
+    {
+        let dir = root.join(class.replace(' ', "_"));
+        std::fs::create_dir_all(&dir).unwrap();
+        for i in 0..per_class {
+            let k = (i as u32 + 1) * 7919 + seed * 104729;
+            write_png(&dir.join(format!("{i:03}.png")), 64, 64, |x, y| {
+                let noise = ((x * 31 + y * 17 + k) % 23) as u8;
+                let v = match c {
+                    0 => {
+                        if (y / 8) % 2 == 0 {
+                            200
+                        } else {
+                            40
+                        }
+                    }
+                    1 => {
+                        if (x / 8) % 2 == 0 {
+                            200
+                        } else {
+                            40
+                        }
+                    }
+                    _ => {
+                        if (x as i32 - 32).pow(2) + (y as i32 - 32).pow(2) < 400 {
+                            220
+                        } else {
+                            30
+                        }
+                    }
+                };
+                v + noise
+            });
+        }
+    }
+}
+
+fn init_tiny(dir: &Path) -> PathBuf {
+    let ck = dir.join("init");
+    let out = trainer(&["init", "--config", "tiny", "--seed", "3", "--out", s(&ck)]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    ck
+}
+
+fn finetune(
+    data: &Path,
+    test: &Path,
+    init: &Path,
+    out: &Path,
+    epochs: &str,
+    extra: &[&str],
+) -> Output {
+    let mut args = vec![
+        "finetune",
+        "--data",
+        s(data),
+        "--test-data",
+        s(test),
+        "--init",
+        s(init),
+        "--out",
+        s(out),
+        "--epochs",
+        epochs,
+        "--lr",
+        "5e-4",
+        "--batch-size",
+        "8",
+        "--device",
+        "cpu",
+        "--threads",
+        "1",
+        "--seed",
+        "7",
+    ];
+    args.extend_from_slice(extra);
+    trainer(&args)
+}
+
+fn tensors(dir: &Path) -> Vec<(String, tch::Tensor)> {
+    let mut t = tch::Tensor::read_safetensors(dir.join("model.safetensors")).unwrap();
+    t.sort_by(|a, b| a.0.cmp(&b.0));
+    t
+}
+
+#[test]
+fn learns_checkpoints_and_resumes_exactly() {
+    let dir = tmp("loop");
+    let (data, test) = (dir.join("train"), dir.join("test"));
+    make_folder(&data, 16, 1);
+    make_folder(&test, 6, 2);
+    let init = init_tiny(&dir);
+
+    let full = dir.join("full");
+    let out = finetune(&data, &test, &init, &full, "4", &[]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let metrics: Vec<serde_json::Value> =
+        serde_json::from_slice(&std::fs::read(full.join("metrics.json")).unwrap()).unwrap();
+    assert_eq!(metrics.len(), 4);
+    let first = metrics[0]["train_loss"].as_f64().unwrap();
+    let last = metrics[3]["train_loss"].as_f64().unwrap();
+    assert!(last < first, "loss did not fall: {first} -> {last}");
+    let best: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(full.join("best.json")).unwrap()).unwrap();
+    assert!(
+        best["test_top1"].as_f64().unwrap() > 0.5,
+        "chance is 1/3: {best}"
+    );
+    assert!(full.join("curves.png").exists() && full.join("metrics.csv").exists());
+    // Kept: the best and the newest two; every kept checkpoint is complete; no staging leftovers.
+    let kept: Vec<String> = std::fs::read_dir(full.join("checkpoints"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+        .collect();
+    assert!(kept.iter().all(|k| k.starts_with("epoch-")), "{kept:?}");
+    assert!(kept.contains(&"epoch-004".to_string()) && kept.contains(&"epoch-003".to_string()));
+    for k in &kept {
+        for f in [
+            "config.json",
+            "model.safetensors",
+            "optimizer.safetensors",
+            "state.json",
+        ] {
+            assert!(full.join("checkpoints").join(k).join(f).exists(), "{k}/{f}");
+        }
+    }
+
+    // Interrupted after 2 epochs, then resumed to 4: the same weights as the uninterrupted run.
+    let part = dir.join("part");
+    assert!(finetune(&data, &test, &init, &part, "2", &[])
+        .status
+        .success());
+    let out = finetune(&data, &test, &init, &part, "4", &["--resume"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (a, b) = (
+        tensors(&full.join("checkpoints/epoch-004")),
+        tensors(&part.join("checkpoints/epoch-004")),
+    );
+    assert_eq!(a.len(), b.len());
+    for ((na, ta), (nb, tb)) in a.iter().zip(&b) {
+        assert_eq!(na, nb);
+        let diff = (ta - tb).abs().max().double_value(&[]);
+        assert_eq!(diff, 0.0, "{na} differs by {diff} after resume");
+    }
+    let m2: Vec<serde_json::Value> =
+        serde_json::from_slice(&std::fs::read(part.join("metrics.json")).unwrap()).unwrap();
+    for (x, y) in metrics.iter().zip(&m2) {
+        assert_eq!(x["train_loss"], y["train_loss"]);
+        assert_eq!(x["test_top1"], y["test_top1"]);
+    }
+}
+
+#[test]
+fn class_aware_loss_and_frozen_encoders_train() {
+    let dir = tmp("variants");
+    let (data, test) = (dir.join("train"), dir.join("test"));
+    make_folder(&data, 8, 3);
+    make_folder(&test, 3, 4);
+    let init = init_tiny(&dir);
+    let out = finetune(
+        &data,
+        &test,
+        &init,
+        &dir.join("ca"),
+        "2",
+        &["--loss", "class-aware", "--freeze-text"],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The text tower is unchanged, the vision tower moved.
+    let before = tensors(&init);
+    let after = tensors(&dir.join("ca/checkpoints/epoch-002"));
+    for ((name, a), (_, b)) in before.iter().zip(&after) {
+        let same = (a - b).abs().max().double_value(&[]) == 0.0;
+        if name.starts_with("text_model.") || name.starts_with("text_projection") {
+            assert!(same, "{name} changed although frozen");
+        }
+        if name == "visual_projection.weight" {
+            assert!(!same, "{name} did not change");
+        }
+    }
+    // A sweep writes one folder per rate and a combined table.
+    let out = trainer(&[
+        "finetune",
+        "--data",
+        s(&data),
+        "--test-data",
+        s(&test),
+        "--init",
+        s(&init),
+        "--out",
+        s(&dir.join("sweep")),
+        "--epochs",
+        "1",
+        "--lr",
+        "1e-4,2e-4",
+        "--batch-size",
+        "8",
+        "--device",
+        "cpu",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let csv = std::fs::read_to_string(dir.join("sweep/metrics.csv")).unwrap();
+    assert_eq!(csv.lines().count(), 3, "{csv}");
+    assert!(
+        dir.join("sweep/lr-1e-4/metrics.csv").exists()
+            && dir.join("sweep/lr-2e-4/metrics.csv").exists()
+    );
+}
+
+fn one_error_line(out: &Output, needle: &str) {
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "expected failure: {err}");
+    assert!(!err.contains("panicked"), "{err}");
+    let last = err
+        .lines()
+        .filter(|l| l.starts_with("error:"))
+        .collect::<Vec<_>>();
+    assert_eq!(last.len(), 1, "{err}");
+    assert!(last[0].contains(needle), "{:?} lacks {needle:?}", last[0]);
+}
+
+#[test]
+fn bad_input_is_a_clear_error() {
+    let dir = tmp("bad");
+    let (data, test) = (dir.join("train"), dir.join("test"));
+    make_folder(&data, 4, 5);
+    make_folder(&test, 2, 6);
+    let init = init_tiny(&dir);
+
+    // A checkpoint whose weights are of another architecture.
+    let wrong = dir.join("wrong");
+    std::fs::create_dir_all(&wrong).unwrap();
+    std::fs::copy(
+        init.join("model.safetensors"),
+        wrong.join("model.safetensors"),
+    )
+    .unwrap();
+    let cfg = serde_json::to_vec(&trainer::model::ClipConfig::preset("small").unwrap()).unwrap();
+    std::fs::write(wrong.join("config.json"), cfg).unwrap();
+    one_error_line(
+        &finetune(&data, &test, &wrong, &dir.join("r1"), "1", &[]),
+        "weights do not fit the model: missing",
+    );
+
+    // Unreadable images: skipped and counted, or refused.
+    std::fs::write(data.join("disc/broken.png"), b"not a png").unwrap();
+    let out = finetune(
+        &data,
+        &test,
+        &init,
+        &dir.join("r2"),
+        "1",
+        &["--bad-images", "skip"],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("skipped 1 unreadable train image(s)"));
+    one_error_line(
+        &finetune(
+            &data,
+            &test,
+            &init,
+            &dir.join("r3"),
+            "1",
+            &["--bad-images", "fail"],
+        ),
+        "broken.png",
+    );
+    std::fs::remove_file(data.join("disc/broken.png")).unwrap();
+
+    // An empty split.
+    let empty = dir.join("empty");
+    std::fs::create_dir_all(empty.join("a")).unwrap();
+    one_error_line(
+        &finetune(&data, &empty, &init, &dir.join("r4"), "1", &[]),
+        "has no images",
+    );
+
+    // A diverging run stops naming the epoch and step, and leaves no checkpoint behind.
+    let r5 = dir.join("r5");
+    let out = finetune(&data, &test, &init, &r5, "3", &["--lr", "1e12"]);
+    one_error_line(&out, "training diverged: the loss is");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("at epoch"),
+        "names the epoch"
+    );
+    let leftovers: Vec<_> = std::fs::read_dir(&r5)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert!(
+        leftovers
+            .iter()
+            .all(|n| !n.to_string_lossy().contains("partial")),
+        "{leftovers:?}"
+    );
+
+    // Missing init folder, unknown preset.
+    one_error_line(
+        &finetune(&data, &test, &dir.join("nope"), &dir.join("r6"), "1", &[]),
+        "not a checkpoint folder",
+    );
+    one_error_line(
+        &trainer(&["init", "--config", "vit-xxl", "--out", s(&dir.join("x"))]),
+        "unknown configuration",
+    );
+}
