@@ -196,6 +196,14 @@ pub fn evaluate(
     Ok((hits as f64 / set.len() as f64, predictions))
 }
 
+/// CLIP's symmetric cross-entropy over a batch of (image, text) pairs.
+pub fn contrastive_loss(model: &Clip, image_features: &Tensor, text_ids: &Tensor) -> Tensor {
+    let txt = model.text_features(text_ids);
+    let logits = model.logits(image_features, &txt).to_kind(Kind::Float);
+    let targets = Tensor::arange(logits.size()[0], (Kind::Int64, logits.device()));
+    (logits.cross_entropy_for_logits(&targets) + logits.tr().cross_entropy_for_logits(&targets)) / 2.0
+}
+
 fn set_trainable(vs: &nn::VarStore, opts: &TrainOptions) -> Vec<(String, Tensor)> {
     let mut vars: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
     vars.sort_by(|a, b| a.0.cmp(&b.0));
