@@ -11,21 +11,23 @@ set -uo pipefail
 BIN="${BIN:-.devicebin}"
 DATA="${DATA:-.devicedata}"
 OUT="${OUT:-gpu-out}"
+WORK="$(mktemp -d)"
 mkdir -p "$OUT"
 TORCH_LIB="$(python3 -c 'import torch, os; print(os.path.join(os.path.dirname(torch.__file__), "lib"))')"
 export LD_LIBRARY_PATH="$TORCH_LIB${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/summary.txt"
 
 # Peak GPU memory of a command: nvidia-smi polled every 100 ms (includes the CUDA context).
 peak() {
   local name="$1"; shift
-  : > "$OUT/$name.mem"
-  ( while true; do nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits >> "$OUT/$name.mem"; sleep 0.1; done ) &
+  : > "$WORK/$name.mem"
+  ( while true; do nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits >> "$WORK/$name.mem"; sleep 0.1; done ) &
   local poll=$!
-  "$@" > "$OUT/$name.json" 2> "$OUT/$name.err"
+  "$@" > "$WORK/$name.json" 2> "$WORK/$name.err"
   local rc=$?
   kill $poll 2>/dev/null; wait $poll 2>/dev/null
-  echo "$name rc=$rc peak_gpu_mb=$(sort -n "$OUT/$name.mem" | tail -1) $(cat "$OUT/$name.json")"
+  echo "$name rc=$rc peak_gpu_mb=$(sort -n "$WORK/$name.mem" | tail -1) $(cat "$WORK/$name.json")" | tee -a "$OUT/summary.txt"
+  [ $rc = 0 ] || tail -5 "$WORK/$name.err"
 }
 
 peak rust_amp "$BIN/train_step" --config vit-b-32 --device cuda --amp --steps 20 --warmup 5 --threads 8
@@ -33,7 +35,7 @@ peak rust_fp32 "$BIN/train_step" --config vit-b-32 --device cuda --steps 20 --wa
 peak torch_amp python3 scripts/bench_train_step.py --config vit-b-32 --device cuda --amp --steps 20 --warmup 5 --threads 8
 peak torch_fp32 python3 scripts/bench_train_step.py --config vit-b-32 --device cuda --steps 20 --warmup 5 --threads 8
 
-"$BIN/trainer" init --config vit-b-32 --tokenizer models/tokenizer/tokenizer.json --out /tmp/xray-clip-init 2>&1 | tee "$OUT/init.log"
+"$BIN/trainer" init --config vit-b-32 --tokenizer models/tokenizer/tokenizer.json --out /tmp/xray-clip-init 2>&1 | tee -a "$OUT/summary.txt"
 "$BIN/trainer" finetune --data "$DATA/train" --test-data "$DATA/test" --init /tmp/xray-clip-init \
   --out /tmp/xray-clip-run --epochs 4 --lr 2e-5 --device cuda 2>&1 | tee "$OUT/finetune.log"
 cp /tmp/xray-clip-run/metrics.csv "$OUT/finetune_metrics.csv" 2>/dev/null
