@@ -234,6 +234,27 @@ def openai_torchscript(out_dir: Path, img_dir: Path):
     print("OpenAI TorchScript tiny model written")
 
 
+def adam_reference(out_dir: Path):
+    """torch.optim.Adam with the reference settings on a small tensor and fixed gradients."""
+    import torch
+    torch.manual_seed(2)
+    p = torch.randn(64, dtype=torch.float64)
+    grads = torch.randn(5, 64, dtype=torch.float64)
+    param = torch.nn.Parameter(p.clone())
+    opt = torch.optim.Adam([param], lr=1e-3, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.001)
+    after = []
+    for g in grads:
+        opt.zero_grad()
+        (param * g).sum().backward()
+        opt.step()
+        after.append(param.detach().clone())
+    out_dir.mkdir(parents=True, exist_ok=True)
+    np.save(out_dir / "adam_initial.npy", p.numpy().astype(np.float32))
+    np.save(out_dir / "adam_grads.npy", grads.numpy().astype(np.float32))
+    np.save(out_dir / "adam_after.npy", torch.stack(after).numpy().astype(np.float32))
+    print("Adam reference written")
+
+
 def export_vision(module, path: Path, size: int):
     import torch
     x = torch.zeros(1, 3, size, size)
@@ -273,6 +294,7 @@ def main():
         preprocess_refs(FIX / "images", FIX / "preprocess")
         tiny_model(FIX / "tiny", FIX / "images")
         openai_torchscript(FIX / "openai", FIX / "images")
+        adam_reference(FIX / "adam")
     if a.full:
         full_vit_b32(a.full)
 

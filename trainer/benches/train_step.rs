@@ -37,8 +37,16 @@ struct Args {
 fn peak_rss_mb() -> f64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("VmHWM:")).map(|l| l.to_string()))
-        .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse::<f64>().ok()))
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .map(|l| l.to_string())
+        })
+        .and_then(|l| {
+            l.split_whitespace()
+                .nth(1)
+                .and_then(|v| v.parse::<f64>().ok())
+        })
         .map_or(f64::NAN, |kb| kb / 1024.0)
 }
 
@@ -47,12 +55,19 @@ fn main() -> anyhow::Result<()> {
     tch::set_num_threads(a.threads);
     tch::manual_seed(0);
     let device = trainer::cli::device(&a.device)?;
-    let config = ClipConfig::preset(&a.config).ok_or_else(|| anyhow::anyhow!("unknown config {}", a.config))?;
+    let config = ClipConfig::preset(&a.config)
+        .ok_or_else(|| anyhow::anyhow!("unknown config {}", a.config))?;
     let vs = nn::VarStore::new(device);
     let model = Clip::new(&vs.root(), &config);
     let mut params: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
     params.sort_by(|x, y| x.0.cmp(&y.0));
-    let mut adam = Adam::new(params, AdamConfig { lr: 1e-6, ..AdamConfig::default() });
+    let mut adam = Adam::new(
+        params,
+        AdamConfig {
+            lr: 1e-6,
+            ..AdamConfig::default()
+        },
+    );
     let amp = a.amp && device.is_cuda();
     let mut scaler = LossScaler::new(amp);
     let s = config.vision_config.image_size;
@@ -67,7 +82,9 @@ fn main() -> anyhow::Result<()> {
         }
         ids[r * 16 + len] = 49407;
     }
-    let ids = Tensor::from_slice(&ids).view([a.batch, 16]).to_device(device);
+    let ids = Tensor::from_slice(&ids)
+        .view([a.batch, 16])
+        .to_device(device);
     let sync = || {
         if let Device::Cuda(i) = device {
             tch::Cuda::synchronize(i as i64);
@@ -78,12 +95,13 @@ fn main() -> anyhow::Result<()> {
     for step in 0..a.warmup + a.steps {
         sync();
         let t = Instant::now();
-        let loss = tch::autocast(amp, || contrastive_loss(&model, &model.image_features(&pixels), &ids));
+        let loss = tch::autocast(amp, || {
+            contrastive_loss(&model, &model.image_features(&pixels), &ids)
+        });
         adam.zero_grad();
         (&loss * scaler.scale).backward();
-        if scaler.update(!amp || adam.grads_finite()) {
-            adam.step(1.0 / scaler.scale);
-        }
+        let applied = adam.step(1.0 / scaler.scale, amp);
+        scaler.update(applied);
         last_loss = loss.double_value(&[]);
         sync();
         if step >= a.warmup {

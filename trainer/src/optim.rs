@@ -30,22 +30,48 @@ impl Default for AdamConfig {
     }
 }
 
+/// Adam over one flat buffer: the trainable parameters are re-pointed (`set_data`) at slices of a
+/// single tensor, so an update is a dozen large kernels instead of a dozen per parameter (and the
+/// overflow check of mixed precision is one device-to-host copy, not one per parameter).
 pub struct Adam {
     pub config: AdamConfig,
     params: Vec<(String, Tensor)>,
-    m: Vec<Tensor>,
-    v: Vec<Tensor>,
+    /// (offset, numel) of each parameter in the flat buffers.
+    slots: Vec<(i64, i64)>,
+    flat: Tensor,
+    m: Tensor,
+    v: Tensor,
     pub step: i64,
 }
 
 impl Adam {
-    /// `params`: the trainable variables, by name.
-    pub fn new(params: Vec<(String, Tensor)>, config: AdamConfig) -> Adam {
-        let m = params.iter().map(|(_, p)| p.zeros_like()).collect();
-        let v = params.iter().map(|(_, p)| p.zeros_like()).collect();
+    /// `params`: the trainable variables, by name (all of one dtype and device).
+    pub fn new(mut params: Vec<(String, Tensor)>, config: AdamConfig) -> Adam {
+        let total: i64 = params.iter().map(|(_, p)| p.numel() as i64).sum();
+        let (kind, device) = params
+            .first()
+            .map_or((Kind::Float, tch::Device::Cpu), |(_, p)| {
+                (p.kind(), p.device())
+            });
+        let flat = Tensor::zeros([total.max(1)], (kind, device));
+        let mut slots = Vec::with_capacity(params.len());
+        let mut offset = 0;
+        tch::no_grad(|| {
+            for (_, p) in params.iter_mut() {
+                let n = p.numel() as i64;
+                let mut view = flat.narrow(0, offset, n);
+                view.copy_(&p.reshape([-1]));
+                p.set_data(&view.view(p.size().as_slice()));
+                slots.push((offset, n));
+                offset += n;
+            }
+        });
+        let (m, v) = (flat.zeros_like(), flat.zeros_like());
         Adam {
             config,
             params,
+            slots,
+            flat,
             m,
             v,
             step: 0,
@@ -58,51 +84,107 @@ impl Adam {
         }
     }
 
-    /// Gradients divided by `inv_scale` first (1 without loss scaling).
-    pub fn step(&mut self, inv_scale: f64) {
-        let c = self.config;
-        self.step += 1;
-        let bc1 = 1.0 - c.beta1.powi(self.step as i32);
-        let bc2 = 1.0 - c.beta2.powi(self.step as i32);
-        tch::no_grad(|| {
-            for (i, (_, p)) in self.params.iter_mut().enumerate() {
+    /// The gradients as one flat tensor (zeros for parameters that got none).
+    fn flat_grad(&self) -> Tensor {
+        let parts: Vec<Tensor> = self
+            .params
+            .iter()
+            .map(|(_, p)| {
                 let g = p.grad();
-                if !g.defined() {
-                    continue;
-                }
-                let mut g = if inv_scale != 1.0 {
-                    &g * inv_scale
+                if g.defined() {
+                    g.reshape([-1])
                 } else {
-                    g.shallow_clone()
-                };
-                if c.weight_decay != 0.0 {
-                    g += &*p * c.weight_decay;
+                    p.zeros_like().reshape([-1])
                 }
-                let _ = self.m[i]
-                    .g_mul_scalar_(c.beta1)
-                    .g_add_(&(&g * (1.0 - c.beta1)));
-                let _ = self.v[i]
-                    .g_mul_scalar_(c.beta2)
-                    .g_add_(&(&g * &g * (1.0 - c.beta2)));
-                let denom = self.v[i].sqrt() / bc2.sqrt() + c.eps;
-                let _ = p.g_sub_(&(&self.m[i] / denom * (c.lr / bc1)));
-            }
-        });
+            })
+            .collect();
+        if parts.is_empty() {
+            return self.flat.zeros_like();
+        }
+        Tensor::cat(&parts, 0)
     }
 
-    /// True when every gradient is finite (mixed precision overflows show up as inf/nan).
-    pub fn grads_finite(&self) -> bool {
-        self.params.iter().all(|(_, p)| {
-            let g = p.grad();
-            !g.defined() || bool::try_from(g.isfinite().all()).unwrap_or(false)
+    /// Applies one update with the gradients multiplied by `inv_scale` (1 without loss scaling).
+    /// With `check_finite`, first checks them; returns false (and changes nothing) when a gradient is
+    /// inf or nan.
+    ///
+    /// On CUDA the whole flat buffer is updated at once (few kernel launches); on CPU parameter by
+    /// parameter in cache-sized pieces (the temporaries stay in cache).
+    pub fn step(&mut self, inv_scale: f64, check_finite: bool) -> bool {
+        let c = self.config;
+        tch::no_grad(|| {
+            let on_gpu = self.flat.device().is_cuda();
+            let grads: Vec<(i64, Tensor)> = if on_gpu {
+                vec![(0, self.flat_grad())]
+            } else {
+                self.params
+                    .iter()
+                    .zip(&self.slots)
+                    .map(|((_, p), &(off, _))| {
+                        let g = p.grad();
+                        (
+                            off,
+                            if g.defined() {
+                                g.reshape([-1])
+                            } else {
+                                p.zeros_like().reshape([-1])
+                            },
+                        )
+                    })
+                    .collect()
+            };
+            if check_finite
+                && !grads
+                    .iter()
+                    .all(|(_, g)| bool::try_from(g.isfinite().all()).unwrap_or(false))
+            {
+                return false;
+            }
+            self.step += 1;
+            let bc1 = 1.0 - c.beta1.powi(self.step as i32);
+            let bc2_sqrt = (1.0 - c.beta2.powi(self.step as i32)).sqrt();
+            let piece = if on_gpu { i64::MAX } else { 1 << 15 };
+            for (off, g) in grads {
+                let n = g.numel() as i64;
+                let mut start = 0;
+                while start < n {
+                    let len = piece.min(n - start);
+                    let mut g = g.narrow(0, start, len);
+                    let mut p = self.flat.narrow(0, off + start, len);
+                    let mut m = self.m.narrow(0, off + start, len);
+                    let mut v = self.v.narrow(0, off + start, len);
+                    if inv_scale != 1.0 {
+                        g = &g * inv_scale;
+                    }
+                    if c.weight_decay != 0.0 {
+                        g = &g + &p * c.weight_decay;
+                    }
+                    // As torch.optim.Adam: m <- lerp(m, g, 1 - b1); v <- b2 v + (1 - b2) g^2;
+                    // p <- p - lr / bc1 * m / (sqrt(v) / sqrt(bc2) + eps).
+                    let _ = m.lerp_(&g, 1.0 - c.beta1);
+                    let _ = v.lerp_(&(&g * &g), 1.0 - c.beta2);
+                    let mut denom = v.sqrt();
+                    let _ = denom.g_div_scalar_(bc2_sqrt).g_add_scalar_(c.eps);
+                    let _ = p.addcdiv_(&(&m * (-c.lr / bc1)), &denom);
+                    start += len;
+                }
+            }
+            true
         })
     }
 
     pub fn save(&self, path: &Path) -> Result<()> {
         let mut named: Vec<(String, Tensor)> = Vec::new();
-        for (i, (name, _)) in self.params.iter().enumerate() {
-            named.push((format!("m.{name}"), self.m[i].shallow_clone()));
-            named.push((format!("v.{name}"), self.v[i].shallow_clone()));
+        for ((name, p), &(off, n)) in self.params.iter().zip(&self.slots) {
+            let shape = p.size();
+            named.push((
+                format!("m.{name}"),
+                self.m.narrow(0, off, n).view(shape.as_slice()),
+            ));
+            named.push((
+                format!("v.{name}"),
+                self.v.narrow(0, off, n).view(shape.as_slice()),
+            ));
         }
         named.push(("step".into(), Tensor::from_slice(&[self.step])));
         Tensor::write_safetensors(&named, path).map_err(Error::Torch)
@@ -116,11 +198,18 @@ impl Adam {
             reason: format!("optimizer state has no {k}"),
         };
         tch::no_grad(|| -> Result<()> {
-            for (i, (name, p)) in self.params.iter().enumerate() {
-                for (slot, prefix) in [(&mut self.m[i], "m"), (&mut self.v[i], "v")] {
+            for ((name, _), &(off, n)) in self.params.iter().zip(&self.slots) {
+                for (buf, prefix) in [(&self.m, "m"), (&self.v, "v")] {
                     let key = format!("{prefix}.{name}");
                     let t = map.get(&key).ok_or_else(|| missing(&key))?;
-                    slot.copy_(&t.to_kind(Kind::Float).to_device(p.device()));
+                    if t.numel() as i64 != n {
+                        return Err(Error::Checkpoint {
+                            path: path.to_path_buf(),
+                            reason: format!("{key} has the wrong size"),
+                        });
+                    }
+                    buf.narrow(0, off, n)
+                        .copy_(&t.reshape([-1]).to_kind(buf.kind()).to_device(buf.device()));
                 }
             }
             Ok(())
@@ -150,21 +239,20 @@ impl LossScaler {
         }
     }
 
-    /// Records whether the step's gradients were finite; returns whether to apply the step.
-    pub fn update(&mut self, finite: bool) -> bool {
+    /// Records whether the step's gradients were finite.
+    pub fn update(&mut self, finite: bool) {
         if !self.enabled {
-            return true;
+            return;
         }
         if !finite {
             self.scale /= 2.0;
             self.good_steps = 0;
-            return false;
+            return;
         }
         self.good_steps += 1;
         if self.good_steps == 2000 {
             self.scale *= 2.0;
             self.good_steps = 0;
         }
-        true
     }
 }

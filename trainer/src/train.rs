@@ -201,7 +201,8 @@ pub fn contrastive_loss(model: &Clip, image_features: &Tensor, text_ids: &Tensor
     let txt = model.text_features(text_ids);
     let logits = model.logits(image_features, &txt).to_kind(Kind::Float);
     let targets = Tensor::arange(logits.size()[0], (Kind::Int64, logits.device()));
-    (logits.cross_entropy_for_logits(&targets) + logits.tr().cross_entropy_for_logits(&targets)) / 2.0
+    (logits.cross_entropy_for_logits(&targets) + logits.tr().cross_entropy_for_logits(&targets))
+        / 2.0
 }
 
 fn set_trainable(vs: &nn::VarStore, opts: &TrainOptions) -> Vec<(String, Tensor)> {
@@ -332,9 +333,9 @@ pub fn run(
             }
             adam.zero_grad();
             (&loss * scaler.scale).backward();
-            if scaler.update(!amp || adam.grads_finite()) {
-                adam.step(1.0 / scaler.scale);
-            } else {
+            let applied = adam.step(1.0 / scaler.scale, amp);
+            scaler.update(applied);
+            if !applied {
                 skipped += 1;
             }
             loss_sum += value;

@@ -174,3 +174,26 @@ fn wrong_architecture_lists_the_tensors() {
         "{err}"
     );
 }
+
+#[test]
+fn adam_matches_torch_optim_adam() {
+    let p0 = npy_tensor(&fixtures().join("adam/adam_initial.npy"));
+    let grads = npy_tensor(&fixtures().join("adam/adam_grads.npy"));
+    let after = npy_tensor(&fixtures().join("adam/adam_after.npy"));
+    let p = p0.copy().set_requires_grad(true);
+    let config = trainer::optim::AdamConfig {
+        lr: 1e-3,
+        beta1: 0.9,
+        beta2: 0.98,
+        eps: 1e-6,
+        weight_decay: 0.001,
+    };
+    let mut adam = trainer::optim::Adam::new(vec![("p".into(), p.shallow_clone())], config);
+    for step in 0..5 {
+        adam.zero_grad();
+        (&p * grads.get(step)).sum(Kind::Float).backward();
+        assert!(adam.step(1.0, true));
+        let d = max_diff(&p.detach(), &after.get(step));
+        assert!(d < 1e-6, "step {step}: {d}");
+    }
+}
