@@ -280,7 +280,24 @@ def full_vit_b32(out_dir: Path):
 
     out_dir.mkdir(parents=True, exist_ok=True)
     export_vision(Vision(model), out_dir / "vit_b32_image_encoder.onnx", 224)
-    print(f"full ViT-B/32 image encoder written to {out_dir}")
+    # The same weights in HF layout with reference outputs, for the trainer's full-size parity check
+    # (cargo test -p trainer --test parity -- --ignored).
+    hf = out_dir / "vit-b32-hf"
+    model.save_pretrained(hf, safe_serialization=True)
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+    proc = CLIPImageProcessorPil()
+    names = sorted(p.name for p in (FIX / "images").iterdir())
+    px = np.concatenate([proc(images=load_as_8bit(FIX / "images" / n), return_tensors="np")["pixel_values"] for n in names])
+    st = openai_simple_tokenizer()
+    prompts = [t.format(l) for t in TEMPLATES[:2] for l in ["Chest", "Hand", "Knee", "Skull"]]
+    ids = torch.tensor([ids + [0] * (77 - len(ids)) for ids in (openai_tokenize(st, t) for t in prompts)])
+    with torch.no_grad():
+        out = model(input_ids=ids, pixel_values=torch.from_numpy(px).float())
+    np.save(hf / "image_embeds.npy", np.ascontiguousarray(out.image_embeds.numpy(), dtype=np.float32))
+    np.save(hf / "text_embeds.npy", np.ascontiguousarray(out.text_embeds.numpy(), dtype=np.float32))
+    np.save(hf / "logits_per_image.npy", np.ascontiguousarray(out.logits_per_image.numpy(), dtype=np.float32))
+    (hf / "reference.json").write_text(json.dumps({"images": names, "prompts": prompts}))
+    print(f"full ViT-B/32 image encoder and HF weights written to {out_dir}")
 
 
 def main():

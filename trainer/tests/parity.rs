@@ -197,3 +197,50 @@ fn adam_matches_torch_optim_adam() {
         assert!(d < 1e-6, "step {step}: {d}");
     }
 }
+
+/// Full-size ViT-B/32 (151 M parameters) against HF transformers. Needs the weights and references
+/// that `scripts/make_fixtures.py --only-full --full bench-out` writes (600 MB, not committed):
+/// `cargo test --release -p trainer --test parity -- --ignored`.
+#[test]
+#[ignore]
+fn hf_vit_b32_matches_transformers() {
+    let dir = std::env::var_os("XRAY_CLIP_VIT_B32_HF")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| fixtures().join("../bench-out/vit-b32-hf"));
+    let m = weights::load(&dir, Device::Cpu).unwrap();
+    assert_eq!(m.model.config.vision_config.hidden_size, 768);
+    let reference: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap())
+            .unwrap();
+    let names: Vec<String> = reference["images"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap().to_string())
+        .collect();
+    let prompts: Vec<String> = reference["prompts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap().to_string())
+        .collect();
+    let tok =
+        ClipTokenizer::from_file(&fixtures().join("../models/tokenizer/tokenizer.json")).unwrap();
+    let batch = tok.encode_batch(&prompts, Padding::Context).unwrap();
+    let ids = Tensor::from_slice(&batch.ids).view([batch.batch as i64, batch.len as i64]);
+    let (img, txt, logits) = tch::no_grad(|| {
+        let img = m.model.image_features(&pixels(&names));
+        let txt = m.model.text_features(&ids);
+        let logits = m.model.logits(&img, &txt);
+        (
+            trainer::model::normalize(&img),
+            trainer::model::normalize(&txt),
+            logits,
+        )
+    });
+    let d_img = max_diff(&img, &npy_tensor(&dir.join("image_embeds.npy")));
+    let d_txt = max_diff(&txt, &npy_tensor(&dir.join("text_embeds.npy")));
+    let d_log = max_diff(&logits, &npy_tensor(&dir.join("logits_per_image.npy")));
+    eprintln!("tch vs HF transformers (ViT-B/32): image {d_img:.2e}, text {d_txt:.2e}, logits {d_log:.2e}");
+    assert!(d_img <= 1e-4 && d_txt <= 1e-4 && d_log <= 1e-3);
+}
