@@ -63,7 +63,7 @@ make_venv() {
 install_onnxruntime
 # Test helpers: pydicom as the DICOM reference, pydicom-data for real radiographs, numpy for .npy.
 make_venv "$CACHE/testpy" numpy==2.3.5 pydicom==3.0.2 pydicom-data==1.0.0 pylibjpeg==2.1.0 \
-  pylibjpeg-openjpeg==2.6.0 pylibjpeg-libjpeg==2.3.0 pillow==12.0.0
+  pylibjpeg-openjpeg==2.6.0 pylibjpeg-libjpeg==2.3.0 pillow==12.0.0 onnx==1.23.2 "onnxruntime==$ORT_VERSION"
 
 if [ "$want_dev" = 1 ]; then
   make_venv "$CACHE/py" "torch==$TORCH_VERSION" "transformers==5.24.0" onnx==1.23.2 "onnxruntime==$ORT_VERSION" \

@@ -2,7 +2,7 @@
 # Sets up (idempotent) and runs every check: formatting, clippy, and all tests of the workspace.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-scripts/setup.sh
+scripts/setup.sh --torch
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
 cargo test --workspace --locked 2>&1 | tee /tmp/xray-clip-test.log

@@ -10,7 +10,9 @@ use tch::Device;
 
 use crate::data::{BadImages, ImageSet};
 use crate::error::{Error, Result};
+use crate::export::{self, ExportSpec};
 use crate::model::ClipConfig;
+use crate::onnx::Precision;
 use crate::optim::AdamConfig;
 use crate::train::{self, LossKind, RunInputs, TrainOptions};
 use crate::weights;
@@ -31,6 +33,47 @@ pub enum Command {
     Init(InitArgs),
     /// Fine-tune a checkpoint on a data set (image and text encoders jointly).
     Finetune(Box<FinetuneArgs>),
+    /// Export a checkpoint as a model bundle (ONNX encoders, label embeddings, tokenizer, manifest).
+    Export(ExportArgs),
+    /// Classify images with a checkpoint in libtorch (JSON lines, as `classify --json`).
+    Predict(PredictArgs),
+}
+
+#[derive(Args)]
+pub struct ExportArgs {
+    #[arg(long)]
+    pub checkpoint: PathBuf,
+    /// `unifesp`, `irma`, a file with one label per line, or a comma-separated list.
+    #[arg(long)]
+    pub labels: String,
+    /// Prompt template(s), `{}` = label; several are averaged.
+    #[arg(long = "template")]
+    pub templates: Vec<String>,
+    #[arg(long)]
+    pub out: PathBuf,
+    /// fp32 (CPU default) or fp16 (for GPUs).
+    #[arg(long, default_value = "fp32")]
+    pub precision: Precision,
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Leave out the text encoder and tokenizer (fixed labels only).
+    #[arg(long)]
+    pub no_text_encoder: bool,
+}
+
+#[derive(Args)]
+pub struct PredictArgs {
+    #[arg(long)]
+    pub checkpoint: PathBuf,
+    /// `unifesp`, `irma`, a file with one label per line, or a comma-separated list.
+    #[arg(long)]
+    pub labels: String,
+    #[arg(long = "template")]
+    pub templates: Vec<String>,
+    #[arg(long, short = 'k', default_value_t = 3)]
+    pub top_k: usize,
+    #[arg(required = true)]
+    pub paths: Vec<PathBuf>,
 }
 
 #[derive(Args)]
@@ -121,6 +164,12 @@ pub struct FinetuneArgs {
     pub max_train: Option<usize>,
     #[arg(long)]
     pub max_test: Option<usize>,
+    /// Export the best checkpoint (of the best learning rate) as a bundle into this folder.
+    #[arg(long)]
+    pub export: Option<PathBuf>,
+    /// Precision of the exported encoders.
+    #[arg(long, default_value = "fp32")]
+    pub precision: Precision,
 }
 
 pub fn device(name: &str) -> Result<Device> {
@@ -358,6 +407,44 @@ pub fn finetune(a: &FinetuneArgs) -> Result<Vec<train::RunResult>> {
     if a.lr.len() > 1 {
         write_sweep(&a.out, &a.lr, &results, &curves)?;
     }
+    if let Some(dir) = &a.export {
+        let (i, best) = results
+            .iter()
+            .enumerate()
+            .max_by(|x, y| x.1.state.best_top1.total_cmp(&y.1.state.best_top1))
+            .expect("one run at least");
+        let training = serde_json::json!({
+            "lr": a.lr[i], "epochs": a.epochs, "batch_size": a.batch_size, "weight_decay": a.weight_decay,
+            "betas": [a.beta1, a.beta2], "eps": a.eps, "loss": a.loss, "seed": a.seed,
+            "best_epoch": best.state.best_epoch, "train_images": train_set.len(), "test_images": test_set.len(),
+        });
+        let spec = ExportSpec {
+            checkpoint: best.best_checkpoint.clone(),
+            labels: ds.labels.clone(),
+            templates: templates.clone(),
+            precision: a.precision,
+            name: dir
+                .file_name()
+                .map(|n| n.to_string_lossy().to_string())
+                .unwrap_or_else(|| "bundle".into()),
+            description: format!("fine-tuned on {}", ds.name),
+            without_text_encoder: false,
+            provenance: runtime::bundle::Provenance {
+                base_weights: export::base_weights(&a.init),
+                dataset: ds.name.clone(),
+                training,
+                metrics: serde_json::json!({"test_top1": best.state.best_top1, "per_epoch": best.state.metrics}),
+                ..Default::default()
+            },
+        };
+        let b = export::export(spec, dir)?;
+        eprintln!(
+            "exported {} (epoch {}, test top-1 {:.4})",
+            b.dir.display(),
+            best.state.best_epoch,
+            best.state.best_top1
+        );
+    }
     Ok(results)
 }
 
@@ -388,4 +475,99 @@ fn write_sweep(
     )?;
     crate::plot::curves(&out.join("curves.png"), curves)?;
     Ok(())
+}
+
+/// Labels from `unifesp`, `irma`, a file (one per line) or a comma-separated list.
+pub fn parse_labels(spec: &str) -> Result<Vec<runtime::labels::Label>> {
+    if let Some(set) = runtime::labels::builtin(spec.trim()) {
+        return Ok(set);
+    }
+    let path = Path::new(spec);
+    if path.is_file() {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        return Ok(runtime::labels::from_list(text.lines())?);
+    }
+    Ok(runtime::labels::from_list(spec.split(','))?)
+}
+
+fn templates_or_default(t: &[String]) -> Vec<String> {
+    if t.is_empty() {
+        vec![runtime::labels::REFERENCE_TEMPLATES[0].to_string()]
+    } else {
+        t.to_vec()
+    }
+}
+
+pub fn export_cmd(a: &ExportArgs) -> Result<()> {
+    let labels = parse_labels(&a.labels)?;
+    let spec = ExportSpec {
+        checkpoint: a.checkpoint.clone(),
+        labels,
+        templates: templates_or_default(&a.templates),
+        precision: a.precision,
+        name: a.name.clone().unwrap_or_else(|| {
+            a.out
+                .file_name()
+                .map(|n| n.to_string_lossy().to_string())
+                .unwrap_or_else(|| "bundle".into())
+        }),
+        description: String::new(),
+        without_text_encoder: a.no_text_encoder,
+        provenance: Default::default(),
+    };
+    let b = export::export(spec, &a.out)?;
+    println!(
+        "wrote {} ({} labels, {} dims, {:?})",
+        b.dir.display(),
+        b.manifest.labels.len(),
+        b.manifest.embedding_dim,
+        a.precision
+    );
+    Ok(())
+}
+
+pub fn predict(a: &PredictArgs) -> Result<bool> {
+    let labels = parse_labels(&a.labels)?;
+    let loaded = weights::load(&a.checkpoint, Device::Cpu)?;
+    let tokenizer = ClipTokenizer::from_file(&export::checkpoint_tokenizer(&a.checkpoint))?;
+    let per_template = templates_or_default(&a.templates)
+        .iter()
+        .map(|t| train::label_tokens(&tokenizer, &labels, t, Device::Cpu))
+        .collect::<Result<Vec<_>>>()?;
+    let emb = train::label_embeddings(&loaded.model, &per_template);
+    let scale = loaded.model.logit_scale.exp().double_value(&[]);
+    let s = loaded.model.config.vision_config.image_size as u32;
+    let cfg = PreprocessConfig {
+        image_size: s,
+        resize_shortest_edge: s,
+        ..PreprocessConfig::default()
+    };
+    let files = runtime::pipeline::collect_files(&a.paths)?;
+    let mut ok = true;
+    for f in &files {
+        let pixels = match runtime::pipeline::load_tensor(f, &cfg) {
+            Ok(p) => p,
+            Err(e) => {
+                ok = false;
+                eprintln!("error: {e}");
+                continue;
+            }
+        };
+        let x = tch::Tensor::from_slice(&pixels).view([1, 3, s as i64, s as i64]);
+        let probs = tch::no_grad(|| {
+            let img = crate::model::normalize(&loaded.model.image_features(&x));
+            (img.matmul(&emb.tr()) * scale).softmax(-1, tch::Kind::Float)
+        });
+        let probs: Vec<f32> = Vec::<f32>::try_from(probs.reshape([-1])).map_err(Error::Torch)?;
+        let top = runtime::scoring::top_k(&probs, a.top_k.clamp(1, labels.len()));
+        let entries: Vec<_> = top
+            .iter()
+            .map(|&i| serde_json::json!({"label": labels[i].name, "id": labels[i].id, "probability": probs[i]}))
+            .collect();
+        println!(
+            "{}",
+            serde_json::json!({"file": f.display().to_string(), "top": entries})
+        );
+    }
+    Ok(ok)
 }

@@ -5,7 +5,9 @@
 pub mod cli;
 pub mod data;
 pub mod error;
+pub mod export;
 pub mod model;
+pub mod onnx;
 pub mod optim;
 pub mod plot;
 pub mod progress;

@@ -11,114 +11,13 @@ fn trainer(args: &[&str]) -> Output {
         .expect("run trainer")
 }
 
-fn tmp(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("xray-clip-train-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
+use tests::tmp;
 
 fn s(p: &Path) -> &str {
     p.to_str().unwrap()
 }
 
-/// Writes a PNG (8-bit gray) without any image library: stored (uncompressed) deflate blocks.
-fn write_png(path: &Path, w: u32, h: u32, pixel: impl Fn(u32, u32) -> u8) {
-    fn crc32(bytes: &[u8]) -> u32 {
-        let mut crc = !0u32;
-        for &b in bytes {
-            crc ^= b as u32;
-            for _ in 0..8 {
-                crc = if crc & 1 != 0 {
-                    (crc >> 1) ^ 0xEDB8_8320
-                } else {
-                    crc >> 1
-                };
-            }
-        }
-        !crc
-    }
-    fn adler(bytes: &[u8]) -> u32 {
-        let (mut a, mut b) = (1u32, 0u32);
-        for &x in bytes {
-            a = (a + x as u32) % 65521;
-            b = (b + a) % 65521;
-        }
-        (b << 16) | a
-    }
-    let mut raw = Vec::new();
-    for y in 0..h {
-        raw.push(0);
-        for x in 0..w {
-            raw.push(pixel(x, y));
-        }
-    }
-    let mut z = vec![0x78, 0x01];
-    for (i, chunk) in raw.chunks(65535).enumerate() {
-        let last = (i + 1) * 65535 >= raw.len();
-        z.push(last as u8);
-        z.extend_from_slice(&(chunk.len() as u16).to_le_bytes());
-        z.extend_from_slice(&(!(chunk.len() as u16)).to_le_bytes());
-        z.extend_from_slice(chunk);
-    }
-    z.extend_from_slice(&adler(&raw).to_be_bytes());
-    let mut png = b"\x89PNG\r\n\x1a\n".to_vec();
-    let mut chunk = |kind: &[u8], data: &[u8]| {
-        png.extend_from_slice(&(data.len() as u32).to_be_bytes());
-        let mut body = kind.to_vec();
-        body.extend_from_slice(data);
-        png.extend_from_slice(&body);
-        png.extend_from_slice(&crc32(&body).to_be_bytes());
-    };
-    let mut ihdr = w.to_be_bytes().to_vec();
-    ihdr.extend_from_slice(&h.to_be_bytes());
-    ihdr.extend_from_slice(&[8, 0, 0, 0, 0]);
-    chunk(b"IHDR", &ihdr);
-    chunk(b"IDAT", &z);
-    chunk(b"IEND", &[]);
-    std::fs::write(path, png).unwrap();
-}
-
-/// Three easy classes: horizontal stripes, vertical stripes, a bright disc; with seeded noise.
-fn make_folder(root: &Path, per_class: usize, seed: u32) {
-    for (c, class) in ["stripes horizontal", "stripes vertical", "disc"]
-        .iter()
-        .enumerate()
-    {
-        let dir = root.join(class.replace(' ', "_"));
-        std::fs::create_dir_all(&dir).unwrap();
-        for i in 0..per_class {
-            let k = (i as u32 + 1) * 7919 + seed * 104729;
-            write_png(&dir.join(format!("{i:03}.png")), 64, 64, |x, y| {
-                let noise = ((x * 31 + y * 17 + k) % 23) as u8;
-                let v = match c {
-                    0 => {
-                        if (y / 8) % 2 == 0 {
-                            200
-                        } else {
-                            40
-                        }
-                    }
-                    1 => {
-                        if (x / 8) % 2 == 0 {
-                            200
-                        } else {
-                            40
-                        }
-                    }
-                    _ => {
-                        if (x as i32 - 32).pow(2) + (y as i32 - 32).pow(2) < 400 {
-                            220
-                        } else {
-                            30
-                        }
-                    }
-                };
-                v + noise
-            });
-        }
-    }
-}
+use tests::synthetic_folder as make_folder;
 
 fn init_tiny(dir: &Path) -> PathBuf {
     let ck = dir.join("init");

@@ -10,6 +10,12 @@ fn main() -> ExitCode {
             Command::Finetune(a) => {
                 cli::finetune(&a)?;
             }
+            Command::Export(a) => cli::export_cmd(&a)?,
+            Command::Predict(a) => {
+                if !cli::predict(&a)? {
+                    return Ok(ExitCode::FAILURE);
+                }
+            }
         }
         Ok(ExitCode::SUCCESS)
     })

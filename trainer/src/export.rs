@@ -1,0 +1,129 @@
+//! Checkpoint -> model bundle: ONNX encoders, label embeddings of the label set averaged over the
+//! templates, tokenizer, manifest with provenance and metrics. Written atomically by the runtime's
+//! `BundleWriter` (staging folder, verified, renamed into place).
+
+use std::path::{Path, PathBuf};
+
+use runtime::bundle::{
+    self, Bundle, BundleLabel, BundleWriter, Manifest, Provenance, FORMAT_VERSION,
+};
+use runtime::labels::{self, Label};
+use runtime::preprocess::PreprocessConfig;
+use runtime::tokenizer::ClipTokenizer;
+use tch::{Device, Kind};
+
+use crate::error::{Error, Result};
+use crate::onnx::{self, Precision};
+use crate::train::{label_embeddings, label_tokens};
+use crate::weights;
+
+pub struct ExportSpec {
+    pub checkpoint: PathBuf,
+    pub labels: Vec<Label>,
+    pub templates: Vec<String>,
+    pub precision: Precision,
+    pub name: String,
+    pub description: String,
+    /// Leave the text encoder and tokenizer out (a fixed-label bundle).
+    pub without_text_encoder: bool,
+    pub provenance: Provenance,
+}
+
+/// The tokenizer stored with a checkpoint, else OpenAI's vocabulary shipped in models/tokenizer.
+pub fn checkpoint_tokenizer(checkpoint: &Path) -> PathBuf {
+    let p = checkpoint.join("tokenizer.json");
+    if p.exists() {
+        p
+    } else {
+        runtime::default_tokenizer_path()
+    }
+}
+
+/// Where the checkpoint's weights came from, following `provenance.json` (written by `trainer init`).
+pub fn base_weights(checkpoint: &Path) -> String {
+    std::fs::read_to_string(checkpoint.join("provenance.json"))
+        .ok()
+        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+        .and_then(|v| v["source"].as_str().map(str::to_string))
+        .unwrap_or_else(|| checkpoint.display().to_string())
+}
+
+pub fn export(spec: ExportSpec, out: &Path) -> Result<Bundle> {
+    if spec.labels.is_empty() || spec.templates.is_empty() {
+        return Err(Error::Config(
+            "export needs labels and at least one template".into(),
+        ));
+    }
+    let loaded = weights::load(&spec.checkpoint, Device::Cpu)?;
+    let config = &loaded.model.config;
+    let tok_path = checkpoint_tokenizer(&spec.checkpoint);
+    let tok_bytes = std::fs::read(&tok_path).map_err(|e| Error::io(&tok_path, e))?;
+    let tokenizer = ClipTokenizer::from_bytes(&tok_bytes, &tok_path)?;
+    let per_template = spec
+        .templates
+        .iter()
+        .map(|t| label_tokens(&tokenizer, &spec.labels, t, Device::Cpu))
+        .collect::<Result<Vec<_>>>()?;
+    let emb = label_embeddings(&loaded.model, &per_template)
+        .to_kind(Kind::Float)
+        .contiguous();
+    let emb: Vec<f32> = Vec::<f32>::try_from(emb.reshape([-1])).map_err(Error::Torch)?;
+    let logit_scale = loaded.model.logit_scale.exp().double_value(&[]) as f32;
+    let image = onnx::image_encoder(&loaded.vs, config, spec.precision)?;
+    let s = config.vision_config.image_size as u32;
+    let labels = spec
+        .labels
+        .iter()
+        .map(|l| {
+            let prompts = spec
+                .templates
+                .iter()
+                .map(|t| labels::fill(t, l))
+                .collect::<runtime::Result<_>>()?;
+            Ok(BundleLabel {
+                label: l.clone(),
+                prompts,
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let mut provenance = spec.provenance;
+    if provenance.base_weights.is_empty() {
+        provenance.base_weights = base_weights(&spec.checkpoint);
+    }
+    let manifest = Manifest {
+        format_version: FORMAT_VERSION,
+        name: spec.name,
+        description: spec.description,
+        labels,
+        templates: spec.templates.clone(),
+        embedding_dim: config.projection_dim as usize,
+        logit_scale,
+        image_embeds_normalized: false,
+        preprocessing: PreprocessConfig {
+            image_size: s,
+            resize_shortest_edge: s,
+            ..PreprocessConfig::default()
+        },
+        files: Default::default(),
+        provenance,
+    };
+    let mut w = BundleWriter::new(out, manifest)?;
+    w.add_file(
+        bundle::IMAGE_ENCODER,
+        "image_encoder.onnx",
+        &image,
+        Some((onnx::IMAGE_INPUT, onnx::IMAGE_OUTPUT)),
+    )?;
+    if !spec.without_text_encoder {
+        let text = onnx::text_encoder(&loaded.vs, config, spec.precision)?;
+        w.add_file(
+            bundle::TEXT_ENCODER,
+            "text_encoder.onnx",
+            &text,
+            Some((onnx::TEXT_INPUT, onnx::TEXT_OUTPUT)),
+        )?;
+        w.add_file(bundle::TOKENIZER, "tokenizer.json", &tok_bytes, None)?;
+    }
+    w.add_label_embeddings(&emb)?;
+    Ok(w.finish()?)
+}
