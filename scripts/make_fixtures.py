@@ -255,6 +255,24 @@ def adam_reference(out_dir: Path):
     print("Adam reference written")
 
 
+def sklearn_metrics(out_dir: Path):
+    """One confusion matrix and per-class figures computed by scikit-learn, for runtime's metrics."""
+    from sklearn.metrics import confusion_matrix, f1_score, precision_recall_fscore_support
+    rng = np.random.default_rng(5)
+    y_true = rng.integers(0, 5, 60)
+    y_pred = np.where(rng.random(60) < 0.6, y_true, rng.integers(0, 5, 60))
+    p, r, f, s = precision_recall_fscore_support(y_true, y_pred, labels=list(range(5)), zero_division=0)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "sklearn.json").write_text(json.dumps({
+        "y_true": y_true.tolist(), "y_pred": y_pred.tolist(),
+        "confusion": confusion_matrix(y_true, y_pred, labels=list(range(5))).tolist(),
+        "precision": p.tolist(), "recall": r.tolist(), "f1": f.tolist(), "support": s.tolist(),
+        "macro_f1": float(f1_score(y_true, y_pred, average="macro", zero_division=0)),
+        "accuracy": float((y_true == y_pred).mean()),
+    }))
+    print("scikit-learn metrics written")
+
+
 def export_vision(module, path: Path, size: int):
     import torch
     x = torch.zeros(1, 3, size, size)
@@ -312,6 +330,7 @@ def main():
         tiny_model(FIX / "tiny", FIX / "images")
         openai_torchscript(FIX / "openai", FIX / "images")
         adam_reference(FIX / "adam")
+        sklearn_metrics(FIX / "metrics")
     if a.full:
         full_vit_b32(a.full)
 

@@ -13,6 +13,7 @@ pub mod error;
 pub mod files;
 pub mod fsutil;
 pub mod labels;
+pub mod metrics;
 pub mod npy;
 pub mod preprocess;
 pub mod scoring;
@@ -25,7 +26,11 @@ pub mod cli;
 #[cfg(feature = "onnx")]
 pub mod engine;
 #[cfg(feature = "onnx")]
+pub mod eval;
+#[cfg(feature = "onnx")]
 pub mod pipeline;
+#[cfg(feature = "onnx")]
+pub mod plot;
 
 pub use error::{Error, Result};
 

@@ -3,13 +3,13 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 
 use common::*;
 use dicom_core::{DataElement, PrimitiveValue, VR};
 use dicom_dictionary_std::tags;
-use dicom_object::{FileMetaTableBuilder, InMemDicomObject};
+use dicom_object::InMemDicomObject;
 use runtime::decode::{decode_bytes, Pixels};
 use runtime::{dicom, npy, Error};
 
@@ -88,81 +88,6 @@ fn monochrome1_chest_is_inverted_and_windowed() {
         spine > lungs + 20.0,
         "mediastinum {spine} vs lungs {lungs}: inversion wrong?"
     );
-}
-
-fn write_dicom(dir: &Path, name: &str, obj: InMemDicomObject, ts: &str) -> PathBuf {
-    let file = obj
-        .with_meta(
-            FileMetaTableBuilder::new()
-                .transfer_syntax(ts)
-                .media_storage_sop_class_uid("1.2.840.10008.5.1.4.1.1.1")
-                .media_storage_sop_instance_uid("1.2.3.4.5"),
-        )
-        .expect("meta");
-    let path = dir.join(name);
-    file.write_to_file(&path).expect("write dicom");
-    path
-}
-
-fn image_object(rows: u16, cols: u16, pixels: Vec<u16>, photometric: &str) -> InMemDicomObject {
-    let mut obj = InMemDicomObject::new_empty();
-    obj.put(DataElement::new(
-        tags::SOP_CLASS_UID,
-        VR::UI,
-        PrimitiveValue::from("1.2.840.10008.5.1.4.1.1.1"),
-    ));
-    obj.put(DataElement::new(
-        tags::SAMPLES_PER_PIXEL,
-        VR::US,
-        PrimitiveValue::from(1u16),
-    ));
-    obj.put(DataElement::new(
-        tags::PHOTOMETRIC_INTERPRETATION,
-        VR::CS,
-        PrimitiveValue::from(photometric),
-    ));
-    obj.put(DataElement::new(
-        tags::ROWS,
-        VR::US,
-        PrimitiveValue::from(rows),
-    ));
-    obj.put(DataElement::new(
-        tags::COLUMNS,
-        VR::US,
-        PrimitiveValue::from(cols),
-    ));
-    obj.put(DataElement::new(
-        tags::BITS_ALLOCATED,
-        VR::US,
-        PrimitiveValue::from(16u16),
-    ));
-    obj.put(DataElement::new(
-        tags::BITS_STORED,
-        VR::US,
-        PrimitiveValue::from(12u16),
-    ));
-    obj.put(DataElement::new(
-        tags::HIGH_BIT,
-        VR::US,
-        PrimitiveValue::from(11u16),
-    ));
-    obj.put(DataElement::new(
-        tags::PIXEL_REPRESENTATION,
-        VR::US,
-        PrimitiveValue::from(0u16),
-    ));
-    obj.put(DataElement::new(
-        tags::PIXEL_DATA,
-        VR::OW,
-        PrimitiveValue::U16(pixels.into()),
-    ));
-    obj
-}
-
-fn tmpdir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("xray-clip-{name}-{}", std::process::id()));
-    std::fs::create_dir_all(&d).expect("mkdir");
-    d
 }
 
 #[test]

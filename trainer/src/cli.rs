@@ -170,6 +170,18 @@ pub struct FinetuneArgs {
     /// Precision of the exported encoders.
     #[arg(long, default_value = "fp32")]
     pub precision: Precision,
+    /// Leave the text encoder and tokenizer out of the exported bundle (fixed labels only).
+    #[arg(long)]
+    pub no_text_encoder: bool,
+    /// Name, description, license and notes written into the exported bundle's manifest.
+    #[arg(long)]
+    pub bundle_name: Option<String>,
+    #[arg(long, default_value = "")]
+    pub bundle_description: String,
+    #[arg(long, default_value = "")]
+    pub bundle_license: String,
+    #[arg(long, default_value = "")]
+    pub bundle_notes: String,
 }
 
 pub fn device(name: &str) -> Result<Device> {
@@ -434,7 +446,8 @@ pub fn finetune(a: &FinetuneArgs) -> Result<Vec<train::RunResult>> {
                 dataset: ds.name.clone(),
                 training,
                 metrics: serde_json::json!({"test_top1": best.state.best_top1, "per_epoch": best.state.metrics}),
-                ..Default::default()
+                license: a.bundle_license.clone(),
+                notes: a.bundle_notes.clone(),
             },
         };
         let b = export::export(spec, dir)?;

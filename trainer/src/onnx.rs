@@ -297,7 +297,7 @@ impl<'a> Builder<'a> {
         Ok(self.node("Add", &[&x, &h], vec![], "res"))
     }
 
-    fn to_compute(&mut self, x: &str) -> String {
+    fn cast_to_compute(&mut self, x: &str) -> String {
         if self.dtype == DataType::Float16 {
             self.node(
                 "Cast",
@@ -310,7 +310,7 @@ impl<'a> Builder<'a> {
         }
     }
 
-    fn to_f32(&mut self, x: &str) -> String {
+    fn cast_to_f32(&mut self, x: &str) -> String {
         if self.dtype == DataType::Float16 {
             self.node(
                 "Cast",
@@ -399,7 +399,7 @@ pub fn image_encoder(
     let weights = named_weights(vs);
     let v = &config.vision_config;
     let mut b = Builder::new(&weights, precision);
-    let x = b.to_compute(IMAGE_INPUT);
+    let x = b.cast_to_compute(IMAGE_INPUT);
     let w = b.weight("vision_model.embeddings.patch_embedding.weight")?;
     let x = b.node(
         "Conv",
@@ -462,7 +462,7 @@ pub fn image_encoder(
     let pooled = b.node("Squeeze", &[&pooled, &squeeze_axes], vec![], "cls_out");
     let pooled = b.layer_norm(&pooled, "vision_model.post_layernorm", v.layer_norm_eps)?;
     let out = b.linear(&pooled, "visual_projection", 1.0)?;
-    let out = b.to_f32(&out);
+    let out = b.cast_to_f32(&out);
     let s = v.image_size;
     let model = b.finish(
         "image_encoder",
@@ -555,7 +555,7 @@ pub fn text_encoder(
         "pooled",
     );
     let out = b.linear(&pooled, "text_projection", 1.0)?;
-    let out = b.to_f32(&out);
+    let out = b.cast_to_f32(&out);
     let model = b.finish(
         "text_encoder",
         value_info(

@@ -8,30 +8,9 @@ use plotters::prelude::*;
 use crate::error::{Error, Result};
 use crate::train::EpochMetrics;
 
-const FONT_PATHS: [&str; 2] = [
-    "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
-    "/usr/share/fonts/dejavu/DejaVuSans.ttf",
-];
-
-/// Registers a system font for the labels; false when none is installed (then no PNG is drawn).
-fn ensure_font() -> bool {
-    static FONT: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *FONT.get_or_init(|| {
-        for p in FONT_PATHS {
-            if let Ok(bytes) = std::fs::read(p) {
-                let bytes: &'static [u8] = Box::leak(bytes.into_boxed_slice());
-                if plotters::style::register_font("sans-serif", FontStyle::Normal, bytes).is_ok() {
-                    return true;
-                }
-            }
-        }
-        false
-    })
-}
-
 /// Draws `runs` (label, metrics per epoch) into a two-panel PNG. Returns false when no font is found.
 pub fn curves(path: &Path, runs: &[(String, Vec<EpochMetrics>)]) -> Result<bool> {
-    if !ensure_font() {
+    if !runtime::plot::ensure_font() {
         return Ok(false);
     }
     let err = |e: String| Error::Data(format!("{}: drawing failed: {e}", path.display()));

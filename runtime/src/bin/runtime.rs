@@ -82,6 +82,42 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Evaluate a bundle on a data set: top-1/top-5, per-class figures, confusion matrix, per template.
+    Eval {
+        /// folder (ROOT/<label>/images), unifesp (train.csv + DICOM tree) or irma (codes CSV + PNGs).
+        #[arg(long)]
+        dataset: runtime::datasets::DatasetKind,
+        #[arg(long)]
+        data: PathBuf,
+        #[command(flatten)]
+        model: ModelArgs,
+        /// all, train or test (of --split-spec).
+        #[arg(long, default_value = "all")]
+        split: String,
+        /// How train/test are divided: head:TRAIN:TEST (default for unifesp: head:1200:400) or
+        /// random:FRACTION:SEED (default random:0.2:0).
+        #[arg(long)]
+        split_spec: Option<runtime::datasets::Split>,
+        /// Prompt template(s) to score with the text encoder (`{}` = label); none: the bundle's labels.
+        #[arg(long = "template")]
+        templates: Vec<String>,
+        /// A file of templates, one per line.
+        #[arg(long)]
+        templates_file: Option<PathBuf>,
+        /// The five templates of the reference experiment.
+        #[arg(long)]
+        reference_templates: bool,
+        /// Images with several labels: any (a hit on any of them) or skip.
+        #[arg(long, default_value = "any")]
+        multi_label: runtime::eval::MultiLabel,
+        #[command(flatten)]
+        device: DeviceArgs,
+        #[arg(long, default_value_t = 16)]
+        batch_size: usize,
+        /// Folder for report.json, report.md, confusion.csv, confusion.png.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
     /// Recompute a bundle's label embeddings with its text encoder; writes a new bundle to --out.
     Prompts {
         #[command(flatten)]
@@ -194,6 +230,98 @@ fn main() -> ExitCode {
                     b.manifest.labels.len(),
                     b.manifest.embedding_dim
                 );
+            }
+            Command::Eval {
+                dataset,
+                data,
+                model,
+                split,
+                split_spec,
+                templates,
+                templates_file,
+                reference_templates,
+                multi_label,
+                device,
+                batch_size,
+                out,
+            } => {
+                use runtime::datasets::{self, DatasetKind, Split};
+                let ds = datasets::load(dataset, &data)?;
+                for p in ds.problems.iter().take(20) {
+                    eprintln!("warning: {p}");
+                }
+                if ds.problems.len() > 20 {
+                    eprintln!(
+                        "warning: ... and {} more rows with problems",
+                        ds.problems.len() - 20
+                    );
+                }
+                let spec = split_spec.unwrap_or(match dataset {
+                    DatasetKind::Unifesp => Split::HeadTail {
+                        train: 1200,
+                        test: 400,
+                    },
+                    _ => Split::Random {
+                        test_fraction: 0.2,
+                        seed: 0,
+                    },
+                });
+                let samples = match split.as_str() {
+                    "all" => ds.samples.clone(),
+                    "train" => datasets::split(&ds.samples, spec)?.0,
+                    "test" => datasets::split(&ds.samples, spec)?.1,
+                    other => anyhow::bail!("unknown split {other:?} (all, train or test)"),
+                };
+                let mut templates = templates;
+                if reference_templates {
+                    templates.extend(labels::REFERENCE_TEMPLATES.iter().map(|t| t.to_string()));
+                }
+                if let Some(f) = templates_file {
+                    let text =
+                        std::fs::read_to_string(&f).map_err(|e| runtime::Error::io(&f, e))?;
+                    templates.extend(
+                        text.lines()
+                            .map(str::trim)
+                            .filter(|l| !l.is_empty() && !l.starts_with('#'))
+                            .map(String::from),
+                    );
+                }
+                let bundle = model.load()?;
+                let mut engine = Engine::load(bundle, device.options())?;
+                let opts = runtime::eval::EvalOptions {
+                    templates,
+                    multi_label,
+                    pipeline: runtime::pipeline::PipelineOptions {
+                        batch_size,
+                        workers: 1,
+                        progress: true,
+                    },
+                    dataset: ds.name.clone(),
+                    split: split.clone(),
+                };
+                let ev = runtime::eval::evaluate(&mut engine, &ds.labels, &samples, &opts)?;
+                println!(
+                    "{} on {} ({split}): {} images, {:.1} images/s, {} unreadable\n",
+                    ev.bundle,
+                    ev.dataset,
+                    ev.images,
+                    ev.images_per_second,
+                    ev.unreadable.len()
+                );
+                print!("{}", runtime::eval::template_table(&ev));
+                let best = ev.best();
+                println!(
+                    "\nper class (`{}`):\n{}",
+                    best.template,
+                    runtime::eval::class_table(&ev, &best.report)
+                );
+                for (p, e) in ev.unreadable.iter().take(20) {
+                    eprintln!("unreadable: {}: {e}", p.display());
+                }
+                if let Some(out) = out {
+                    runtime::eval::write_reports(&ev, &out)?;
+                    println!("reports in {}", out.display());
+                }
             }
             Command::Prompts {
                 model,

@@ -1,0 +1,284 @@
+//! `runtime eval`: encodes every image of a data set once, scores one or more prompt templates (or
+//! the bundle's own label embeddings) against those embeddings, and reports top-1/top-5, per-class
+//! figures, macro-F1 and the confusion matrix.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+
+use crate::datasets::Sample;
+use crate::engine::Engine;
+use crate::error::{Error, Result};
+use crate::labels::Label;
+use crate::metrics::{self, Report};
+use crate::pipeline::{self, PipelineOptions};
+use crate::scoring;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MultiLabel {
+    /// A hit when the top-1 is any of the image's labels.
+    Any,
+    /// Images with several labels are left out.
+    Skip,
+}
+
+impl std::str::FromStr for MultiLabel {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "any" => Ok(MultiLabel::Any),
+            "skip" => Ok(MultiLabel::Skip),
+            other => Err(format!(
+                "unknown multi-label policy {other:?} (any or skip)"
+            )),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TemplateResult {
+    /// The template, or `(bundle label embeddings)`.
+    pub template: String,
+    pub report: Report,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Evaluation {
+    pub dataset: String,
+    pub split: String,
+    pub bundle: String,
+    pub labels: Vec<Label>,
+    pub multi_label: MultiLabel,
+    pub images: usize,
+    pub multi_label_images: usize,
+    pub unreadable: Vec<(PathBuf, String)>,
+    /// Wall time of encoding the images, and of scoring all templates (text encoder included).
+    pub encode_seconds: f64,
+    pub score_seconds: f64,
+    pub images_per_second: f64,
+    pub results: Vec<TemplateResult>,
+}
+
+impl Evaluation {
+    /// The template with the best top-1.
+    pub fn best(&self) -> &TemplateResult {
+        self.results
+            .iter()
+            .max_by(|a, b| a.report.top1.total_cmp(&b.report.top1))
+            .expect("at least one result")
+    }
+}
+
+pub struct EvalOptions {
+    /// Templates to score; empty = the bundle's own label embeddings.
+    pub templates: Vec<String>,
+    pub multi_label: MultiLabel,
+    pub pipeline: PipelineOptions,
+    pub dataset: String,
+    pub split: String,
+}
+
+/// The bundle's label embeddings reordered to the data set's labels (matched by id, then name).
+fn bundle_embeddings(engine: &Engine, labels: &[Label]) -> Result<Vec<f32>> {
+    let dim = engine.bundle.manifest.embedding_dim;
+    let mine = engine.bundle.labels();
+    let mut out = Vec::with_capacity(labels.len() * dim);
+    for l in labels {
+        let i = mine
+            .iter()
+            .position(|m| m.id == l.id)
+            .or_else(|| mine.iter().position(|m| m.name.eq_ignore_ascii_case(&l.name)))
+            .ok_or_else(|| {
+                Error::InvalidArgument(format!(
+                    "the bundle has no label {:?} of the data set (it has: {}); give --template to score the data set's labels with its text encoder",
+                    l.name,
+                    mine.iter().map(|m| m.name.as_str()).collect::<Vec<_>>().join(", ")
+                ))
+            })?;
+        out.extend_from_slice(&engine.bundle.label_embeddings[i * dim..(i + 1) * dim]);
+    }
+    Ok(out)
+}
+
+pub fn evaluate(
+    engine: &mut Engine,
+    labels: &[Label],
+    samples: &[Sample],
+    opts: &EvalOptions,
+) -> Result<Evaluation> {
+    let multi = samples.iter().filter(|s| s.labels.len() > 1).count();
+    let samples: Vec<&Sample> = samples
+        .iter()
+        .filter(|s| opts.multi_label == MultiLabel::Any || s.labels.len() == 1)
+        .collect();
+    if samples.is_empty() {
+        return Err(Error::InvalidArgument("no images to evaluate".into()));
+    }
+    // Label embeddings first: a bad template or a missing text encoder fails before the long part.
+    let t_score = Instant::now();
+    let label_sets: Vec<(String, Vec<f32>)> = if opts.templates.is_empty() {
+        vec![(
+            "(bundle label embeddings)".to_string(),
+            bundle_embeddings(engine, labels)?,
+        )]
+    } else {
+        opts.templates
+            .iter()
+            .map(|t| {
+                Ok((
+                    t.clone(),
+                    pipeline::text_label_embeddings(engine, labels, std::slice::from_ref(t))?,
+                ))
+            })
+            .collect::<Result<_>>()?
+    };
+    let mut score_seconds = t_score.elapsed().as_secs_f64();
+
+    let files: Vec<PathBuf> = samples.iter().map(|s| s.path.clone()).collect();
+    let t_encode = Instant::now();
+    let embeddings = pipeline::embed_files(engine, &files, &opts.pipeline);
+    let encode_seconds = t_encode.elapsed().as_secs_f64();
+    let mut unreadable = Vec::new();
+    let mut kept: Vec<(Vec<f32>, Vec<usize>)> = Vec::new();
+    for (s, e) in samples.iter().zip(embeddings) {
+        match e {
+            Ok(e) => kept.push((e, s.labels.clone())),
+            Err(err) => unreadable.push((s.path.clone(), err.to_string())),
+        }
+    }
+    if kept.is_empty() {
+        return Err(Error::InvalidArgument(format!(
+            "none of the {} images could be read",
+            samples.len()
+        )));
+    }
+    let scale = engine.bundle.manifest.logit_scale;
+    let t_rank = Instant::now();
+    let truth: Vec<Vec<usize>> = kept.iter().map(|(_, l)| l.clone()).collect();
+    let results = label_sets
+        .into_iter()
+        .map(|(template, emb)| {
+            let ranked: Vec<Vec<usize>> = kept
+                .iter()
+                .map(|(e, _)| scoring::top_k(&scoring::probabilities(e, &emb, scale), 5))
+                .collect();
+            TemplateResult {
+                template,
+                report: metrics::report(&ranked, &truth, labels.len()),
+            }
+        })
+        .collect();
+    score_seconds += t_rank.elapsed().as_secs_f64();
+    Ok(Evaluation {
+        dataset: opts.dataset.clone(),
+        split: opts.split.clone(),
+        bundle: engine.bundle.manifest.name.clone(),
+        labels: labels.to_vec(),
+        multi_label: opts.multi_label,
+        images: kept.len(),
+        multi_label_images: multi,
+        unreadable,
+        encode_seconds,
+        score_seconds,
+        images_per_second: samples.len() as f64 / encode_seconds.max(1e-9),
+        results,
+    })
+}
+
+/// The per-template table (as the reference's prompt table), for the terminal and report.md.
+pub fn template_table(ev: &Evaluation) -> String {
+    let mut s = String::from(
+        "| # | template | top-1 | top-5 | macro-F1 |\n| --- | --- | --- | --- | --- |\n",
+    );
+    for (i, r) in ev.results.iter().enumerate() {
+        s.push_str(&format!(
+            "| {} | `{}` | {:.4} | {:.4} | {:.4} |\n",
+            i + 1,
+            r.template,
+            r.report.top1,
+            r.report.top5,
+            r.report.macro_f1
+        ));
+    }
+    s
+}
+
+pub fn class_table(ev: &Evaluation, r: &Report) -> String {
+    let mut s = String::from(
+        "| label | precision | recall | F1 | support |\n| --- | ---: | ---: | ---: | ---: |\n",
+    );
+    for (l, m) in ev.labels.iter().zip(&r.per_class) {
+        s.push_str(&format!(
+            "| {} | {:.4} | {:.4} | {:.4} | {} |\n",
+            l.name, m.precision, m.recall, m.f1, m.support
+        ));
+    }
+    s
+}
+
+/// Writes report.json, report.md, confusion.csv and confusion.png (best template) into `out`.
+pub fn write_reports(ev: &Evaluation, out: &Path) -> Result<()> {
+    std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
+    let json = serde_json::to_vec_pretty(ev).expect("evaluation serialises");
+    crate::fsutil::write_atomic(&out.join("report.json"), &json)?;
+    let best = ev.best();
+    let mut md = format!(
+        "# Evaluation of `{}` on {} ({} split)\n\n{} images ({} with several labels, policy: {:?}), {} unreadable; \
+         encoding {:.1} s ({:.1} images/s), scoring {:.2} s.\n\n## Templates\n\n{}\n## Per class (best: `{}`)\n\n{}\n",
+        ev.bundle,
+        ev.dataset,
+        ev.split,
+        ev.images,
+        ev.multi_label_images,
+        ev.multi_label,
+        ev.unreadable.len(),
+        ev.encode_seconds,
+        ev.images_per_second,
+        ev.score_seconds,
+        template_table(ev),
+        best.template,
+        class_table(ev, &best.report),
+    );
+    md.push_str(
+        "## Confusion matrix (rows: true, columns: predicted)\n\n![confusion](confusion.png)\n",
+    );
+    if !ev.unreadable.is_empty() {
+        md.push_str("\n## Unreadable images\n\n");
+        for (p, e) in &ev.unreadable {
+            md.push_str(&format!("- `{}`: {e}\n", p.display()));
+        }
+    }
+    crate::fsutil::write_atomic(&out.join("report.md"), md.as_bytes())?;
+    let mut csv = String::from("true\\predicted");
+    for l in &ev.labels {
+        csv.push(',');
+        csv.push_str(&csv_field(&l.name));
+    }
+    csv.push('\n');
+    for (l, row) in ev.labels.iter().zip(&best.report.confusion) {
+        csv.push_str(&csv_field(&l.name));
+        for v in row {
+            csv.push_str(&format!(",{v}"));
+        }
+        csv.push('\n');
+    }
+    crate::fsutil::write_atomic(&out.join("confusion.csv"), csv.as_bytes())?;
+    let names: Vec<String> = ev.labels.iter().map(|l| l.name.clone()).collect();
+    crate::plot::confusion(
+        &out.join("confusion.png"),
+        &names,
+        &best.report.confusion,
+        &best.template,
+    )?;
+    Ok(())
+}
+
+fn csv_field(s: &str) -> String {
+    if s.contains([',', '"', '\n']) {
+        format!("\"{}\"", s.replace('"', "\"\""))
+    } else {
+        s.to_string()
+    }
+}

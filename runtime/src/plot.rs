@@ -1,0 +1,109 @@
+//! Pictures of results (PNG, plotters): the confusion matrix of an evaluation. Also the font set-up
+//! the trainer's curves use.
+
+use std::path::Path;
+
+use plotters::prelude::*;
+
+use crate::error::{Error, Result};
+
+const FONT_PATHS: [&str; 2] = [
+    "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
+    "/usr/share/fonts/dejavu/DejaVuSans.ttf",
+];
+
+/// Registers a system font as "sans-serif"; false when none is installed (then no PNG is drawn and
+/// the numbers stay in the CSV/JSON files).
+pub fn ensure_font() -> bool {
+    static FONT: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *FONT.get_or_init(|| {
+        for p in FONT_PATHS {
+            if let Ok(bytes) = std::fs::read(p) {
+                let bytes: &'static [u8] = Box::leak(bytes.into_boxed_slice());
+                if plotters::style::register_font("sans-serif", FontStyle::Normal, bytes).is_ok() {
+                    return true;
+                }
+            }
+        }
+        false
+    })
+}
+
+/// A heat map of `confusion[true][predicted]`, counts written in the cells, rows normalised for colour.
+pub fn confusion(
+    path: &Path,
+    labels: &[String],
+    confusion: &[Vec<usize>],
+    title: &str,
+) -> Result<bool> {
+    if !ensure_font() {
+        return Ok(false);
+    }
+    let err =
+        |e: String| Error::InvalidArgument(format!("{}: drawing failed: {e}", path.display()));
+    let n = labels.len();
+    let cell = (560 / n.max(1)).clamp(18, 60) as u32;
+    let margin = 180u32;
+    let size = (margin + cell * n as u32 + 40, margin + cell * n as u32 + 60);
+    let root = BitMapBackend::new(path, size).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| err(e.to_string()))?;
+    root.draw(&Text::new(
+        format!("confusion matrix: {title}"),
+        (10, 10),
+        ("sans-serif", 16),
+    ))
+    .map_err(|e| err(e.to_string()))?;
+    let (x0, y0) = (margin as i32, (margin - 40) as i32);
+    let font = ("sans-serif", (cell as f64 * 0.4).clamp(9.0, 14.0));
+    for (t, row) in confusion.iter().enumerate() {
+        let total: usize = row.iter().sum();
+        for (p, &count) in row.iter().enumerate() {
+            let share = if total > 0 {
+                count as f64 / total as f64
+            } else {
+                0.0
+            };
+            let shade = (255.0 * (1.0 - share)) as u8;
+            let color = RGBColor(shade, shade, 255);
+            let (x, y) = (x0 + p as i32 * cell as i32, y0 + t as i32 * cell as i32);
+            root.draw(&Rectangle::new(
+                [(x, y), (x + cell as i32, y + cell as i32)],
+                color.filled(),
+            ))
+            .map_err(|e| err(e.to_string()))?;
+            if count > 0 {
+                let ink = if share > 0.5 { WHITE } else { BLACK };
+                root.draw(&Text::new(
+                    count.to_string(),
+                    (x + 3, y + cell as i32 / 3),
+                    font.into_font().color(&ink),
+                ))
+                .map_err(|e| err(e.to_string()))?;
+            }
+        }
+    }
+    for (i, l) in labels.iter().enumerate() {
+        let short: String = l.chars().take(22).collect();
+        root.draw(&Text::new(
+            short.clone(),
+            (8, y0 + i as i32 * cell as i32 + cell as i32 / 3),
+            font,
+        ))
+        .map_err(|e| err(e.to_string()))?;
+        let style = font.into_font().transform(FontTransform::Rotate270);
+        root.draw(&Text::new(
+            short,
+            (x0 + i as i32 * cell as i32 + cell as i32 / 3, y0 - 4),
+            style,
+        ))
+        .map_err(|e| err(e.to_string()))?;
+    }
+    root.draw(&Text::new(
+        "rows: true label, columns: predicted",
+        (x0, y0 + (n as u32 * cell) as i32 + 12),
+        ("sans-serif", 13),
+    ))
+    .map_err(|e| err(e.to_string()))?;
+    root.present().map_err(|e| err(e.to_string()))?;
+    Ok(true)
+}

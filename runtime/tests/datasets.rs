@@ -1,0 +1,215 @@
+//! Data set loaders on fixtures written here in the real layouts (UNIFESP: train.csv + DICOM tree;
+//! IRMA: `;`-separated codes + PNGs; image folders), metrics against scikit-learn, and `runtime eval`.
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+
+use common::*;
+use runtime::datasets::{self, DatasetKind};
+use runtime::metrics;
+
+fn write_png(path: &Path, v: u8) {
+    let img = image::GrayImage::from_pixel(40, 30, image::Luma([v]));
+    img.save(path).unwrap();
+}
+
+#[test]
+fn unifesp_layout_with_multi_label_rows_missing_files_and_bad_targets() {
+    let root = tmpdir("unifesp");
+    let uids = ["1.2.3.1", "1.2.3.2", "1.2.3.3", "1.2.3.4"];
+    for (i, uid) in uids.iter().enumerate() {
+        let dir = root.join("train").join(format!("1.9.{i}")).join("1.8.0");
+        std::fs::create_dir_all(&dir).unwrap();
+        let obj = image_object(8, 8, vec![(i * 100) as u16; 64], "MONOCHROME2");
+        write_dicom(&dir, &format!("{uid}-c.dcm"), obj, "1.2.840.10008.1.2.1");
+    }
+    std::fs::write(
+        root.join("train.csv"),
+        "SOPInstanceUID,Target\n1.2.3.1,3\n1.2.3.2,3 21\n1.2.3.3,9 \n1.2.3.9,0\n1.2.3.4,22\n1.2.3.4\n",
+    )
+    .unwrap();
+    let ds = datasets::load(DatasetKind::Unifesp, &root).unwrap();
+    assert_eq!(ds.labels.len(), 22);
+    assert_eq!(ds.samples.len(), 3);
+    assert_eq!(ds.samples[0].labels, vec![3]);
+    assert_eq!(ds.samples[1].labels, vec![3, 21], "multi-label row");
+    assert_eq!(ds.samples[2].labels, vec![9]);
+    assert!(ds.samples[1]
+        .path
+        .ends_with("train/1.9.1/1.8.0/1.2.3.2-c.dcm"));
+    assert_eq!(ds.problems.len(), 3, "{:?}", ds.problems);
+    assert!(ds.problems[0].contains("no file for 1.2.3.9"));
+    assert!(ds.problems[1].contains("bad target \"22\""));
+    assert!(ds.problems[2].contains("no comma"));
+    // The files decode as DICOM.
+    runtime::decode::decode_file(&ds.samples[0].path).unwrap();
+    // Reference split on too few images is a clear error.
+    let err = datasets::split(&ds.samples, "head:1200:400".parse().unwrap()).unwrap_err();
+    assert!(err
+        .to_string()
+        .contains("needs 1600 samples, the data set has 3"));
+}
+
+#[test]
+fn irma_layout_with_codes_bad_codes_and_missing_images() {
+    let root = tmpdir("irma");
+    let img = root.join("ImageCLEFmed2009_train.02");
+    std::fs::create_dir_all(&img).unwrap();
+    for id in ["1880", "1881", "1882", "1883"] {
+        write_png(&img.join(format!("{id}.png")), 100);
+    }
+    std::fs::write(
+        root.join("ImageCLEFmed2009_train_codes.02.csv"),
+        "image_id;irma_code;05_class;06_class;07_class;08_class\n\
+         1880;1121-120-200-700;12;5;12;12\n\
+         1881;1123-127-500-000;57;6;57;57\n\
+         1882;1121-115-520-000;34;10;34;34\n\
+         1883;1121-4a0-914-700;77;8;77;77\n\
+         1884;1121-120-200-700;12;5;12;12\n\
+         1885;11x1-120;1;1;1;1\n",
+    )
+    .unwrap();
+    let ds = datasets::load(DatasetKind::Irma, &root).unwrap();
+    assert_eq!(ds.labels.len(), 15);
+    let got: Vec<(String, usize)> = ds
+        .samples
+        .iter()
+        .map(|s| {
+            (
+                s.path.file_stem().unwrap().to_string_lossy().to_string(),
+                s.primary() + 1,
+            )
+        })
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            ("1880".into(), 2),
+            ("1881".into(), 5),
+            ("1882".into(), 11),
+            ("1883".into(), 9)
+        ]
+    );
+    assert_eq!(ds.labels[10].name, "chest/lung");
+    assert_eq!(ds.problems.len(), 2, "{:?}", ds.problems);
+    assert!(ds.problems[0].contains("no image 1884"));
+    assert!(ds.problems[1].contains("bad IRMA code"));
+}
+
+#[test]
+fn metrics_equal_scikit_learn() {
+    let f: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(fixtures().join("metrics/sklearn.json")).unwrap(),
+    )
+    .unwrap();
+    let ints = |k: &str| {
+        f[k].as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap() as usize)
+            .collect::<Vec<_>>()
+    };
+    let floats = |k: &str| {
+        f[k].as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_f64().unwrap())
+            .collect::<Vec<_>>()
+    };
+    let (y_true, y_pred) = (ints("y_true"), ints("y_pred"));
+    let ranked: Vec<Vec<usize>> = y_pred.iter().map(|&p| vec![p]).collect();
+    let truth: Vec<Vec<usize>> = y_true.iter().map(|&t| vec![t]).collect();
+    let r = metrics::report(&ranked, &truth, 5);
+    let confusion: Vec<Vec<usize>> = f["confusion"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|row| {
+            row.as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_u64().unwrap() as usize)
+                .collect()
+        })
+        .collect();
+    assert_eq!(r.confusion, confusion);
+    for (c, m) in r.per_class.iter().enumerate() {
+        assert!((m.precision - floats("precision")[c]).abs() < 1e-12);
+        assert!((m.recall - floats("recall")[c]).abs() < 1e-12);
+        assert!((m.f1 - floats("f1")[c]).abs() < 1e-12);
+        assert_eq!(m.support, ints("support")[c]);
+    }
+    assert!((r.macro_f1 - f["macro_f1"].as_f64().unwrap()).abs() < 1e-12);
+    assert!((r.top1 - f["accuracy"].as_f64().unwrap()).abs() < 1e-12);
+}
+
+#[test]
+fn eval_on_a_folder_writes_reports() {
+    let root = tmpdir("eval-folder");
+    for (label, v) in [("bright", 230u8), ("dark", 20u8)] {
+        std::fs::create_dir_all(root.join(label)).unwrap();
+        for i in 0..3 {
+            write_png(&root.join(label).join(format!("{i}.png")), v + i);
+        }
+    }
+    std::fs::write(root.join("dark/broken.png"), b"not an image").unwrap();
+    let out = root.join("report");
+    let o = Command::new(env!("CARGO_BIN_EXE_runtime"))
+        .args([
+            "eval",
+            "--dataset",
+            "folder",
+            "--device",
+            "cpu",
+            "--template",
+            "a photo of {}",
+            "--template",
+            "{}",
+            "--model",
+        ])
+        .arg(tiny_bundle())
+        .arg("--data")
+        .arg(&root)
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        stdout.contains("| 1 | `a photo of {}` |") && stdout.contains("| 2 | `{}` |"),
+        "{stdout}"
+    );
+    assert!(String::from_utf8_lossy(&o.stderr).contains("unreadable:"));
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("report.json")).unwrap()).unwrap();
+    assert_eq!(report["images"], 6);
+    assert_eq!(report["unreadable"].as_array().unwrap().len(), 1);
+    assert_eq!(report["results"].as_array().unwrap().len(), 2);
+    let confusion = &report["results"][0]["report"]["confusion"];
+    let total: u64 = confusion
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|r| r.as_array().unwrap())
+        .map(|v| v.as_u64().unwrap())
+        .sum();
+    assert_eq!(total, 6);
+    for f in ["report.md", "confusion.csv", "confusion.png"] {
+        assert!(out.join(f).exists(), "{f}");
+    }
+    let csv = std::fs::read_to_string(out.join("confusion.csv")).unwrap();
+    assert_eq!(csv.lines().next().unwrap(), "true\\predicted,bright,dark");
+    // Bundle labels that do not match the data set's: a clear error pointing at --template.
+    let o = Command::new(env!("CARGO_BIN_EXE_runtime"))
+        .args(["eval", "--dataset", "folder", "--device", "cpu", "--model"])
+        .arg(tiny_bundle())
+        .arg("--data")
+        .arg(&root)
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("the bundle has no label \"bright\""));
+}
