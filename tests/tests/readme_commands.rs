@@ -86,3 +86,19 @@ fn assemble_then_classify_a_real_chest_dicom() {
     assert!((a - b).abs() < 0.05, "{a} vs {b}");
     let _ = std::fs::remove_dir_all(&out);
 }
+
+/// The README's first command: the embedded default bundle (models/default) on the real PA chest
+/// radiograph of pydicom-data, without --model.
+#[test]
+fn default_bundle_says_chest_xray_for_the_real_chest_dicom() {
+    for name in ["RG1_UNCI.dcm", "RG1_J2KI.dcm"] {
+        let o = Command::new(bin("classify"))
+            .args(["--device", "cpu", "--json"])
+            .arg(pydicom_file(name))
+            .output()
+            .expect("classify");
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let line: serde_json::Value = serde_json::from_slice(&o.stdout).expect("json");
+        assert_eq!(line["top"][0]["label"], "chest X-ray", "{name}: {line}");
+    }
+}

@@ -173,6 +173,9 @@ pub struct FinetuneArgs {
     /// Leave the text encoder and tokenizer out of the exported bundle (fixed labels only).
     #[arg(long)]
     pub no_text_encoder: bool,
+    /// Random contrast and brightness changes of the training images.
+    #[arg(long)]
+    pub augment: bool,
     /// Name, description, license and notes written into the exported bundle's manifest.
     #[arg(long)]
     pub bundle_name: Option<String>,
@@ -397,6 +400,7 @@ pub fn finetune(a: &FinetuneArgs) -> Result<Vec<train::RunResult>> {
             templates: templates.clone(),
             mixed_precision: !a.no_mixed_precision,
             keep_checkpoints: a.keep_checkpoints,
+            augment: a.augment,
         };
         let dir = if a.lr.len() == 1 {
             a.out.clone()
@@ -435,12 +439,17 @@ pub fn finetune(a: &FinetuneArgs) -> Result<Vec<train::RunResult>> {
             labels: ds.labels.clone(),
             templates: templates.clone(),
             precision: a.precision,
-            name: dir
-                .file_name()
-                .map(|n| n.to_string_lossy().to_string())
-                .unwrap_or_else(|| "bundle".into()),
-            description: format!("fine-tuned on {}", ds.name),
-            without_text_encoder: false,
+            name: a.bundle_name.clone().unwrap_or_else(|| {
+                dir.file_name()
+                    .map(|n| n.to_string_lossy().to_string())
+                    .unwrap_or_else(|| "bundle".into())
+            }),
+            description: if a.bundle_description.is_empty() {
+                format!("fine-tuned on {}", ds.name)
+            } else {
+                a.bundle_description.clone()
+            },
+            without_text_encoder: a.no_text_encoder,
             provenance: runtime::bundle::Provenance {
                 base_weights: export::base_weights(&a.init),
                 dataset: ds.name.clone(),

@@ -119,14 +119,76 @@ impl ImageSet {
 
     /// `[n, 3, S, S]` normalised pixels of the given images.
     pub fn pixels(&self, idx: &[usize], cfg: &PreprocessConfig, device: Device) -> Tensor {
+        self.pixels_augmented(idx, cfg, device, None)
+    }
+
+    /// As [`pixels`](Self::pixels), with `Some(seed)` a seeded random contrast and brightness change
+    /// per image (radiographs differ widely in windowing; a model trained on one archive's contrast
+    /// should not depend on it). The same seed gives the same pixels, so resumed runs stay exact.
+    pub fn pixels_augmented(
+        &self,
+        idx: &[usize],
+        cfg: &PreprocessConfig,
+        device: Device,
+        seed: Option<u64>,
+    ) -> Tensor {
         let len = cfg.tensor_len();
         let mut buf = vec![0f32; idx.len() * len];
-        for (slot, &i) in buf.chunks_exact_mut(len).zip(idx) {
-            normalize_into(&self.crops[i], cfg, slot);
+        for (n, (slot, &i)) in buf.chunks_exact_mut(len).zip(idx).enumerate() {
+            match seed {
+                None => normalize_into(&self.crops[i], cfg, slot),
+                Some(seed) => normalize_into(
+                    &jitter(
+                        &self.crops[i],
+                        seed.wrapping_mul(0x9E37_79B9).wrapping_add(n as u64),
+                    ),
+                    cfg,
+                    slot,
+                ),
+            }
         }
         let s = cfg.image_size as i64;
         Tensor::from_slice(&buf)
             .view([idx.len() as i64, 3, s, s])
             .to_device(device)
+    }
+}
+
+/// Contrast x0.35..1.0 around the mean and brightness -30..+50, with probability 3/4.
+fn jitter(img: &Image, seed: u64) -> Image {
+    let mut state = seed ^ 0xD1B5_4A32_D192_ED03;
+    let mut uniform = || {
+        state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        ((z ^ (z >> 31)) >> 11) as f64 / (1u64 << 53) as f64
+    };
+    if uniform() < 0.25 {
+        return img.clone();
+    }
+    let contrast = 0.35 + 0.65 * uniform();
+    let brightness = -30.0 + 80.0 * uniform();
+    let data = match &img.pixels {
+        runtime::decode::Pixels::Gray(p) | runtime::decode::Pixels::Rgb(p) => p,
+    };
+    let mean = data.iter().map(|&v| v as f64).sum::<f64>() / data.len().max(1) as f64;
+    let map = |v: &u8| {
+        (mean + contrast * (*v as f64 - mean) + brightness)
+            .round()
+            .clamp(0.0, 255.0) as u8
+    };
+    let pixels = match &img.pixels {
+        runtime::decode::Pixels::Gray(p) => {
+            runtime::decode::Pixels::Gray(p.iter().map(map).collect())
+        }
+        runtime::decode::Pixels::Rgb(p) => {
+            runtime::decode::Pixels::Rgb(p.iter().map(map).collect())
+        }
+    };
+    Image {
+        width: img.width,
+        height: img.height,
+        pixels,
     }
 }

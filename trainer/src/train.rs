@@ -55,6 +55,9 @@ pub struct TrainOptions {
     pub mixed_precision: bool,
     /// Checkpoints kept besides the best one (the newest ones).
     pub keep_checkpoints: usize,
+    /// Random contrast and brightness changes of the training images.
+    #[serde(default)]
+    pub augment: bool,
 }
 
 impl Default for TrainOptions {
@@ -70,6 +73,7 @@ impl Default for TrainOptions {
             templates: vec![labels::REFERENCE_TEMPLATES[0].to_string()],
             mixed_precision: true,
             keep_checkpoints: 2,
+            augment: false,
         }
     }
 }
@@ -300,7 +304,12 @@ pub fn run(
             if idx.len() < 2 && opts.loss == LossKind::Contrastive {
                 continue; // a single pair has no negatives
             }
-            let pixels = inputs.train.pixels(idx, inputs.preprocess, device);
+            let aug_seed = opts
+                .augment
+                .then_some(opts.seed ^ ((epoch as u64) << 32) ^ ((step as u64) << 8));
+            let pixels = inputs
+                .train
+                .pixels_augmented(idx, inputs.preprocess, device, aug_seed);
             let labels: Vec<i64> = idx.iter().map(|&i| inputs.train.labels[i] as i64).collect();
             let labels = Tensor::from_slice(&labels).to_device(device);
             let loss = tch::autocast(amp, || {

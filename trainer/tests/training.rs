@@ -80,7 +80,7 @@ fn learns_checkpoints_and_resumes_exactly() {
     let init = init_tiny(&dir);
 
     let full = dir.join("full");
-    let out = finetune(&data, &test, &init, &full, "4", &[]);
+    let out = finetune(&data, &test, &init, &full, "4", &["--augment"]);
     assert!(
         out.status.success(),
         "{}",
@@ -119,10 +119,10 @@ fn learns_checkpoints_and_resumes_exactly() {
 
     // Interrupted after 2 epochs, then resumed to 4: the same weights as the uninterrupted run.
     let part = dir.join("part");
-    assert!(finetune(&data, &test, &init, &part, "2", &[])
+    assert!(finetune(&data, &test, &init, &part, "2", &["--augment"])
         .status
         .success());
-    let out = finetune(&data, &test, &init, &part, "4", &["--resume"]);
+    let out = finetune(&data, &test, &init, &part, "4", &["--resume", "--augment"]);
     assert!(
         out.status.success(),
         "{}",
