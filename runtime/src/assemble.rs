@@ -8,7 +8,7 @@ use crate::bundle::{
 };
 use crate::engine::{Encoder, EngineOptions};
 use crate::error::{Error, Result};
-use crate::labels::{self, Label};
+use crate::labels::Label;
 use crate::pipeline;
 use crate::preprocess::PreprocessConfig;
 use crate::tokenizer::ClipTokenizer;
@@ -75,21 +75,7 @@ pub fn assemble(spec: AssembleSpec, out: &Path, opts: &EngineOptions) -> Result<
             actual: dim.to_string(),
         });
     }
-    let labels = spec
-        .labels
-        .iter()
-        .map(|l| {
-            let prompts = spec
-                .templates
-                .iter()
-                .map(|t| labels::fill(t, l))
-                .collect::<Result<_>>()?;
-            Ok(BundleLabel {
-                label: l.clone(),
-                prompts,
-            })
-        })
-        .collect::<Result<Vec<_>>>()?;
+    let labels = BundleLabel::fill_all(&spec.labels, &spec.templates)?;
     let manifest = Manifest {
         format_version: FORMAT_VERSION,
         name: spec.name,

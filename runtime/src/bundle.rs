@@ -47,6 +47,25 @@ pub struct BundleLabel {
     pub prompts: Vec<String>,
 }
 
+impl BundleLabel {
+    /// The labels with the prompts that `templates` make of them.
+    pub fn fill_all(labels: &[Label], templates: &[String]) -> Result<Vec<BundleLabel>> {
+        labels
+            .iter()
+            .map(|l| {
+                let prompts = templates
+                    .iter()
+                    .map(|t| crate::labels::fill(t, l))
+                    .collect::<Result<_>>()?;
+                Ok(BundleLabel {
+                    label: l.clone(),
+                    prompts,
+                })
+            })
+            .collect()
+    }
+}
+
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Provenance {
     /// Where the starting weights came from (e.g. `openai/clip-vit-base-patch32`, `random init`).

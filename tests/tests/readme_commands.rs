@@ -8,21 +8,7 @@ fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
-/// The workspace's release or debug binaries, built by `cargo test --workspace`.
-fn bin(name: &str) -> PathBuf {
-    let exe = std::env::current_exe().expect("test exe");
-    let dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("target/<profile>");
-    let p = dir.join(name);
-    assert!(
-        p.exists(),
-        "{} not built (cargo test --workspace builds it)",
-        p.display()
-    );
-    p
-}
+use tests::bin;
 
 fn pydicom_file(name: &str) -> PathBuf {
     let lib = runtime::cache_dir().join("testpy/lib");

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use runtime::bundle::{
     self, Bundle, BundleLabel, BundleWriter, Manifest, Provenance, FORMAT_VERSION,
 };
-use runtime::labels::{self, Label};
+use runtime::labels::Label;
 use runtime::preprocess::PreprocessConfig;
 use runtime::tokenizer::ClipTokenizer;
 use tch::{Device, Kind};
@@ -71,21 +71,7 @@ pub fn export(spec: ExportSpec, out: &Path) -> Result<Bundle> {
     let logit_scale = loaded.model.logit_scale.exp().double_value(&[]) as f32;
     let image = onnx::image_encoder(&loaded.vs, config, spec.precision)?;
     let s = config.vision_config.image_size as u32;
-    let labels = spec
-        .labels
-        .iter()
-        .map(|l| {
-            let prompts = spec
-                .templates
-                .iter()
-                .map(|t| labels::fill(t, l))
-                .collect::<runtime::Result<_>>()?;
-            Ok(BundleLabel {
-                label: l.clone(),
-                prompts,
-            })
-        })
-        .collect::<Result<Vec<_>>>()?;
+    let labels = BundleLabel::fill_all(&spec.labels, &spec.templates)?;
     let mut provenance = spec.provenance;
     if provenance.base_weights.is_empty() {
         provenance.base_weights = base_weights(&spec.checkpoint);

@@ -339,19 +339,7 @@ fn main() -> ExitCode {
                     label_args.templates.clone()
                 };
                 let mut manifest = engine.bundle.manifest.clone();
-                manifest.labels = labels
-                    .iter()
-                    .map(|l| {
-                        let prompts = templates
-                            .iter()
-                            .map(|t| labels::fill(t, l))
-                            .collect::<runtime::Result<_>>()?;
-                        Ok(BundleLabel {
-                            label: l.clone(),
-                            prompts,
-                        })
-                    })
-                    .collect::<runtime::Result<_>>()?;
+                manifest.labels = BundleLabel::fill_all(&labels, &templates)?;
                 manifest.templates = templates;
                 let files = std::mem::take(&mut manifest.files);
                 let mut writer = BundleWriter::new(&out, manifest)?;
