@@ -39,6 +39,20 @@ pub fn top_k(probs: &[f32], k: usize) -> Vec<usize> {
     idx
 }
 
+/// One JSON line of `classify --json` (and `trainer predict`): the file and its `k` best labels.
+pub fn json_line(
+    file: &str,
+    labels: &[crate::labels::Label],
+    probs: &[f32],
+    k: usize,
+) -> serde_json::Value {
+    let entries: Vec<serde_json::Value> = top_k(probs, k)
+        .into_iter()
+        .map(|i| serde_json::json!({"label": labels[i].name, "id": labels[i].id, "probability": probs[i]}))
+        .collect();
+    serde_json::json!({"file": file, "top": entries})
+}
+
 /// Averages normalised embeddings of several templates per label, then normalises again.
 /// `per_template` is `[templates][labels x dim]`.
 pub fn ensemble(per_template: &[Vec<f32>], dim: usize) -> Vec<f32> {

@@ -581,14 +581,10 @@ pub fn predict(a: &PredictArgs) -> Result<bool> {
             (img.matmul(&emb.tr()) * scale).softmax(-1, tch::Kind::Float)
         });
         let probs: Vec<f32> = Vec::<f32>::try_from(probs.reshape([-1])).map_err(Error::Torch)?;
-        let top = runtime::scoring::top_k(&probs, a.top_k.clamp(1, labels.len()));
-        let entries: Vec<_> = top
-            .iter()
-            .map(|&i| serde_json::json!({"label": labels[i].name, "id": labels[i].id, "probability": probs[i]}))
-            .collect();
+        let k = a.top_k.clamp(1, labels.len());
         println!(
             "{}",
-            serde_json::json!({"file": f.display().to_string(), "top": entries})
+            runtime::scoring::json_line(&f.display().to_string(), &labels, &probs, k)
         );
     }
     Ok(ok)

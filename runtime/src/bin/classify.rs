@@ -72,17 +72,13 @@ fn main() -> ExitCode {
             match result {
                 Ok(emb) => {
                     let probs = scoring::probabilities(&emb, &label_emb, scale);
-                    let top = scoring::top_k(&probs, k);
                     if cli.json {
-                        let entries: Vec<_> = top
-                            .iter()
-                            .map(|&i| serde_json::json!({"label": labels[i].name, "id": labels[i].id, "probability": probs[i]}))
-                            .collect();
                         println!(
                             "{}",
-                            serde_json::json!({"file": show_path(path), "top": entries})
+                            scoring::json_line(&show_path(path), &labels, &probs, k)
                         );
                     } else {
+                        let top = scoring::top_k(&probs, k);
                         let cells: String = top
                             .iter()
                             .map(|&i| {
