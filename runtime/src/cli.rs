@@ -13,6 +13,13 @@ use crate::pipeline;
 
 /// Runs a binary's body; any error becomes `error: ...` on one line and exit code 1.
 pub fn run_main(body: impl FnOnce() -> anyhow::Result<ExitCode>) -> ExitCode {
+    // Piped into `head`: end quietly when the reader goes away, as other Unix tools do, instead of
+    // panicking on the failed write.
+    #[cfg(unix)]
+    // SAFETY: restoring the default disposition of SIGPIPE before any thread is started.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     match body() {
         Ok(code) => code,
         Err(e) => {

@@ -50,18 +50,20 @@ pub fn default_model_dir() -> std::path::PathBuf {
     if let Some(p) = std::env::var_os("XRAY_CLIP_MODEL") {
         return p.into();
     }
-    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("..")
-        .join("models")
-        .join("default")
+    workspace_dir().join("models").join("default")
 }
 
 /// OpenAI's CLIP BPE vocabulary as a `tokenizer.json` (built by `scripts/make_fixtures.py` from the
 /// `openai-clip` package's merges), shipped in `models/tokenizer/`.
 pub fn default_tokenizer_path() -> std::path::PathBuf {
-    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("..")
+    workspace_dir()
         .join("models")
         .join("tokenizer")
         .join("tokenizer.json")
+}
+
+/// The workspace this crate was built in (the parent of `runtime/`).
+fn workspace_dir() -> std::path::PathBuf {
+    let here = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    here.parent().unwrap_or(here).to_path_buf()
 }
