@@ -6,6 +6,8 @@
 #   scripts/setup.sh            ONNX Runtime library + the small Python venv the tests use (pydicom, ...)
 #   scripts/setup.sh --dev      also the tools venv (torch, transformers, onnx) for fixtures and benchmarks
 #   scripts/setup.sh --torch    also libtorch for the trainer (PyPI torch 2.11.0 --no-deps + CUDA runtime)
+#   scripts/setup.sh --wasm     also the wasm32 toolchain (Debian's rustc-web, Rust 1.96 with its std source)
+#                               and wasm-bindgen-cli at the version in Cargo.lock
 set -euo pipefail
 
 CACHE="${XRAY_CLIP_CACHE:-$HOME/.cache/xray-clip}"
@@ -14,12 +16,13 @@ TORCH_VERSION=2.11.0        # matches tch =0.24.0
 PYTHON="${PYTHON:-python3}"
 mkdir -p "$CACHE"
 
-want_dev=0; want_torch=0
+want_dev=0; want_torch=0; want_wasm=0
 for a in "$@"; do
   case "$a" in
     --dev) want_dev=1 ;;
     --torch) want_torch=1 ;;
-    *) echo "usage: $0 [--dev] [--torch]" >&2; exit 2 ;;
+    --wasm) want_wasm=1 ;;
+    *) echo "usage: $0 [--dev] [--torch] [--wasm]" >&2; exit 2 ;;
   esac
 done
 
@@ -85,5 +88,18 @@ if [ "$want_torch" = 1 ]; then
   fi
   # .cargo/config.toml points LIBTORCH at this link (the build needs an absolute place per machine).
   ln -sfn "$(echo "$dir"/lib/python3*/site-packages/torch)" "$(dirname "$0")/../.libtorch"
+fi
+if [ "$want_wasm" = 1 ]; then
+  # rustup's toolchains have no wasm32 std here; Debian's rustc-web ships a matching std source.
+  pkgs="rustc-web cargo-web rust-web-src rust-web-llvm lld-22"
+  if ! dpkg -s $pkgs >/dev/null 2>&1; then
+    log "Debian wasm toolchain: $pkgs"
+    apt-get update -q >/dev/null && apt-get install -y -q $pkgs >/dev/null
+  fi
+  version=$(awk '/^name = "wasm-bindgen"$/ { getline; gsub(/[^0-9.]/, ""); print; exit }' "$(dirname "$0")/../Cargo.lock")
+  if ! wasm-bindgen --version 2>/dev/null | grep -q " $version\b"; then
+    log "wasm-bindgen-cli $version (cargo install, about 13 minutes cold)"
+    cargo install -q wasm-bindgen-cli --version "$version"
+  fi
 fi
 log "ready: $CACHE"
