@@ -6,8 +6,9 @@
 #   scripts/setup.sh            ONNX Runtime library + the small Python venv the tests use (pydicom, ...)
 #   scripts/setup.sh --dev      also the tools venv (torch, transformers, onnx) for fixtures and benchmarks
 #   scripts/setup.sh --torch    also libtorch for the trainer (PyPI torch 2.11.0 --no-deps + CUDA runtime)
-#   scripts/setup.sh --wasm     also the wasm32 toolchain (Debian's rustc-web, Rust 1.96 with its std source)
-#                               and wasm-bindgen-cli at the version in Cargo.lock
+#   scripts/setup.sh --wasm     also the wasm32 toolchain (Debian's rustc-web, Rust 1.96 with its std source),
+#                               wasm-bindgen-cli at the version in Cargo.lock, Debian's chromium, and the demo
+#                               page's npm packages (onnxruntime-web, playwright-core)
 set -euo pipefail
 
 CACHE="${XRAY_CLIP_CACHE:-$HOME/.cache/xray-clip}"
@@ -91,7 +92,7 @@ if [ "$want_torch" = 1 ]; then
 fi
 if [ "$want_wasm" = 1 ]; then
   # rustup's toolchains have no wasm32 std here; Debian's rustc-web ships a matching std source.
-  pkgs="rustc-web cargo-web rust-web-src rust-web-llvm lld-22"
+  pkgs="rustc-web cargo-web rust-web-src rust-web-llvm lld-22 chromium"
   if ! dpkg -s $pkgs >/dev/null 2>&1; then
     log "Debian wasm toolchain: $pkgs"
     apt-get update -q >/dev/null && apt-get install -y -q $pkgs >/dev/null
@@ -100,6 +101,11 @@ if [ "$want_wasm" = 1 ]; then
   if ! wasm-bindgen --version 2>/dev/null | grep -q " $version\b"; then
     log "wasm-bindgen-cli $version (cargo install, about 13 minutes cold)"
     cargo install -q wasm-bindgen-cli --version "$version"
+  fi
+  www="$(dirname "$0")/../wasm/www"
+  if [ ! -d "$www/node_modules/onnxruntime-web" ] || [ ! -d "$www/node_modules/playwright-core" ]; then
+    log "npm packages of the demo page"
+    (cd "$www" && npm ci --no-audit --no-fund --loglevel=error)
   fi
 fi
 log "ready: $CACHE"

@@ -137,8 +137,12 @@ impl Bundle {
     ) -> Result<Bundle> {
         manifest.validate(dir)?;
         for (role, entry) in &manifest.files {
-            // ONNX files are hashed when the engine loads them (no second read of a large file).
-            if matches!(role.as_str(), IMAGE_ENCODER | TEXT_ENCODER) {
+            // ONNX files are hashed when the engine loads them (no second read of a large file);
+            // the label embeddings just below.
+            if matches!(
+                role.as_str(),
+                IMAGE_ENCODER | TEXT_ENCODER | LABEL_EMBEDDINGS
+            ) {
                 continue;
             }
             let path = dir.join(&entry.path);
@@ -148,7 +152,20 @@ impl Bundle {
         let emb_entry = &manifest.files[LABEL_EMBEDDINGS];
         let emb_path = dir.join(&emb_entry.path);
         let bytes = read(&emb_path).map_err(|e| Error::io(&emb_path, e))?;
-        let (shape, data) = npy::from_bytes(&bytes, &emb_path)?;
+        Self::from_label_embeddings(dir, manifest, &bytes)
+    }
+
+    /// A bundle from its manifest and label embeddings alone (their hash, shape and count checked);
+    /// the browser demo fetches and checks the other files itself.
+    pub fn from_label_embeddings(
+        dir: &Path,
+        manifest: Manifest,
+        npy_bytes: &[u8],
+    ) -> Result<Bundle> {
+        manifest.validate(dir)?;
+        let emb_entry = &manifest.files[LABEL_EMBEDDINGS];
+        verify_bytes(dir, &emb_entry.path, emb_entry, npy_bytes)?;
+        let (shape, data) = npy::from_bytes(npy_bytes, &dir.join(&emb_entry.path))?;
         if shape != [manifest.labels.len(), manifest.embedding_dim] {
             return Err(Error::bundle(
                 dir,

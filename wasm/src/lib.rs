@@ -6,7 +6,7 @@ use std::path::Path;
 
 use runtime::bundle::Manifest;
 use runtime::decode::decode_bytes;
-use runtime::preprocess::{preprocess, PreprocessConfig};
+use runtime::preprocess::{normalize_into, resize_crop, PreprocessConfig};
 use runtime::scoring;
 use wasm_bindgen::prelude::*;
 
@@ -29,7 +29,7 @@ impl Prepared {
     pub fn height(&self) -> u32 {
         self.height
     }
-    /// The decoded picture (after DICOM windowing) as RGBA, for a canvas.
+    /// The picture the model sees (after DICOM windowing, resize and crop) as RGBA, for a canvas.
     pub fn rgba(&self) -> Vec<u8> {
         self.rgba.clone()
     }
@@ -50,11 +50,15 @@ pub fn prepare(bytes: &[u8], file_name: &str, manifest_json: &str) -> Result<Pre
     };
     let img =
         decode_bytes(bytes, Path::new(file_name)).map_err(|e| JsError::new(&e.to_string()))?;
+    // The preview is the model's view: windowed, resized and centre-cropped.
+    let crop = resize_crop(&img, &cfg);
+    let mut tensor = vec![0f32; cfg.tensor_len()];
+    normalize_into(&crop, &cfg, &mut tensor);
     Ok(Prepared {
-        width: img.width,
-        height: img.height,
-        rgba: img.to_rgba(),
-        tensor: preprocess(&img, &cfg),
+        width: crop.width,
+        height: crop.height,
+        rgba: crop.to_rgba(),
+        tensor,
     })
 }
 
@@ -71,6 +75,87 @@ pub fn probabilities(
         ));
     }
     Ok(scoring::probabilities(image_embedding, labels, logit_scale))
+}
+
+/// A bundle as the page holds it: the manifest and label embeddings, checked as the native loader
+/// checks them (format, paths, label count vs embedding shape, sha256 of each file handed in).
+#[wasm_bindgen]
+pub struct DemoBundle {
+    manifest: Manifest,
+    embeddings: Vec<f32>,
+}
+
+#[wasm_bindgen]
+impl DemoBundle {
+    #[wasm_bindgen(constructor)]
+    pub fn new(manifest_json: &str, label_embeddings_npy: &[u8]) -> Result<DemoBundle, JsError> {
+        let manifest = parse_manifest(manifest_json)?;
+        let b = runtime::bundle::Bundle::from_label_embeddings(
+            Path::new("bundle"),
+            manifest,
+            label_embeddings_npy,
+        )
+        .map_err(|e| JsError::new(&e.to_string()))?;
+        Ok(DemoBundle {
+            manifest: b.manifest,
+            embeddings: b.label_embeddings,
+        })
+    }
+
+    /// Checks a file of the bundle (e.g. `image_encoder`) against the manifest's size and sha256.
+    pub fn verify(&self, role: &str, bytes: &[u8]) -> Result<(), JsError> {
+        let entry = self
+            .manifest
+            .files
+            .get(role)
+            .ok_or_else(|| JsError::new(&format!("bundle has no {role}")))?;
+        runtime::bundle::verify_bytes(Path::new("bundle"), &entry.path, entry, bytes)
+            .map_err(|e| JsError::new(&e.to_string()))
+    }
+
+    #[wasm_bindgen(getter)]
+    pub fn name(&self) -> String {
+        self.manifest.name.clone()
+    }
+
+    #[wasm_bindgen(getter)]
+    pub fn image_size(&self) -> u32 {
+        self.manifest.preprocessing.image_size
+    }
+
+    /// File name, graph input and output of the image encoder, as JSON.
+    pub fn image_encoder(&self) -> Result<String, JsError> {
+        let e = self
+            .manifest
+            .files
+            .get(runtime::bundle::IMAGE_ENCODER)
+            .ok_or_else(|| JsError::new("bundle has no image encoder"))?;
+        Ok(serde_json::json!({"path": e.path, "input": e.input, "output": e.output}).to_string())
+    }
+
+    pub fn has_text_encoder(&self) -> bool {
+        self.manifest
+            .files
+            .contains_key(runtime::bundle::TEXT_ENCODER)
+    }
+
+    /// Label names, as JSON.
+    pub fn labels(&self) -> String {
+        serde_json::to_string(
+            &self
+                .manifest
+                .labels
+                .iter()
+                .map(|l| l.label.name.clone())
+                .collect::<Vec<_>>(),
+        )
+        .unwrap_or_default()
+    }
+
+    /// Probabilities over the bundle's labels for one image embedding.
+    pub fn classify(&self, image_embedding: &[f32]) -> Result<Vec<f32>, JsError> {
+        probabilities(image_embedding, &self.embeddings, self.manifest.logit_scale)
+    }
 }
 
 fn parse_manifest(json: &str) -> Result<Manifest, JsError> {
@@ -90,9 +175,9 @@ mod tests {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/images/small_64x64.png");
         let bytes = std::fs::read(&path).unwrap();
         let p = prepare(&bytes, "small.png", "").unwrap();
-        assert_eq!((p.width(), p.height()), (64, 64));
-        assert_eq!(p.rgba().len(), 64 * 64 * 4);
-        let native = preprocess(
+        assert_eq!((p.width(), p.height()), (224, 224));
+        assert_eq!(p.rgba().len(), 224 * 224 * 4);
+        let native = runtime::preprocess::preprocess(
             &runtime::decode::decode_file(&path).unwrap(),
             &PreprocessConfig::default(),
         );

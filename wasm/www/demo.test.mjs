@@ -1,0 +1,96 @@
+// End-to-end test of the demo page in headless Chromium (Debian's chromium, driven by playwright-core):
+// the page classifies real files as the native `classify` does (same top-1, probabilities within 1e-3),
+// and a bad file gives a visible error without killing the page.
+//
+//   node --test wasm/www/demo.test.mjs     (after scripts/build_wasm.sh; CLASSIFY=path/to/classify)
+import { test, before, after } from "node:test";
+import assert from "node:assert/strict";
+import { spawn, execFileSync } from "node:child_process";
+import { mkdtempSync, writeFileSync, readdirSync } from "node:fs";
+import { tmpdir, homedir } from "node:os";
+import path from "node:path";
+import { fileURLToPath } from "node:url";
+import { chromium } from "playwright-core";
+
+const root = path.resolve(path.dirname(fileURLToPath(import.meta.url)), "../..");
+const classifyBin = process.env.CLASSIFY ?? path.join(root, "target/debug/classify");
+const cache = process.env.XRAY_CLIP_CACHE ?? path.join(homedir(), ".cache/xray-clip");
+const lib = path.join(cache, "testpy/lib");
+const py = readdirSync(lib).find((d) => d.startsWith("python3"));
+const dicom = path.join(lib, py, "site-packages/data_store/data/RG1_UNCI.dcm");
+const png = path.join(root, "fixtures/images/gray_300x217.png");
+const port = 8700 + (process.pid % 200);
+let server, browser, page;
+
+before(async () => {
+  server = spawn("/usr/bin/python3", ["-m", "http.server", String(port), "--bind", "127.0.0.1", "--directory", root], {
+    stdio: "ignore",
+  });
+  browser = await chromium.launch({
+    executablePath: "/usr/bin/chromium",
+    headless: true,
+    args: ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+      "--disable-component-update", "--disable-sync"],
+  });
+  page = await browser.newPage();
+  for (let i = 0; ; i++) {
+    try {
+      await page.goto(`http://127.0.0.1:${port}/wasm/www/index.html`);
+      break;
+    } catch (e) {
+      if (i > 50) throw e;
+      await new Promise((r) => setTimeout(r, 100));
+    }
+  }
+  await page.waitForFunction(() => window.xrayClip?.ready || window.xrayClip?.error, null, { timeout: 60000 });
+  const error = await page.evaluate(() => window.xrayClip.error);
+  assert.equal(error, null, `page failed to load: ${error}`);
+});
+
+after(async () => {
+  await browser?.close();
+  server?.kill();
+});
+
+function native(file) {
+  const out = execFileSync(classifyBin, ["--device", "cpu", "--json", "-k", "100", file], { encoding: "utf8" });
+  const line = JSON.parse(out.trim());
+  return Object.fromEntries(line.top.map((t) => [t.label, t.probability]));
+}
+
+async function inPage(file) {
+  await page.evaluate(() => { window.xrayClip.last = null; window.xrayClip.error = null; });
+  await page.setInputFiles("#file", file);
+  await page.waitForFunction(() => window.xrayClip.last || window.xrayClip.error, null, { timeout: 60000 });
+  return page.evaluate(() => ({ last: window.xrayClip.last, error: window.xrayClip.error }));
+}
+
+for (const [name, file] of [["real chest DICOM (pydicom-data RG1)", dicom], ["PNG fixture", png]]) {
+  test(`page equals native classify: ${name}`, async () => {
+    const { last, error } = await inPage(file);
+    assert.equal(error, null);
+    const expected = native(file);
+    const best = Object.entries(expected).sort((a, b) => b[1] - a[1])[0][0];
+    assert.equal(last.top1, best);
+    let worst = 0;
+    last.labels.forEach((label, i) => {
+      worst = Math.max(worst, Math.abs(last.probabilities[i] - expected[label]));
+    });
+    assert.ok(worst <= 1e-3, `max probability difference ${worst}`);
+    console.log(`${name}: top-1 ${last.top1}, max |diff| vs native ${worst.toExponential(2)}, ${last.ms.toFixed(1)} ms in the page`);
+  });
+}
+
+test("a bad file shows an error and the page keeps working", async () => {
+  const dir = mkdtempSync(path.join(tmpdir(), "xray-clip-bad-"));
+  const bad = path.join(dir, "not-an-image.png");
+  writeFileSync(bad, "this is text, not a PNG\n");
+  const { last, error } = await inPage(bad);
+  assert.equal(last, null);
+  assert.match(error, /not a PNG, JPEG or DICOM/);
+  assert.ok(await page.isVisible("#error"));
+  assert.match(await page.textContent("#error"), /not-an-image\.png/);
+  const again = await inPage(png);
+  assert.equal(again.error, null);
+  assert.ok(again.last.top1);
+});

@@ -1,0 +1,119 @@
+// The demo page: the wasm module (decoding, preprocessing, manifest checks, scoring) and ONNX Runtime
+// Web (the image encoder). Everything is served from this project: no third-party hosts.
+import init, { prepare, DemoBundle } from "../pkg/wasm.js";
+import * as ort from "./node_modules/onnxruntime-web/dist/ort.wasm.min.mjs";
+
+ort.env.wasm.wasmPaths = new URL("./node_modules/onnxruntime-web/dist/", import.meta.url).href;
+ort.env.wasm.numThreads = 1; // no cross-origin isolation on a plain static server
+
+const $ = (id) => document.getElementById(id);
+const state = { bundle: null, session: null, manifestText: "", labels: [], encoder: null };
+window.xrayClip = { ready: false, last: null, error: null };
+
+function showError(message) {
+  $("error").textContent = message;
+  window.xrayClip.error = message;
+}
+
+async function loadBundle(read) {
+  const manifestText = new TextDecoder().decode(await read("manifest.json"));
+  const manifest = JSON.parse(manifestText);
+  const emb = await read(manifest.files.label_embeddings.path);
+  const bundle = new DemoBundle(manifestText, emb);
+  const encoder = JSON.parse(bundle.image_encoder());
+  const onnx = await read(encoder.path);
+  bundle.verify("image_encoder", onnx);
+  const session = await ort.InferenceSession.create(onnx, { executionProviders: ["wasm"] });
+  Object.assign(state, { bundle, session, manifestText, encoder, labels: JSON.parse(bundle.labels()) });
+  $("bundle").textContent = bundle.name;
+  $("labels").textContent = `(${state.labels.join(", ")})`;
+}
+
+async function classify(file) {
+  showError("");
+  try {
+    const bytes = new Uint8Array(await file.arrayBuffer());
+    const t0 = performance.now();
+    const p = prepare(bytes, file.name, state.manifestText);
+    const s = state.bundle.image_size;
+    const input = new ort.Tensor("float32", p.tensor(), [1, 3, s, s]);
+    const feeds = { [state.encoder.input ?? state.session.inputNames[0]]: input };
+    const out = await state.session.run(feeds);
+    const emb = out[state.encoder.output ?? state.session.outputNames[0]].data;
+    const probs = Array.from(state.bundle.classify(emb));
+    const ms = performance.now() - t0;
+    drawPreview(p);
+    drawBars(probs);
+    $("latency").textContent = `${ms.toFixed(1)} ms (decode, preprocess, encode, score)`;
+    const order = probs.map((v, i) => i).sort((a, b) => probs[b] - probs[a]);
+    window.xrayClip.last = {
+      file: file.name,
+      labels: state.labels,
+      probabilities: probs,
+      top1: state.labels[order[0]],
+      ms,
+    };
+    window.xrayClip.error = null;
+  } catch (e) {
+    window.xrayClip.last = null;
+    showError(`${file.name}: ${e.message ?? e}`);
+  }
+}
+
+function drawPreview(p) {
+  const canvas = $("preview");
+  canvas.width = p.width;
+  canvas.height = p.height;
+  canvas.getContext("2d").putImageData(new ImageData(new Uint8ClampedArray(p.rgba()), p.width, p.height), 0, 0);
+}
+
+function drawBars(probs) {
+  const order = probs.map((v, i) => i).sort((a, b) => probs[b] - probs[a]).slice(0, 5);
+  $("bars").innerHTML = "";
+  for (const i of order) {
+    const row = document.createElement("div");
+    row.className = "bar";
+    row.innerHTML = `<span class="name"></span><div class="fill"></div><span class="p"></span>`;
+    row.querySelector(".name").textContent = state.labels[i];
+    row.querySelector(".fill").style.width = `${Math.max(1, probs[i] * 300)}px`;
+    row.querySelector(".p").textContent = probs[i].toFixed(4);
+    $("bars").appendChild(row);
+  }
+}
+
+$("file").addEventListener("change", (e) => e.target.files[0] && classify(e.target.files[0]));
+const drop = $("drop");
+drop.addEventListener("dragover", (e) => { e.preventDefault(); drop.classList.add("over"); });
+drop.addEventListener("dragleave", () => drop.classList.remove("over"));
+drop.addEventListener("drop", (e) => {
+  e.preventDefault();
+  drop.classList.remove("over");
+  if (e.dataTransfer.files[0]) classify(e.dataTransfer.files[0]);
+});
+$("bundle-input").addEventListener("change", async (e) => {
+  const files = new Map(Array.from(e.target.files).map((f) => [f.webkitRelativePath.split("/").slice(1).join("/"), f]));
+  try {
+    await loadBundle(async (name) => {
+      const f = files.get(name);
+      if (!f) throw new Error(`the folder has no ${name}`);
+      return new Uint8Array(await f.arrayBuffer());
+    });
+    showError("");
+  } catch (err) {
+    showError(`bundle: ${err.message ?? err}`);
+  }
+});
+
+try {
+  await init();
+  // ?bundle=PATH (relative to the page) serves another bundle folder of the project, e.g. for benchmarks.
+  const base = new URLSearchParams(location.search).get("bundle") ?? "../../models/default/";
+  await loadBundle(async (name) => {
+    const r = await fetch(new URL(`${base.replace(/\/?$/, "/")}${name}`, location.href));
+    if (!r.ok) throw new Error(`${name}: HTTP ${r.status}`);
+    return new Uint8Array(await r.arrayBuffer());
+  });
+  window.xrayClip.ready = true;
+} catch (e) {
+  showError(`could not load the default bundle: ${e.message ?? e}`);
+}
