@@ -8,6 +8,7 @@ use runtime::bundle::Manifest;
 use runtime::decode::decode_bytes;
 use runtime::preprocess::{normalize_into, resize_crop, PreprocessConfig};
 use runtime::scoring;
+use runtime::tokenizer::{ClipTokenizer, Padding};
 use wasm_bindgen::prelude::*;
 
 /// A decoded file: the model input and a preview of the picture as the model sees it.
@@ -152,9 +153,114 @@ impl DemoBundle {
         .unwrap_or_default()
     }
 
+    #[wasm_bindgen(getter)]
+    pub fn logit_scale(&self) -> f32 {
+        self.manifest.logit_scale
+    }
+
+    /// The templates of the bundle's label embeddings, as JSON.
+    pub fn templates(&self) -> String {
+        serde_json::to_string(&self.manifest.templates).unwrap_or_default()
+    }
+
+    /// File name, graph input and output of the text encoder and the tokenizer's file, as JSON.
+    pub fn text_encoder(&self) -> Result<String, JsError> {
+        let f = &self.manifest.files;
+        let (e, t) = f
+            .get(runtime::bundle::TEXT_ENCODER)
+            .zip(f.get(runtime::bundle::TOKENIZER))
+            .ok_or_else(|| {
+                JsError::new("this bundle has no text encoder: custom labels need one")
+            })?;
+        Ok(serde_json::json!({"path": e.path, "input": e.input, "output": e.output, "tokenizer": t.path}).to_string())
+    }
+
     /// Probabilities over the bundle's labels for one image embedding.
     pub fn classify(&self, image_embedding: &[f32]) -> Result<Vec<f32>, JsError> {
         probabilities(image_embedding, &self.embeddings, self.manifest.logit_scale)
+    }
+}
+
+/// Prompts of custom labels, tokenized with the bundle's tokenizer: every template filled with every
+/// label (template-major), padded to the longest.
+#[wasm_bindgen]
+pub struct Prompts {
+    ids: Vec<i64>,
+    rows: usize,
+    len: usize,
+    labels: Vec<String>,
+    templates: usize,
+}
+
+#[wasm_bindgen]
+impl Prompts {
+    #[wasm_bindgen(constructor)]
+    pub fn new(
+        tokenizer_json: &[u8],
+        labels_text: &str,
+        templates_json: &str,
+    ) -> Result<Prompts, JsError> {
+        let err = |e: runtime::Error| JsError::new(&e.to_string());
+        let tokenizer =
+            ClipTokenizer::from_bytes(tokenizer_json, Path::new("tokenizer.json")).map_err(err)?;
+        let labels = runtime::labels::from_list(labels_text.split([',', '\n'])).map_err(err)?;
+        let templates: Vec<String> = serde_json::from_str(templates_json)
+            .map_err(|e| JsError::new(&format!("templates: {e}")))?;
+        if templates.is_empty() {
+            return Err(JsError::new("no prompt template"));
+        }
+        let mut texts = Vec::new();
+        for t in &templates {
+            for l in &labels {
+                texts.push(runtime::labels::fill(t, l).map_err(err)?);
+            }
+        }
+        let batch = tokenizer
+            .encode_batch(&texts, Padding::Longest)
+            .map_err(err)?;
+        Ok(Prompts {
+            ids: batch.ids,
+            rows: batch.batch,
+            len: batch.len,
+            labels: labels.into_iter().map(|l| l.name).collect(),
+            templates: templates.len(),
+        })
+    }
+
+    /// Token ids, row-major `[rows, len]` (a BigInt64Array in JS).
+    pub fn ids(&self) -> Vec<i64> {
+        self.ids.clone()
+    }
+    #[wasm_bindgen(getter)]
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+    #[wasm_bindgen(getter)]
+    pub fn len(&self) -> usize {
+        self.len
+    }
+    pub fn is_empty(&self) -> bool {
+        self.rows == 0
+    }
+    /// Label names, as JSON.
+    pub fn labels(&self) -> String {
+        serde_json::to_string(&self.labels).unwrap_or_default()
+    }
+
+    /// Label embeddings from the text encoder's output for these prompts (`[rows, dim]`): templates
+    /// averaged after normalising, as native `classify --labels`.
+    pub fn label_embeddings(&self, text_embeddings: &[f32]) -> Result<Vec<f32>, JsError> {
+        if self.rows == 0 || !text_embeddings.len().is_multiple_of(self.rows) {
+            return Err(JsError::new("text embeddings do not match the prompts"));
+        }
+        let dim = text_embeddings.len() / self.rows;
+        let per_label = self.labels.len() * dim;
+        let per_template: Vec<Vec<f32>> = text_embeddings
+            .chunks(per_label)
+            .take(self.templates)
+            .map(<[f32]>::to_vec)
+            .collect();
+        Ok(scoring::ensemble(&per_template, dim))
     }
 }
 

@@ -14,6 +14,7 @@ import { chromium } from "playwright-core";
 
 const root = path.resolve(path.dirname(fileURLToPath(import.meta.url)), "../..");
 const classifyBin = process.env.CLASSIFY ?? path.join(root, "target/debug/classify");
+const runtimeBin = path.join(path.dirname(classifyBin), "runtime");
 const cache = process.env.XRAY_CLIP_CACHE ?? path.join(homedir(), ".cache/xray-clip");
 const lib = path.join(cache, "testpy/lib");
 const py = readdirSync(lib).find((d) => d.startsWith("python3"));
@@ -93,4 +94,35 @@ test("a bad file shows an error and the page keeps working", async () => {
   const again = await inPage(png);
   assert.equal(again.error, null);
   assert.ok(again.last.top1);
+});
+
+test("custom labels through the bundle's text encoder equal native classify --labels", async () => {
+  // A bundle with a text encoder (the tiny HF CLIP of the fixtures), inside the served folder.
+  const bundle = path.join(root, "target/browser-test-bundle");
+  execFileSync(runtimeBin, ["assemble", "--device", "cpu", "--labels", "unifesp", "--logit-scale", "100",
+    "--template", "a X-ray of a {}", "--template", "a image of {}",
+    "--image-encoder", path.join(root, "fixtures/tiny/image_encoder.onnx"),
+    "--text-encoder", path.join(root, "fixtures/tiny/text_encoder.onnx"),
+    "--tokenizer", path.join(root, "models/tokenizer/tokenizer.json"), "--out", bundle]);
+  const labels = "chest x-ray, hand x-ray, knee";
+  const p = await browser.newPage();
+  await p.goto(`http://127.0.0.1:${port}/wasm/www/index.html?bundle=../../target/browser-test-bundle/`);
+  await p.waitForFunction(() => window.xrayClip?.ready || window.xrayClip?.error, null, { timeout: 60000 });
+  assert.ok(await p.isVisible("#custom"), "the custom-label box shows for a bundle with a text encoder");
+  await p.fill("#custom-labels", labels);
+  await p.click("#custom-apply");
+  await p.waitForFunction(() => window.xrayClip.customReady || window.xrayClip.error, null, { timeout: 60000 });
+  await p.setInputFiles("#file", png);
+  await p.waitForFunction(() => window.xrayClip.last || window.xrayClip.error, null, { timeout: 60000 });
+  const last = await p.evaluate(() => window.xrayClip.last);
+  assert.deepEqual(last.labels, ["chest x-ray", "hand x-ray", "knee"]);
+  const out = execFileSync(classifyBin, ["--device", "cpu", "--json", "-k", "3", "--model", bundle, "--labels", labels, png], { encoding: "utf8" });
+  const expected = Object.fromEntries(JSON.parse(out.trim()).top.map((t) => [t.label, t.probability]));
+  let worst = 0;
+  last.labels.forEach((label, i) => { worst = Math.max(worst, Math.abs(last.probabilities[i] - expected[label])); });
+  assert.ok(worst <= 1e-3, `max probability difference ${worst}`);
+  console.log(`custom labels: top-1 ${last.top1}, max |diff| vs native ${worst.toExponential(2)}`);
+  // The default bundle has no text encoder: no box.
+  assert.equal(await page.isVisible("#custom"), false);
+  await p.close();
 });

@@ -1,13 +1,17 @@
 // The demo page: the wasm module (decoding, preprocessing, manifest checks, scoring) and ONNX Runtime
 // Web (the image encoder). Everything is served from this project: no third-party hosts.
-import init, { prepare, DemoBundle } from "../pkg/wasm.js";
+import init, { prepare, probabilities, DemoBundle, Prompts } from "../pkg/wasm.js";
 import * as ort from "./node_modules/onnxruntime-web/dist/ort.wasm.min.mjs";
 
 ort.env.wasm.wasmPaths = new URL("./node_modules/onnxruntime-web/dist/", import.meta.url).href;
 ort.env.wasm.numThreads = 1; // no cross-origin isolation on a plain static server
 
 const $ = (id) => document.getElementById(id);
-const state = { bundle: null, session: null, manifestText: "", labels: [], encoder: null };
+const state = {
+  bundle: null, session: null, manifestText: "", labels: [], encoder: null, read: null,
+  custom: null, // { labels, embeddings } when custom labels are in use
+  text: null,   // { session, encoder, tokenizer } once loaded
+};
 window.xrayClip = { ready: false, last: null, error: null };
 
 function showError(message) {
@@ -24,9 +28,38 @@ async function loadBundle(read) {
   const onnx = await read(encoder.path);
   bundle.verify("image_encoder", onnx);
   const session = await ort.InferenceSession.create(onnx, { executionProviders: ["wasm"] });
-  Object.assign(state, { bundle, session, manifestText, encoder, labels: JSON.parse(bundle.labels()) });
+  Object.assign(state, { bundle, session, manifestText, encoder, read, labels: JSON.parse(bundle.labels()), custom: null, text: null });
   $("bundle").textContent = bundle.name;
-  $("labels").textContent = `(${state.labels.join(", ")})`;
+  showLabels();
+  $("custom").hidden = !bundle.has_text_encoder();
+}
+
+function currentLabels() {
+  return state.custom ? state.custom.labels : state.labels;
+}
+
+function showLabels() {
+  $("labels").textContent = `(${currentLabels().join(", ")})`;
+}
+
+// Custom labels: the bundle's tokenizer (in wasm) and text encoder (ONNX Runtime Web), templates
+// averaged as native `classify --labels`.
+async function useCustomLabels(text) {
+  if (!state.text) {
+    const info = JSON.parse(state.bundle.text_encoder());
+    const onnx = await state.read(info.path);
+    state.bundle.verify("text_encoder", onnx);
+    const tokenizer = await state.read(info.tokenizer);
+    state.bundle.verify("tokenizer", tokenizer);
+    const session = await ort.InferenceSession.create(onnx, { executionProviders: ["wasm"] });
+    state.text = { session, info, tokenizer };
+  }
+  const prompts = new Prompts(state.text.tokenizer, text, state.bundle.templates());
+  const ids = new ort.Tensor("int64", prompts.ids(), [prompts.rows, prompts.len]);
+  const out = await state.text.session.run({ [state.text.info.input ?? state.text.session.inputNames[0]]: ids });
+  const emb = out[state.text.info.output ?? state.text.session.outputNames[0]].data;
+  state.custom = { labels: JSON.parse(prompts.labels()), embeddings: prompts.label_embeddings(emb) };
+  showLabels();
 }
 
 async function classify(file) {
@@ -40,19 +73,16 @@ async function classify(file) {
     const feeds = { [state.encoder.input ?? state.session.inputNames[0]]: input };
     const out = await state.session.run(feeds);
     const emb = out[state.encoder.output ?? state.session.outputNames[0]].data;
-    const probs = Array.from(state.bundle.classify(emb));
+    const probs = Array.from(state.custom
+      ? probabilities(emb, state.custom.embeddings, state.bundle.logit_scale)
+      : state.bundle.classify(emb));
     const ms = performance.now() - t0;
     drawPreview(p);
     drawBars(probs);
     $("latency").textContent = `${ms.toFixed(1)} ms (decode, preprocess, encode, score)`;
     const order = probs.map((v, i) => i).sort((a, b) => probs[b] - probs[a]);
-    window.xrayClip.last = {
-      file: file.name,
-      labels: state.labels,
-      probabilities: probs,
-      top1: state.labels[order[0]],
-      ms,
-    };
+    const labels = currentLabels();
+    window.xrayClip.last = { file: file.name, labels, probabilities: probs, top1: labels[order[0]], ms };
     window.xrayClip.error = null;
   } catch (e) {
     window.xrayClip.last = null;
@@ -74,13 +104,23 @@ function drawBars(probs) {
     const row = document.createElement("div");
     row.className = "bar";
     row.innerHTML = `<span class="name"></span><div class="fill"></div><span class="p"></span>`;
-    row.querySelector(".name").textContent = state.labels[i];
+    row.querySelector(".name").textContent = currentLabels()[i];
     row.querySelector(".fill").style.width = `${Math.max(1, probs[i] * 300)}px`;
     row.querySelector(".p").textContent = probs[i].toFixed(4);
     $("bars").appendChild(row);
   }
 }
 
+$("custom-apply").addEventListener("click", async () => {
+  showError("");
+  try {
+    await useCustomLabels($("custom-labels").value);
+    window.xrayClip.customReady = true;
+  } catch (e) {
+    showError(`custom labels: ${e.message ?? e}`);
+  }
+});
+$("custom-reset").addEventListener("click", () => { state.custom = null; showLabels(); });
 $("file").addEventListener("change", (e) => e.target.files[0] && classify(e.target.files[0]));
 const drop = $("drop");
 drop.addEventListener("dragover", (e) => { e.preventDefault(); drop.classList.add("over"); });
