@@ -35,6 +35,7 @@ peak rust_fp32 "$BIN/train_step" --config vit-b-32 --device cuda --steps 20 --wa
 peak torch_amp python3 scripts/bench_train_step.py --config vit-b-32 --device cuda --amp --steps 20 --warmup 5 --threads 8
 peak torch_fp32 python3 scripts/bench_train_step.py --config vit-b-32 --device cuda --steps 20 --warmup 5 --threads 8
 
+[ -n "${SKIP_FINETUNE:-}" ] && exit 0
 "$BIN/trainer" init --config vit-b-32 --tokenizer models/tokenizer/tokenizer.json --out /tmp/xray-clip-init 2>&1 | tee -a "$OUT/summary.txt"
 "$BIN/trainer" finetune --data "$DATA/train" --test-data "$DATA/test" --init /tmp/xray-clip-init \
   --out /tmp/xray-clip-run --epochs 4 --lr 2e-5 --device cuda 2>&1 | tee "$OUT/finetune.log"

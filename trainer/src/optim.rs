@@ -108,8 +108,8 @@ impl Adam {
     /// With `check_finite`, first checks them; returns false (and changes nothing) when a gradient is
     /// inf or nan.
     ///
-    /// On CUDA the whole flat buffer is updated at once (few kernel launches); on CPU parameter by
-    /// parameter in cache-sized pieces (the temporaries stay in cache).
+    /// On CUDA the flat buffer is updated in 16 M-value pieces (few kernel launches, bounded
+    /// temporaries); on CPU parameter by parameter in cache-sized pieces.
     pub fn step(&mut self, inv_scale: f64, check_finite: bool) -> bool {
         let c = self.config;
         tch::no_grad(|| {
@@ -143,7 +143,8 @@ impl Adam {
             self.step += 1;
             let bc1 = 1.0 - c.beta1.powi(self.step as i32);
             let bc2_sqrt = (1.0 - c.beta2.powi(self.step as i32)).sqrt();
-            let piece = if on_gpu { i64::MAX } else { 1 << 15 };
+            // Pieces bound the temporaries: 16 M values (64 MB) on the GPU, 32 K values (in cache) on the CPU.
+            let piece = if on_gpu { 1 << 24 } else { 1 << 15 };
             for (off, g) in grads {
                 let n = g.numel() as i64;
                 let mut start = 0;
