@@ -335,18 +335,34 @@ pub fn split(samples: &[Sample], split: Split) -> Result<(Vec<Sample>, Vec<Sampl
     }
 }
 
-/// Deterministic Fisher-Yates shuffle (SplitMix64), the same on every platform and version.
-pub fn shuffle<T>(items: &mut [T], seed: u64) {
-    let mut state = seed ^ 0x9E37_79B9_7F4A_7C15;
-    let mut next = || {
-        state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = state;
+/// SplitMix64: a tiny seeded generator whose sequence is the same on every platform and version
+/// (splits and training-data order must not change with a dependency update).
+pub struct SplitMix64(u64);
+
+impl SplitMix64 {
+    pub fn new(seed: u64) -> SplitMix64 {
+        SplitMix64(seed)
+    }
+
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
         z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
         z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
         z ^ (z >> 31)
-    };
+    }
+
+    /// Uniform in [0, 1).
+    pub fn next_f64(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
+
+/// Deterministic Fisher-Yates shuffle (SplitMix64), the same on every platform and version.
+pub fn shuffle<T>(items: &mut [T], seed: u64) {
+    let mut rng = SplitMix64::new(seed ^ 0x9E37_79B9_7F4A_7C15);
     for i in (1..items.len()).rev() {
-        let j = (next() % (i as u64 + 1)) as usize;
+        let j = (rng.next_u64() % (i as u64 + 1)) as usize;
         items.swap(i, j);
     }
 }

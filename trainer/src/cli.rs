@@ -248,18 +248,14 @@ pub fn init(a: &InitArgs) -> Result<()> {
         );
     }
     let provenance = serde_json::json!({"source": source, "seed": a.seed});
-    weights::save_checkpoint(
-        &a.out,
-        &config,
-        &vs,
-        &[
-            ("tokenizer.json", tok_bytes),
-            (
-                "provenance.json",
-                serde_json::to_vec_pretty(&provenance).expect("json"),
-            ),
-        ],
-    )?;
+    weights::save_checkpoint(&a.out, &config, &vs, |staging| {
+        runtime::fsutil::write_atomic(&staging.join("tokenizer.json"), &tok_bytes)?;
+        let json = serde_json::to_vec_pretty(&provenance).expect("json");
+        Ok(runtime::fsutil::write_atomic(
+            &staging.join("provenance.json"),
+            &json,
+        )?)
+    })?;
     let params: i64 = vs.variables().values().map(|t| t.numel() as i64).sum();
     println!(
         "wrote {} ({:.1} M parameters, from {})",

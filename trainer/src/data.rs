@@ -156,14 +156,8 @@ impl ImageSet {
 
 /// Contrast x0.35..1.0 around the mean and brightness -30..+50, with probability 3/4.
 fn jitter(img: &Image, seed: u64) -> Image {
-    let mut state = seed ^ 0xD1B5_4A32_D192_ED03;
-    let mut uniform = || {
-        state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = state;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        ((z ^ (z >> 31)) >> 11) as f64 / (1u64 << 53) as f64
-    };
+    let mut rng = runtime::datasets::SplitMix64::new(seed ^ 0xD1B5_4A32_D192_ED03);
+    let mut uniform = || rng.next_f64();
     if uniform() < 0.25 {
         return img.clone();
     }

@@ -382,22 +382,21 @@ pub fn run(
             state.best_top1 = top1;
         }
         state.loss_scale = scaler.scale;
-        let opt_path = std::env::temp_dir().join(format!(
-            "xray-clip-opt-{}-{epoch}.safetensors",
-            std::process::id()
-        ));
-        adam.save(&opt_path)?;
-        let opt_bytes = std::fs::read(&opt_path).map_err(|e| Error::io(&opt_path, e))?;
-        let _ = std::fs::remove_file(&opt_path);
         let state_json = serde_json::to_vec_pretty(&state).expect("state serialises");
         weights::save_checkpoint(
             &checkpoint_dir(run_dir, epoch),
             &model.config,
             &vs,
-            &[
-                ("optimizer.safetensors", opt_bytes),
-                ("state.json", state_json),
-            ],
+            |staging| {
+                let opt = staging.join("optimizer.safetensors");
+                adam.save(&opt)?;
+                weights::sync_file(&opt)?;
+                // state.json last: its presence marks a complete checkpoint (latest_checkpoint).
+                Ok(runtime::fsutil::write_atomic(
+                    &staging.join("state.json"),
+                    &state_json,
+                )?)
+            },
         )?;
         write_metrics(run_dir, &state, &format!("lr {:e}", opts.adam.lr))?;
         prune_checkpoints(run_dir, &state, opts.keep_checkpoints);

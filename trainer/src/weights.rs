@@ -263,13 +263,14 @@ pub fn read_openai_torchscript(path: &Path) -> Result<(ClipConfig, Vec<(String, 
     Ok((cfg, out))
 }
 
-/// Writes a checkpoint folder (`config.json`, `model.safetensors`, and any `extra` files) atomically:
-/// a staging folder is filled, synced and renamed over the target.
+/// Writes a checkpoint folder atomically: `config.json`, `model.safetensors`, and whatever
+/// `write_extra` puts into the staging folder it is given (optimizer state, tokenizer, ...); the
+/// staging folder is then renamed over the target.
 pub fn save_checkpoint(
     dir: &Path,
     config: &ClipConfig,
     vs: &nn::VarStore,
-    extra: &[(&str, Vec<u8>)],
+    write_extra: impl FnOnce(&Path) -> Result<()>,
 ) -> Result<()> {
     let parent = dir
         .parent()
@@ -290,13 +291,8 @@ pub fn save_checkpoint(
         let json = serde_json::to_vec_pretty(config).expect("config serialises");
         runtime::fsutil::write_atomic(&staging.join(CONFIG), &json)?;
         vs.save(staging.join(WEIGHTS)).map_err(Error::Torch)?;
-        let f = std::fs::File::open(staging.join(WEIGHTS))
-            .map_err(|e| Error::io(staging.join(WEIGHTS), e))?;
-        f.sync_all()
-            .map_err(|e| Error::io(staging.join(WEIGHTS), e))?;
-        for (file, bytes) in extra {
-            runtime::fsutil::write_atomic(&staging.join(file), bytes)?;
-        }
+        sync_file(&staging.join(WEIGHTS))?;
+        write_extra(&staging)?;
         let old = parent.join(format!(
             ".{}.old-{}",
             name.to_string_lossy(),
@@ -340,4 +336,11 @@ pub fn load(dir: &Path, device: Device) -> Result<Loaded> {
         model,
         source: dir.to_path_buf(),
     })
+}
+
+/// Flushes a file written by a library that does not (libtorch's safetensors writer) to the disk.
+pub fn sync_file(path: &Path) -> Result<()> {
+    std::fs::File::open(path)
+        .and_then(|f| f.sync_all())
+        .map_err(|e| Error::io(path, e))
 }
