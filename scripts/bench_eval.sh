@@ -13,15 +13,15 @@ CACHE="${XRAY_CLIP_CACHE:-$HOME/.cache/xray-clip}"
 cargo build -q --release -p trainer -p runtime
 B=bench-out/vit-b32-bundle
 if [ ! -f "$B/manifest.json" ]; then
-  target/release/trainer init --from bench-out/vit-b32-hf --out bench-out/vit-b32-ckpt >/dev/null
+  target/release/trainer init --from bench-out/vit-b32-hf --out bench-out/vit-b32-ckpt --force >/dev/null
   labels=$(ls "$DATA" | paste -sd, -)
-  target/release/trainer export --checkpoint bench-out/vit-b32-ckpt --labels "$labels" --out "$B" >/dev/null
+  target/release/trainer export --checkpoint bench-out/vit-b32-ckpt --labels "$labels" --out "$B" --force >/dev/null
 fi
 for run in one five; do
   if [ $run = one ]; then args=(--template "a X-Ray image of {} part"); else args=(--reference-templates); fi
   start=$(date +%s.%N)
   target/release/runtime eval --dataset folder --data "$DATA" --model "$B" --device cpu --threads 2 "${args[@]}" \
-    --out "bench-out/eval-$run" > /dev/null
+    --out "bench-out/eval-$run" --force > /dev/null
   end=$(date +%s.%N)
   python3 - "$run" "$start" "$end" "bench-out/eval-$run/report.json" <<'PY'
 import json, sys

@@ -36,8 +36,8 @@ peak torch_amp python3 scripts/bench_train_step.py --config vit-b-32 --device cu
 peak torch_fp32 python3 scripts/bench_train_step.py --config vit-b-32 --device cuda --steps 20 --warmup 5 --threads 8
 
 [ -n "${SKIP_FINETUNE:-}" ] && exit 0
-"$BIN/trainer" init --config vit-b-32 --tokenizer models/tokenizer/tokenizer.json --out /tmp/xray-clip-init 2>&1 | tee -a "$OUT/summary.txt"
-"$BIN/trainer" finetune --data "$DATA/train" --test-data "$DATA/test" --init /tmp/xray-clip-init \
+"$BIN/trainer" init --config vit-b-32 --tokenizer models/tokenizer/tokenizer.json --out /tmp/xray-clip-init --force 2>&1 | tee -a "$OUT/summary.txt"
+"$BIN/trainer" finetune --dataset folder --force --data "$DATA/train" --test-data "$DATA/test" --init /tmp/xray-clip-init \
   --out /tmp/xray-clip-run --epochs 4 --lr 2e-5 --device cuda 2>&1 | tee "$OUT/finetune.log"
 cp /tmp/xray-clip-run/metrics.csv "$OUT/finetune_metrics.csv" 2>/dev/null
 cp /tmp/xray-clip-run/curves.png "$OUT/finetune_curves.png" 2>/dev/null

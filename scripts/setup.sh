@@ -4,7 +4,10 @@
 # (default ~/.cache/xray-clip), so fresh clones on the same machine share it.
 #
 #   scripts/setup.sh            ONNX Runtime library + the small Python venv the tests use (pydicom, ...)
-#   scripts/setup.sh --dev      also the tools venv (torch, transformers, onnx) for fixtures and benchmarks
+#   scripts/setup.sh --dev      also the tools venv (torch, transformers, onnx) for fixtures and benchmarks,
+#                               and the export venv (below)
+#   scripts/setup.sh --export-tools   the venv of the exporters users have (HF optimum + optimum-onnx, which
+#                               pin transformers < 4.58): makes fixtures/import (scripts/make_import_fixtures.py)
 #   scripts/setup.sh --torch    also libtorch for the trainer (PyPI torch 2.11.0 --no-deps + CUDA runtime)
 #   scripts/setup.sh --wasm     also the wasm32 toolchain (Debian's rustc-web, Rust 1.96 with its std source),
 #                               wasm-bindgen-cli at the version in Cargo.lock, Debian's chromium, and the demo
@@ -17,13 +20,14 @@ TORCH_VERSION=2.11.0        # matches tch =0.24.0
 PYTHON="${PYTHON:-python3}"
 mkdir -p "$CACHE"
 
-want_dev=0; want_torch=0; want_wasm=0
+want_dev=0; want_torch=0; want_wasm=0; want_export=0
 for a in "$@"; do
   case "$a" in
-    --dev) want_dev=1 ;;
+    --dev) want_dev=1; want_export=1 ;;
+    --export-tools) want_export=1 ;;
     --torch) want_torch=1 ;;
     --wasm) want_wasm=1 ;;
-    *) echo "usage: $0 [--dev] [--torch] [--wasm]" >&2; exit 2 ;;
+    *) echo "usage: $0 [--dev] [--export-tools] [--torch] [--wasm]" >&2; exit 2 ;;
   esac
 done
 
@@ -73,6 +77,11 @@ if [ "$want_dev" = 1 ]; then
   make_venv "$CACHE/py" "torch==$TORCH_VERSION" "transformers==5.24.0" onnx==1.23.2 "onnxruntime==$ORT_VERSION" \
     onnxscript pillow numpy open-clip-torch openai-clip==1.0.1 ftfy regex pydicom pydicom-data pylibjpeg pylibjpeg-openjpeg \
     scikit-learn safetensors
+fi
+
+if [ "$want_export" = 1 ]; then
+  make_venv "$CACHE/py-export" "torch==$TORCH_VERSION" "transformers==4.57.3" optimum==2.1.0 optimum-onnx==0.1.0 \
+    onnx==1.23.2 "onnxruntime==$ORT_VERSION" onnxscript pillow numpy
 fi
 
 if [ "$want_torch" = 1 ]; then

@@ -13,7 +13,7 @@ RUN="${4:-runs/mednist-$PRESET}"
 DATA="${MEDNIST:-../shared/data/mednist}"
 scripts/setup.sh --torch
 cargo build -q --release -p trainer
-target/release/trainer init --config "$PRESET" --seed 0 --out "$RUN/init"
-target/release/trainer finetune --data "$DATA/train" --test-data "$DATA/test" --init "$RUN/init" --out "$RUN" \
+target/release/trainer init --config "$PRESET" --seed 0 --out "$RUN-init" --force
+target/release/trainer finetune --dataset folder --data "$DATA/train" --test-data "$DATA/test" --init "$RUN-init" --out "$RUN" --force \
   --epochs "$EPOCHS" --lr "$LR" --batch-size 16 --device auto --template "a photo of a {}"
 cat "$RUN/metrics.csv"

@@ -76,7 +76,7 @@ fn main() -> anyhow::Result<()> {
         "batch16_images_per_s": 16.0 / b16,
     });
     if let Some(folder) = &args.folder {
-        let mut files = pipeline::collect_files(std::slice::from_ref(folder))?;
+        let mut files = pipeline::collect_files(std::slice::from_ref(folder)).0;
         files.truncate(args.max_files);
         let dir =
             std::env::temp_dir().join(format!("xray-clip-bench-bundle-{}", std::process::id()));
@@ -94,7 +94,7 @@ fn main() -> anyhow::Result<()> {
             preprocessing: PreprocessConfig::default(),
             provenance: Default::default(),
         };
-        let bundle = assemble(spec, &dir, &opts)?;
+        let bundle = assemble(spec, &dir, true, &opts)?;
         let mut engine = Engine::load(bundle, opts.clone())?;
         let popts = PipelineOptions {
             batch_size: 16,

@@ -32,27 +32,63 @@ fn read(path: &Path) -> Result<Vec<u8>> {
     std::fs::read(path).map_err(|e| Error::io(path, e))
 }
 
-pub fn assemble(spec: AssembleSpec, out: &Path, opts: &EngineOptions) -> Result<Bundle> {
-    let image_bytes = read(&spec.image_encoder)?;
-    let mut image = Encoder::from_bytes(
-        &image_bytes,
-        &spec.image_encoder.display().to_string(),
-        opts,
-        (None, None),
-    )?;
+/// The files of a bundle-to-be, already in memory (`runtime import` makes them from an export's
+/// folder, splitting or reading files as its layout needs).
+pub struct AssembleInput {
+    /// (ONNX bytes, name for messages)
+    pub image_encoder: (Vec<u8>, String),
+    pub text_encoder: Option<(Vec<u8>, String)>,
+    /// (tokenizer.json bytes, name for messages); `None`: OpenAI's CLIP tokenizer (built in).
+    pub tokenizer: Option<(Vec<u8>, PathBuf)>,
+}
+
+pub fn assemble(
+    spec: AssembleSpec,
+    out: &Path,
+    force: bool,
+    opts: &EngineOptions,
+) -> Result<Bundle> {
+    let input = AssembleInput {
+        image_encoder: (
+            read(&spec.image_encoder)?,
+            spec.image_encoder.display().to_string(),
+        ),
+        text_encoder: match &spec.text_encoder {
+            Some(p) => Some((read(p)?, p.display().to_string())),
+            None => None,
+        },
+        tokenizer: match &spec.tokenizer {
+            Some(p) => Some((read(p)?, p.clone())),
+            None => None,
+        },
+    };
+    assemble_from(spec, input, out, force, opts)
+}
+
+/// [`assemble`] with the files in memory (`spec`'s paths are not read).
+pub fn assemble_from(
+    spec: AssembleSpec,
+    input: AssembleInput,
+    out: &Path,
+    force: bool,
+    opts: &EngineOptions,
+) -> Result<Bundle> {
+    let (image_bytes, image_name) = input.image_encoder;
+    let mut image = Encoder::from_bytes(&image_bytes, &image_name, opts, (None, None))?;
     let s = spec.preprocessing.image_size as usize;
     let (_, image_dim) = image.embed_pixels(&[1, 3, s, s], &vec![0.0; 3 * s * s])?;
 
-    let (embeddings, dim, text) = match (&spec.text_encoder, &spec.label_embeddings) {
-        (Some(te), _) => {
-            let tok_path = spec.tokenizer.as_ref().ok_or_else(|| {
-                Error::InvalidArgument("a text encoder needs a tokenizer.json".into())
-            })?;
-            let tok_bytes = read(tok_path)?;
-            let tokenizer = ClipTokenizer::from_bytes(&tok_bytes, tok_path)?;
-            let te_bytes = read(te)?;
-            let mut text =
-                Encoder::from_bytes(&te_bytes, &te.display().to_string(), opts, (None, None))?;
+    let (embeddings, dim, text) = match (input.text_encoder, &spec.label_embeddings) {
+        (Some((te_bytes, te_name)), _) => {
+            // Without a tokenizer: OpenAI's CLIP vocabulary, which every CLIP text encoder uses.
+            let (tok_bytes, tok_path) = input.tokenizer.unwrap_or_else(|| {
+                (
+                    crate::DEFAULT_TOKENIZER.to_vec(),
+                    PathBuf::from(crate::DEFAULT_TOKENIZER_NAME),
+                )
+            });
+            let tokenizer = ClipTokenizer::from_bytes(&tok_bytes, &tok_path)?;
+            let mut text = Encoder::from_bytes(&te_bytes, &te_name, opts, (None, None))?;
             let (emb, dim) =
                 pipeline::prompt_embeddings(&mut text, &tokenizer, &spec.labels, &spec.templates)?;
             let names = (
@@ -93,7 +129,7 @@ pub fn assemble(spec: AssembleSpec, out: &Path, opts: &EngineOptions) -> Result<
         image.input_name().to_string(),
         image.output_name().to_string(),
     );
-    let mut w = BundleWriter::new(out, manifest)?;
+    let mut w = BundleWriter::create(out, manifest, force)?;
     w.add_file(
         bundle::IMAGE_ENCODER,
         "image_encoder.onnx",

@@ -104,10 +104,16 @@ pub struct Manifest {
     pub provenance: Provenance,
 }
 
-/// A verified bundle on disk.
+/// Files of a bundle compiled into a binary: (path inside the bundle, bytes).
+pub type EmbeddedFiles = &'static [(&'static str, &'static [u8])];
+
+/// A verified bundle: a folder on disk, or one compiled into the binary.
 #[derive(Debug, Clone)]
 pub struct Bundle {
+    /// The folder (for an embedded bundle, a name for messages: `<built-in name>`).
     pub dir: PathBuf,
+    /// Set for a bundle compiled into the binary: its files come from here, not from `dir`.
+    pub embedded: Option<EmbeddedFiles>,
     pub manifest: Manifest,
     /// `[labels x embedding_dim]`, each row L2-normalised.
     pub label_embeddings: Vec<f32>,
@@ -126,6 +132,37 @@ impl Bundle {
             source,
         })?;
         Self::from_manifest(dir, manifest, |path| std::fs::read(path))
+    }
+
+    /// Loads and verifies a bundle compiled into the binary (every file hashed as on disk).
+    pub fn from_embedded(files: EmbeddedFiles) -> Result<Bundle> {
+        let find = |name: &str| {
+            files
+                .iter()
+                .find(|(n, _)| *n == name)
+                .map(|(_, b)| *b)
+                .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::NotFound, "not embedded"))
+        };
+        let manifest_bytes = find(MANIFEST).map_err(|e| Error::io(MANIFEST, e))?;
+        let placeholder = PathBuf::from("<built-in>");
+        let manifest: Manifest =
+            serde_json::from_slice(manifest_bytes).map_err(|source| Error::Json {
+                path: placeholder.join(MANIFEST),
+                source,
+            })?;
+        let dir = PathBuf::from(format!("<built-in {}>", manifest.name));
+        let mut b = Self::from_manifest(&dir, manifest, |path| {
+            let name = path
+                .strip_prefix(&dir)
+                .map(|p| p.to_string_lossy().to_string())
+                .unwrap_or_default();
+            find(&name).map(<[u8]>::to_vec)
+        })?;
+        b.embedded = Some(files);
+        for role in b.manifest.files.keys() {
+            b.read_verified(role)?;
+        }
+        Ok(b)
     }
 
     /// Verifies a manifest against files fetched by `read` (a path inside `dir`): the browser demo
@@ -179,6 +216,7 @@ impl Bundle {
         let label_embeddings = normalize_rows(&data, manifest.embedding_dim);
         Ok(Bundle {
             dir: dir.to_path_buf(),
+            embedded: None,
             manifest,
             label_embeddings,
         })
@@ -203,7 +241,16 @@ impl Bundle {
             .get(role)
             .ok_or_else(|| Error::bundle(&self.dir, format!("has no {role}")))?;
         let path = self.dir.join(&entry.path);
-        let bytes = std::fs::read(&path).map_err(|e| Error::io(&path, e))?;
+        let bytes = match self.embedded {
+            Some(files) => files
+                .iter()
+                .find(|(n, _)| *n == entry.path)
+                .map(|(_, b)| b.to_vec())
+                .ok_or_else(|| {
+                    Error::bundle(&self.dir, format!("{} is not built in", entry.path))
+                })?,
+            None => std::fs::read(&path).map_err(|e| Error::io(&path, e))?,
+        };
         verify_bytes(&self.dir, &entry.path, entry, &bytes)?;
         Ok(bytes)
     }
@@ -336,38 +383,54 @@ pub fn hf_preprocessor_config(cfg: &PreprocessConfig) -> serde_json::Value {
     })
 }
 
-/// Writes a bundle folder atomically: everything goes to a sibling temporary folder that is renamed
-/// into place at the end, so a crash never leaves a bundle that loads but is wrong.
+/// Writes a bundle folder atomically: everything goes to a hidden sibling folder that is verified
+/// and then renamed into place, so a crash never leaves a bundle that loads but is wrong.
 pub struct BundleWriter {
-    target: PathBuf,
-    staging: PathBuf,
+    staged: fsutil::StagedDir,
     pub manifest: Manifest,
 }
 
+/// A bundle name usable as a folder name (letters, digits, `.`, `-`, `_`; others become `-`).
+pub fn folder_name(name: &str) -> String {
+    let s: String = name
+        .trim()
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_') {
+                c
+            } else {
+                '-'
+            }
+        })
+        .collect();
+    let s = s.trim_matches(['-', '.']).to_string();
+    if s.is_empty() {
+        "bundle".into()
+    } else {
+        s
+    }
+}
+
 impl BundleWriter {
-    pub fn new(target: &Path, manifest: Manifest) -> Result<BundleWriter> {
-        let parent = target
-            .parent()
-            .filter(|p| !p.as_os_str().is_empty())
-            .unwrap_or(Path::new("."));
-        std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
-        let name = target.file_name().ok_or_else(|| {
-            Error::InvalidArgument(format!("{}: not a folder path", target.display()))
-        })?;
-        let staging = parent.join(format!(
-            ".{}.staging-{}",
-            name.to_string_lossy(),
-            std::process::id()
-        ));
-        if staging.exists() {
-            std::fs::remove_dir_all(&staging).map_err(|e| Error::io(&staging, e))?;
-        }
-        std::fs::create_dir_all(&staging).map_err(|e| Error::io(&staging, e))?;
+    /// Starts a bundle for `--out requested` by the rule of [`fsutil::resolve_output`]: a missing
+    /// or empty folder becomes the bundle, an existing bundle is replaced only with `force`, any
+    /// other folder gets the bundle as a sub-folder named after the manifest's name.
+    pub fn create(requested: &Path, manifest: Manifest, force: bool) -> Result<BundleWriter> {
+        let target = fsutil::resolve_output(
+            requested,
+            fsutil::OutputKind::Bundle,
+            || folder_name(&manifest.name),
+            force,
+        )?;
         Ok(BundleWriter {
-            target: target.to_path_buf(),
-            staging,
+            staged: fsutil::StagedDir::new(&target)?,
             manifest,
         })
+    }
+
+    /// The folder the bundle will have once finished.
+    pub fn target(&self) -> &Path {
+        self.staged.target()
     }
 
     /// Writes one file of the bundle and records it in the manifest.
@@ -383,7 +446,10 @@ impl BundleWriter {
                 "bundle file name {name:?} leaves the bundle folder"
             )));
         }
-        fsutil::write_atomic(&self.staging.join(name), bytes)?;
+        let path = self.staged.path().join(name);
+        std::fs::create_dir_all(fsutil::parent_of(&path))
+            .map_err(|e| Error::io(self.staged.path(), e))?;
+        fsutil::write_atomic(&path, bytes)?;
         self.manifest.set_file(role, name, bytes, io);
         Ok(())
     }
@@ -407,7 +473,8 @@ impl BundleWriter {
         )
     }
 
-    /// Validates, writes the manifest and moves the folder into place (replacing an older bundle).
+    /// Validates, writes the manifest, verifies the staged folder and moves it into place
+    /// (replacing an older bundle only where `create` allowed it).
     pub fn finish(mut self) -> Result<Bundle> {
         if !self.manifest.files.contains_key(PREPROCESSOR_CONFIG) {
             let cfg =
@@ -415,30 +482,13 @@ impl BundleWriter {
                     .expect("JSON value serialises");
             self.add_file(PREPROCESSOR_CONFIG, "preprocessor_config.json", &cfg, None)?;
         }
-        self.manifest.validate(&self.target)?;
+        self.manifest.validate(self.staged.target())?;
         let text = serde_json::to_vec_pretty(&self.manifest).expect("manifest serialises");
-        fsutil::write_atomic(&self.staging.join(MANIFEST), &text)?;
+        fsutil::write_atomic(&self.staged.path().join(MANIFEST), &text)?;
         // Verify what was written before it replaces anything.
-        Bundle::load(&self.staging)?;
-        if self.target.exists() {
-            let old = self
-                .target
-                .with_extension(format!("old-{}", std::process::id()));
-            std::fs::rename(&self.target, &old).map_err(|e| Error::io(&self.target, e))?;
-            std::fs::rename(&self.staging, &self.target).map_err(|e| Error::io(&self.target, e))?;
-            let _ = std::fs::remove_dir_all(&old);
-        } else {
-            std::fs::rename(&self.staging, &self.target).map_err(|e| Error::io(&self.target, e))?;
-        }
-        Bundle::load(&self.target)
-    }
-}
-
-impl Drop for BundleWriter {
-    fn drop(&mut self) {
-        if self.staging.exists() {
-            let _ = std::fs::remove_dir_all(&self.staging);
-        }
+        Bundle::load(self.staged.path())?;
+        let target = self.staged.commit()?;
+        Bundle::load(&target)
     }
 }
 

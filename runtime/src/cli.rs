@@ -42,20 +42,48 @@ pub fn run_main(body: impl FnOnce() -> anyhow::Result<ExitCode>) -> ExitCode {
 
 #[derive(Debug, Clone, Args)]
 pub struct ModelArgs {
-    /// Model bundle folder (default: $XRAY_CLIP_MODEL, else the embedded models/default).
+    /// Model bundle folder (default: $XRAY_CLIP_MODEL, else the built-in demonstration bundle).
     #[arg(long, short = 'm')]
     pub model: Option<PathBuf>,
 }
 
 impl ModelArgs {
-    pub fn dir(&self) -> PathBuf {
-        self.model.clone().unwrap_or_else(crate::default_model_dir)
-    }
-
     pub fn load(&self) -> anyhow::Result<Bundle> {
-        Ok(Bundle::load(&self.dir())?)
+        Ok(match &self.model {
+            Some(dir) => Bundle::load(dir)?,
+            None => load_default()?,
+        })
     }
 }
+
+/// The bundle used without `--model`: `XRAY_CLIP_MODEL`, else the built-in one.
+pub fn load_default() -> anyhow::Result<Bundle> {
+    Ok(match crate::default_model() {
+        crate::DefaultModel::FromEnv(dir) => Bundle::load(&dir).map_err(|e| {
+            anyhow::anyhow!(
+                "XRAY_CLIP_MODEL={}: {e} (unset it to use the built-in model)",
+                dir.display()
+            )
+        })?,
+        crate::DefaultModel::BuiltIn => Bundle::from_embedded(crate::DEFAULT_BUNDLE)?,
+    })
+}
+
+/// One line on stderr when the demonstration bundle is in use, naming all that it knows.
+pub fn demo_notice(bundle: &Bundle) {
+    if bundle.manifest.name == DEMO_BUNDLE_NAME {
+        let names: Vec<&str> = bundle.labels().iter().map(|l| l.name.as_str()).collect();
+        eprintln!(
+            "note: {} is a demonstration model that knows only {} classes ({}); any other image gets one of them. Pass --model for a real bundle (README: \"Get a real model\").",
+            bundle.manifest.name,
+            names.len(),
+            names.join(", ")
+        );
+    }
+}
+
+/// Manifest name of the demonstration bundle in `models/default`.
+pub const DEMO_BUNDLE_NAME: &str = "xray-clip-default-mednist";
 
 #[derive(Debug, Clone, Args)]
 pub struct DeviceArgs {
@@ -78,59 +106,135 @@ impl DeviceArgs {
 
 #[derive(Debug, Clone, Args)]
 pub struct LabelArgs {
-    /// Custom labels, comma-separated (needs a bundle with a text encoder).
-    #[arg(long, conflicts_with = "labels_file")]
-    pub labels: Option<String>,
-    /// Custom labels, one per line.
+    /// Custom labels: a built-in set (unifesp, irma, irma-reference), a file with one label per
+    /// line, or a comma-separated list (needs a bundle with a text encoder).
     #[arg(long)]
-    pub labels_file: Option<PathBuf>,
+    pub labels: Option<String>,
     /// Prompt template(s) for custom labels, `{}` = label (default: the bundle's templates).
     #[arg(long = "template")]
     pub templates: Vec<String>,
 }
 
 impl LabelArgs {
-    /// Custom labels if any were given (`unifesp` and `irma` name the built-in sets).
+    /// Custom labels if any were given.
     pub fn custom(&self) -> anyhow::Result<Option<Vec<Label>>> {
-        if let Some(list) = &self.labels {
-            if let Some(set) = labels::builtin(list.trim()) {
-                return Ok(Some(set));
-            }
-            return Ok(Some(labels::from_list(list.split(','))?));
-        }
-        if let Some(path) = &self.labels_file {
-            let text = std::fs::read_to_string(path).map_err(|e| crate::Error::io(path, e))?;
-            return Ok(Some(labels::from_list(text.lines())?));
-        }
-        Ok(None)
+        Ok(match &self.labels {
+            Some(spec) => Some(labels::parse_spec(spec)?),
+            None => None,
+        })
     }
 
     /// The labels and their normalised embeddings: the bundle's, or custom ones encoded now.
     pub fn resolve(&self, engine: &mut Engine) -> anyhow::Result<(Vec<Label>, Vec<f32>)> {
-        match self.custom()? {
-            None => {
-                if !self.templates.is_empty() {
-                    let labels: Vec<Label> = engine.bundle.labels().into_iter().cloned().collect();
-                    let emb = pipeline::text_label_embeddings(engine, &labels, &self.templates)?;
-                    return Ok((labels, emb));
-                }
-                let labels = engine.bundle.labels().into_iter().cloned().collect();
-                Ok((labels, engine.bundle.label_embeddings.clone()))
-            }
-            Some(labels) => {
-                let templates = if self.templates.is_empty() {
-                    engine.bundle.manifest.templates.clone()
-                } else {
-                    self.templates.clone()
-                };
-                let emb = pipeline::text_label_embeddings(engine, &labels, &templates)?;
-                Ok((labels, emb))
-            }
+        let custom = self.custom()?;
+        if custom.is_none() && self.templates.is_empty() {
+            let labels = engine.bundle.labels().into_iter().cloned().collect();
+            return Ok((labels, engine.bundle.label_embeddings.clone()));
         }
+        if !engine.bundle.has_text_encoder() {
+            anyhow::bail!(
+                "{} has no text encoder, so it scores only its own {} labels: drop --labels/--template, or use a bundle with a text encoder (trainer export, or runtime assemble --text-encoder)",
+                engine.bundle.dir.display(),
+                engine.bundle.manifest.labels.len()
+            );
+        }
+        let labels =
+            custom.unwrap_or_else(|| engine.bundle.labels().into_iter().cloned().collect());
+        let templates = if self.templates.is_empty() {
+            engine.bundle.manifest.templates.clone()
+        } else {
+            self.templates.clone()
+        };
+        let emb = pipeline::text_label_embeddings(engine, &labels, &templates)?;
+        Ok((labels, emb))
     }
 }
 
 /// Display form of a path for tables: relative paths stay as given.
 pub fn show_path(p: &Path) -> String {
     p.display().to_string()
+}
+
+/// Where a data set comes from (`runtime eval`, `trainer finetune`).
+#[derive(Debug, Clone, Args)]
+pub struct DataArgs {
+    /// Data folder in the layout of --dataset (default: $XRAY_CLIP_DATA/<dataset>, else
+    /// ./data/<dataset>). For irma also the codes CSV itself (images found beside it).
+    #[arg(long)]
+    pub data: Option<PathBuf>,
+    /// IRMA: the codes file to use when the folder holds several (default: the *train* one).
+    #[arg(long)]
+    pub codes: Option<PathBuf>,
+    /// IRMA labels: regions (the 15 body regions of the anatomical axis, default) or reference
+    /// (exactly as the reference experiment's code derived them, to compare with its figures).
+    #[arg(long, default_value = "regions")]
+    pub irma_labels: crate::datasets::IrmaLabels,
+}
+
+impl DataArgs {
+    pub fn dir(&self, kind: crate::datasets::DatasetKind) -> crate::Result<PathBuf> {
+        match &self.data {
+            Some(d) => Ok(d.clone()),
+            None => crate::datasets::default_data_dir(kind),
+        }
+    }
+
+    /// Loads the data set; rows with problems are reported on stderr (20 at most), not fatal.
+    pub fn load(
+        &self,
+        kind: crate::datasets::DatasetKind,
+    ) -> crate::Result<crate::datasets::Dataset> {
+        let dir = self.dir(kind)?;
+        let opts = crate::datasets::LoadOptions {
+            irma_labels: self.irma_labels,
+            codes: self.codes.clone(),
+        };
+        let ds = crate::datasets::load_with(kind, &dir, &opts)?;
+        for p in ds.problems.iter().take(20) {
+            eprintln!("warning: {p}");
+        }
+        if ds.problems.len() > 20 {
+            eprintln!(
+                "warning: ... and {} more rows with problems",
+                ds.problems.len() - 20
+            );
+        }
+        Ok(ds)
+    }
+}
+
+/// The bundle `runtime eval` uses without `--model`: `XRAY_CLIP_MODEL`; else the first bundle in
+/// `./models/` whose labels are the data set's; else the built-in one if it has them. `None`
+/// with the reason when none fits.
+pub fn find_bundle_for(labels: &[Label]) -> std::result::Result<Bundle, String> {
+    if let crate::DefaultModel::FromEnv(_) = crate::default_model() {
+        return load_default().map_err(|e| e.to_string());
+    }
+    let mut looked = Vec::new();
+    if let Ok(entries) = std::fs::read_dir("models") {
+        let mut dirs: Vec<PathBuf> = entries
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.join(crate::bundle::MANIFEST).is_file())
+            .collect();
+        dirs.sort();
+        for d in dirs {
+            if let Ok(b) = Bundle::load(&d) {
+                if labels::match_labels(&b.labels(), labels).is_some() {
+                    eprintln!("using {} (its labels are the data set's)", d.display());
+                    return Ok(b);
+                }
+            }
+            looked.push(d.display().to_string());
+        }
+    }
+    let builtin = load_default().map_err(|e| e.to_string())?;
+    if labels::match_labels(&builtin.labels(), labels).is_some() {
+        return Ok(builtin);
+    }
+    looked.push(builtin.dir.display().to_string());
+    Err(format!(
+        "no bundle with the data set's labels ({}) among {}; make one from a bundle with a text encoder: runtime prompts --model BUNDLE --labels SET --out models/NAME, or pass --model BUNDLE --template \"a X-Ray image of {{}} part\" (README: \"Get a real model\")",
+        labels.iter().map(|l| l.name.as_str()).collect::<Vec<_>>().join(", "),
+        looked.join(", ")
+    ))
 }

@@ -1,10 +1,13 @@
 //! Labelled image sets in their published layouts, shared by the trainer and `runtime eval`:
 //!
 //! - image folder: `ROOT/<label>/*.{png,jpg,jpeg,dcm,dicom}` (labels sorted by folder name);
-//! - UNIFESP (Kaggle): `ROOT/train.csv` (`SOPInstanceUID,Target`, Target = space-separated label
-//!   indices 0..21) and `ROOT/train/<Study>/<Series>/<SOPInstanceUID>-c.dcm`;
+//! - UNIFESP, Kaggle layout: `ROOT/train.csv` (`SOPInstanceUID,Target`, Target = space-separated
+//!   label indices 0..21) and `ROOT/train/<Study>/<Series>/<SOPInstanceUID>-c.dcm`;
+//! - UNIFESP, PNG repack (the one the reference experiment read): `ROOT/train_df.csv` with columns
+//!   `SOPInstanceUID`, `Target`, `image_path` (more are ignored) and images at `ROOT/<image_path>`;
 //! - IRMA (ImageCLEF 2009): a `;`-separated code file (`image_id;irma_code;...`) and `<image_id>.png`,
-//!   grouped into the reference's 15 anatomical categories.
+//!   grouped into 15 body-region categories of the anatomical axis ([`IrmaLabels::Regions`]), or
+//!   labelled exactly as the reference experiment's code did ([`IrmaLabels::Reference`]).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -57,11 +60,94 @@ impl std::str::FromStr for DatasetKind {
     }
 }
 
+impl DatasetKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            DatasetKind::Folder => "folder",
+            DatasetKind::Unifesp => "unifesp",
+            DatasetKind::Irma => "irma",
+        }
+    }
+}
+
+/// How IRMA codes become labels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum IrmaLabels {
+    /// The body region of the anatomical axis: its first digit (1-9), and for the chest (5) its
+    /// second digit (51-56 -> 10-15). What the IRMA code means.
+    #[default]
+    Regions,
+    /// As the reference experiment's `Irma.py` computed them: after removing the dashes it reads
+    /// characters 6..9 (the third directional digit and the first two anatomical ones); a code
+    /// whose anatomical digit is 5 is "chest/heart", any other is named by the directional digit,
+    /// and rows where that digit is 0 are dropped. Only for comparing with its published figures.
+    Reference,
+}
+
+impl std::str::FromStr for IrmaLabels {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "regions" => Ok(IrmaLabels::Regions),
+            "reference" => Ok(IrmaLabels::Reference),
+            other => Err(format!(
+                "unknown IRMA labelling {other:?} (regions or reference)"
+            )),
+        }
+    }
+}
+
+/// Options of the data set loaders.
+#[derive(Debug, Clone, Default)]
+pub struct LoadOptions {
+    pub irma_labels: IrmaLabels,
+    /// The IRMA codes file, when the folder holds several (`--codes`).
+    pub codes: Option<PathBuf>,
+}
+
+/// Environment variable naming a folder that holds the data sets as `unifesp/`, `irma/`, ...
+pub const DATA_ENV: &str = "XRAY_CLIP_DATA";
+
+/// Where a data set is found when `--data` is not given: `$XRAY_CLIP_DATA/<name>`, else
+/// `data/<name>` in the current folder.
+pub fn default_data_dir(kind: DatasetKind) -> Result<PathBuf> {
+    let name = kind.name();
+    if kind == DatasetKind::Folder {
+        return Err(Error::InvalidArgument(
+            "--dataset folder needs --data DIR (a folder with one sub-folder of images per label)"
+                .into(),
+        ));
+    }
+    let mut looked = Vec::new();
+    if let Some(root) = std::env::var_os(DATA_ENV).filter(|v| !v.is_empty()) {
+        let p = PathBuf::from(root).join(name);
+        if p.exists() {
+            return Ok(p);
+        }
+        looked.push(format!("${DATA_ENV}/{name} = {}", p.display()));
+    } else {
+        looked.push(format!("${DATA_ENV} (not set)"));
+    }
+    let local = PathBuf::from("data").join(name);
+    if local.exists() {
+        return Ok(local);
+    }
+    looked.push(local.display().to_string());
+    Err(Error::InvalidArgument(format!(
+        "no {name} data found (looked at {}): pass --data DIR, or set {DATA_ENV} to a folder holding {name}/ (layouts: README, \"Data sets\")",
+        looked.join(", ")
+    )))
+}
+
 pub fn load(kind: DatasetKind, root: &Path) -> Result<Dataset> {
+    load_with(kind, root, &LoadOptions::default())
+}
+
+pub fn load_with(kind: DatasetKind, root: &Path, opts: &LoadOptions) -> Result<Dataset> {
     let ds = match kind {
         DatasetKind::Folder => image_folder(root)?,
         DatasetKind::Unifesp => unifesp(root)?,
-        DatasetKind::Irma => irma(root)?,
+        DatasetKind::Irma => irma(root, opts)?,
     };
     if ds.samples.is_empty() {
         return Err(Error::InvalidArgument(format!(
@@ -72,39 +158,51 @@ pub fn load(kind: DatasetKind, root: &Path) -> Result<Dataset> {
     Ok(ds)
 }
 
+/// `ROOT/<label>/...`: each visible sub-folder that holds images is a label (sorted by name);
+/// hidden folders (`.ipynb_checkpoints`) and folders without images are not labels (reported).
 pub fn image_folder(root: &Path) -> Result<Dataset> {
     let mut dirs: Vec<PathBuf> = std::fs::read_dir(root)
         .map_err(|e| Error::io(root, e))?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| p.is_dir())
+        .filter(|p| {
+            !p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with('.'))
+        })
         .collect();
     dirs.sort();
-    if dirs.is_empty() {
-        return Err(Error::InvalidArgument(format!(
-            "{}: no label folders (expected ROOT/<label>/images)",
-            root.display()
-        )));
-    }
     let mut labels = Vec::new();
     let mut samples = Vec::new();
-    for (i, d) in dirs.iter().enumerate() {
+    let mut problems = Vec::new();
+    for d in &dirs {
         let name = d
             .file_name()
             .map(|n| n.to_string_lossy().to_string())
             .unwrap_or_default();
-        labels.push(Label::new(name.clone(), folder_display_name(&name)));
-        for path in collect_images(d)? {
-            samples.push(Sample {
-                path,
-                labels: vec![i],
-            });
+        let images = collect_images(d)?;
+        if images.is_empty() {
+            problems.push(format!("{}: no images, not a label", d.display()));
+            continue;
         }
+        let i = labels.len();
+        labels.push(Label::new(name.clone(), folder_display_name(&name)));
+        samples.extend(images.into_iter().map(|path| Sample {
+            path,
+            labels: vec![i],
+        }));
+    }
+    if labels.is_empty() {
+        return Err(Error::InvalidArgument(format!(
+            "{}: no label folders with images (expected ROOT/<label>/<images>)",
+            root.display()
+        )));
     }
     Ok(Dataset {
         name: format!("folder:{}", root.display()),
         labels,
         samples,
-        problems: Vec::new(),
+        problems,
     })
 }
 
@@ -121,26 +219,85 @@ fn folder_display_name(name: &str) -> String {
     }
 }
 
+/// UNIFESP in either layout, told apart by its CSV (`train_df.csv`: PNG repack; `train.csv`: Kaggle).
 pub fn unifesp(root: &Path) -> Result<Dataset> {
-    let csv_path = root.join("train.csv");
-    let text = std::fs::read_to_string(&csv_path).map_err(|e| Error::io(&csv_path, e))?;
-    // SOPInstanceUID -> file, from the DICOM tree.
-    let mut files: HashMap<String, PathBuf> = HashMap::new();
-    let tree = root.join("train");
-    for p in collect_images(&tree)? {
-        if let Some(stem) = p.file_stem().and_then(|s| s.to_str()) {
-            files.insert(stem.trim_end_matches("-c").to_string(), p);
+    let repack = root.join("train_df.csv");
+    let kaggle = root.join("train.csv");
+    if repack.is_file() {
+        unifesp_rows(&repack, |row| {
+            let rel = row.get("image_path")?;
+            let rel = rel.trim().trim_start_matches("./");
+            crate::bundle::is_contained(rel).then(|| root.join(rel))
+        })
+    } else if kaggle.is_file() {
+        // SOPInstanceUID -> file, from the DICOM tree.
+        let mut files: HashMap<String, PathBuf> = HashMap::new();
+        for p in collect_images(&root.join("train"))? {
+            if let Some(stem) = p.file_stem().and_then(|s| s.to_str()) {
+                files.insert(stem.trim_end_matches("-c").to_string(), p);
+            }
+        }
+        unifesp_rows(&kaggle, |row| {
+            files.get(row.get("SOPInstanceUID")?.trim()).cloned()
+        })
+    } else {
+        Err(Error::InvalidArgument(format!(
+            "{}: not a UNIFESP folder (expected train_df.csv + images/ as the PNG repack, or train.csv + train/ as Kaggle's)",
+            root.display()
+        )))
+    }
+}
+
+/// A CSV row by column name.
+struct Row<'a> {
+    header: &'a csv::StringRecord,
+    record: &'a csv::StringRecord,
+}
+
+impl Row<'_> {
+    fn get(&self, column: &str) -> Option<&str> {
+        let i = self.header.iter().position(|h| h.trim() == column)?;
+        self.record.get(i)
+    }
+}
+
+/// Rows of a UNIFESP CSV (`SOPInstanceUID`, `Target` = space-separated class ids with the
+/// original's trailing space, CRLF or LF) in file order; `file` finds a row's image.
+fn unifesp_rows(csv_path: &Path, file: impl Fn(&Row) -> Option<PathBuf>) -> Result<Dataset> {
+    let mut reader = csv::ReaderBuilder::new()
+        .flexible(true)
+        .from_path(csv_path)
+        .map_err(|e| csv_error(csv_path, e))?;
+    let header = reader
+        .headers()
+        .map_err(|e| csv_error(csv_path, e))?
+        .clone();
+    for needed in ["SOPInstanceUID", "Target"] {
+        if !header.iter().any(|h| h.trim() == needed) {
+            return Err(Error::InvalidArgument(format!(
+                "{}: no {needed} column",
+                csv_path.display()
+            )));
         }
     }
+    let name = csv_path.file_name().unwrap_or_default().to_string_lossy();
     let mut samples = Vec::new();
     let mut problems = Vec::new();
-    for (n, line) in text.lines().enumerate() {
-        let line = line.trim();
-        if line.is_empty() || (n == 0 && line.to_ascii_lowercase().starts_with("sopinstanceuid")) {
-            continue;
-        }
-        let Some((uid, target)) = line.split_once(',') else {
-            problems.push(format!("train.csv line {}: no comma", n + 1));
+    for (n, record) in reader.records().enumerate() {
+        let line = n + 2;
+        let record = match record {
+            Ok(r) => r,
+            Err(e) => {
+                problems.push(format!("{name} line {line}: {e}"));
+                continue;
+            }
+        };
+        let row = Row {
+            header: &header,
+            record: &record,
+        };
+        let (Some(uid), Some(target)) = (row.get("SOPInstanceUID"), row.get("Target")) else {
+            problems.push(format!("{name} line {line}: missing columns"));
             continue;
         };
         let parsed: std::result::Result<Vec<usize>, _> =
@@ -148,16 +305,13 @@ pub fn unifesp(root: &Path) -> Result<Dataset> {
         let labels = match parsed {
             Ok(l) if !l.is_empty() && l.iter().all(|&i| i < labels::UNIFESP_NAMES.len()) => l,
             _ => {
-                problems.push(format!("train.csv line {}: bad target {target:?}", n + 1));
+                problems.push(format!("{name} line {line}: bad target {target:?}"));
                 continue;
             }
         };
-        match files.get(uid.trim()) {
-            Some(path) => samples.push(Sample {
-                path: path.clone(),
-                labels,
-            }),
-            None => problems.push(format!("train.csv line {}: no file for {uid}", n + 1)),
+        match file(&row) {
+            Some(path) if path.is_file() => samples.push(Sample { path, labels }),
+            _ => problems.push(format!("{name} line {line}: no file for {}", uid.trim())),
         }
     }
     Ok(Dataset {
@@ -168,49 +322,72 @@ pub fn unifesp(root: &Path) -> Result<Dataset> {
     })
 }
 
-/// IRMA category (1..=15) of a code `TTTT-DDD-AAA-BBB`: the first digit of the anatomical axis
-/// (1..9); chest codes `51x`..`56x` become the second-level chest categories 10..15.
-pub fn irma_category(code: &str) -> Option<usize> {
+fn csv_error(path: &Path, e: csv::Error) -> Error {
+    Error::Decode {
+        path: path.to_path_buf(),
+        format: "CSV",
+        reason: e.to_string(),
+    }
+}
+
+/// The four axes of an IRMA code `TTTT-DDD-AAA-BBB`; each character is base 36 (0-9, a-z).
+fn irma_axes(code: &str) -> Option<[&str; 4]> {
     let parts: Vec<&str> = code.trim().split('-').collect();
-    if parts.len() != 4
-        || [4, 3, 3, 3]
-            != [
-                parts[0].len(),
-                parts[1].len(),
-                parts[2].len(),
-                parts[3].len(),
-            ]
+    let axes: [&str; 4] = parts.try_into().ok()?;
+    if axes.iter().map(|p| p.len()).ne([4, 3, 3, 3])
+        || !axes
+            .iter()
+            .all(|p| p.chars().all(|c| c.is_ascii_alphanumeric()))
     {
         return None;
     }
-    if !parts
-        .iter()
-        .all(|p| p.chars().all(|c| c.is_ascii_alphanumeric()))
-    {
-        return None;
-    }
-    let a: Vec<u32> = parts[2]
-        .chars()
-        .map(|c| c.to_digit(10))
-        .collect::<Option<_>>()?;
-    match (a[0], a[1]) {
-        (5, d @ 1..=6) => Some(9 + d as usize),
-        (first @ 1..=9, _) => Some(first as usize),
+    Some(axes)
+}
+
+/// Body-region category (1..=15) of a code: the first digit of the anatomical axis (1..9); chest
+/// codes `51x`..`56x` become the second-level chest categories 10..15. Only those two characters
+/// are read, so letters elsewhere (`1121-120-91a-700`) are fine.
+pub fn irma_category(code: &str) -> Option<usize> {
+    let a = irma_axes(code)?[2].as_bytes();
+    let digit = |b: u8| (b as char).to_digit(10);
+    match digit(a[0])? {
+        5 => match a[1] {
+            b'1'..=b'6' => Some(9 + digit(a[1])? as usize),
+            b'0' | b'7'..=b'9' => Some(5),
+            _ => None,
+        },
+        first @ 1..=9 => Some(first as usize),
         _ => None,
     }
 }
 
-pub fn irma(root: &Path) -> Result<Dataset> {
-    let csv_path = find_irma_csv(root)?;
+/// The category (1..=15) the reference experiment's `Irma.py` gave a code, or `None` where it
+/// gave "Unknown" (and dropped the row): characters [6:9] of the code without dashes are the third
+/// directional and the first two anatomical characters; a directional digit 1-9 with anatomical 5
+/// is "chest/heart" (14), with anything else the category of the directional digit.
+pub fn irma_reference_category(code: &str) -> Option<usize> {
+    let axes = irma_axes(code)?;
+    let direction = axes[1].as_bytes()[2];
+    let anatomy = axes[2].as_bytes()[0];
+    match direction {
+        b'1'..=b'9' if anatomy == b'5' => Some(14),
+        b'1'..=b'9' => Some((direction - b'0') as usize),
+        _ => None,
+    }
+}
+
+pub fn irma(root: &Path, opts: &LoadOptions) -> Result<Dataset> {
+    let (csv_path, image_root) = find_irma_csv(root, opts.codes.as_deref())?;
     let text = std::fs::read_to_string(&csv_path).map_err(|e| Error::io(&csv_path, e))?;
     let mut images: HashMap<String, PathBuf> = HashMap::new();
-    for p in collect_images(root)? {
+    for p in collect_images(&image_root)? {
         if let Some(stem) = p.file_stem().and_then(|s| s.to_str()) {
             images.insert(stem.to_string(), p);
         }
     }
     let mut samples = Vec::new();
     let mut problems = Vec::new();
+    let mut unlabelled = 0usize;
     for (n, line) in text.lines().enumerate() {
         let cols: Vec<&str> = line.trim().split(';').collect();
         if cols.len() < 2
@@ -219,7 +396,20 @@ pub fn irma(root: &Path) -> Result<Dataset> {
         {
             continue;
         }
-        let Some(category) = irma_category(cols[1]) else {
+        let category = match opts.irma_labels {
+            IrmaLabels::Regions => irma_category(cols[1]),
+            IrmaLabels::Reference if irma_axes(cols[1]).is_some() => {
+                match irma_reference_category(cols[1]) {
+                    Some(c) => Some(c),
+                    None => {
+                        unlabelled += 1;
+                        continue;
+                    }
+                }
+            }
+            IrmaLabels::Reference => None,
+        };
+        let Some(category) = category else {
             problems.push(format!(
                 "{} line {}: bad IRMA code {:?}",
                 csv_path.display(),
@@ -241,17 +431,46 @@ pub fn irma(root: &Path) -> Result<Dataset> {
             )),
         }
     }
+    if unlabelled > 0 {
+        problems.push(format!(
+            "{unlabelled} rows have no reference label (third directional digit not 1-9) and are left out, as the reference did"
+        ));
+    }
+    let (name, labels) = match opts.irma_labels {
+        IrmaLabels::Regions => ("irma", labels::irma15()),
+        IrmaLabels::Reference => ("irma (reference labels)", labels::irma_reference()),
+    };
     Ok(Dataset {
-        name: "irma".into(),
-        labels: labels::irma15(),
+        name: name.into(),
+        labels,
         samples,
         problems,
     })
 }
 
-fn find_irma_csv(root: &Path) -> Result<PathBuf> {
+/// The codes file and the folder its images are searched in: `--codes FILE`; a CSV given as
+/// `--data` (images beside it); or the folder's training codes file (`*train*.csv` when it holds
+/// several, as the Kaggle copy with both the train and the test codes does).
+fn find_irma_csv(root: &Path, codes: Option<&Path>) -> Result<(PathBuf, PathBuf)> {
+    if let Some(c) = codes {
+        if !c.is_file() {
+            return Err(Error::InvalidArgument(format!(
+                "--codes {}: no such file",
+                c.display()
+            )));
+        }
+        let images = if root.is_file() {
+            crate::fsutil::parent_of(root).to_path_buf()
+        } else {
+            root.to_path_buf()
+        };
+        return Ok((c.to_path_buf(), images));
+    }
     if root.is_file() {
-        return Ok(root.to_path_buf());
+        return Ok((
+            root.to_path_buf(),
+            crate::fsutil::parent_of(root).to_path_buf(),
+        ));
     }
     let mut csvs: Vec<PathBuf> = std::fs::read_dir(root)
         .map_err(|e| Error::io(root, e))?
@@ -259,9 +478,38 @@ fn find_irma_csv(root: &Path) -> Result<PathBuf> {
         .filter(|p| p.extension().is_some_and(|e| e.eq_ignore_ascii_case("csv")))
         .collect();
     csvs.sort();
-    csvs.into_iter().next().ok_or_else(|| {
-        Error::InvalidArgument(format!("{}: no IRMA code file (*.csv)", root.display()))
-    })
+    let lower = |p: &PathBuf| {
+        p.file_name()
+            .map(|n| n.to_string_lossy().to_lowercase())
+            .unwrap_or_default()
+    };
+    let chosen = match csvs.len() {
+        0 => None,
+        1 => csvs.first().cloned(),
+        _ => {
+            let train: Vec<&PathBuf> = csvs
+                .iter()
+                .filter(|p| lower(p).contains("train") && !lower(p).contains("test"))
+                .collect();
+            match train.as_slice() {
+                [one] => Some((*one).clone()),
+                _ => {
+                    return Err(Error::InvalidArgument(format!(
+                        "{}: several IRMA code files ({}); pick one with --codes FILE",
+                        root.display(),
+                        csvs.iter().map(lower).collect::<Vec<_>>().join(", ")
+                    )))
+                }
+            }
+        }
+    };
+    let csv = chosen.ok_or_else(|| {
+        Error::InvalidArgument(format!(
+            "{}: no IRMA code file (*.csv; give the file as --data or --codes)",
+            root.display()
+        ))
+    })?;
+    Ok((csv, root.to_path_buf()))
 }
 
 /// Train/test split of a data set.
@@ -380,9 +628,23 @@ mod tests {
         assert_eq!(irma_category("1121-127-570-000"), Some(5));
         assert_eq!(irma_category("1121-110-914-700"), Some(9));
         assert_eq!(irma_category("1121-110-014-700"), None);
-        assert_eq!(irma_category("1121-110-9x4-700"), None);
+        assert_eq!(irma_category("1121-110-9x4-700"), Some(9));
+        assert_eq!(irma_category("1121-120-91a-700"), Some(9));
+        assert_eq!(irma_category("1121-120-5x0-700"), None);
+        assert_eq!(irma_category("1121-110-x14-700"), None);
+        assert_eq!(irma_category("1121-1_0-914-700"), None);
         assert_eq!(irma_category("1121-110-914"), None);
         assert_eq!(irma_category("11211-110-914-700"), None);
+    }
+
+    #[test]
+    fn irma_reference_labels_follow_its_code() {
+        // Irma.py: code.replace("-", "")[6:9] = (3rd directional, 1st and 2nd anatomical).
+        assert_eq!(irma_reference_category("1121-127-520-000"), Some(14)); // anatomy 5 -> chest/heart
+        assert_eq!(irma_reference_category("1121-127-700-000"), Some(7)); // named by direction 7
+        assert_eq!(irma_reference_category("1121-120-200-700"), None); // direction 0: dropped
+        assert_eq!(irma_reference_category("1121-12a-200-700"), None);
+        assert_eq!(irma_reference_category("1121-123-91a-700"), Some(3));
     }
 
     #[test]

@@ -14,6 +14,10 @@ use crate::error::{Error, Result};
 /// Largest number of pixels (width x height x frames) that a decoder may allocate for.
 /// 16384 x 16384: larger than any radiograph, small enough to refuse forged headers before allocating.
 pub const MAX_PIXELS: u64 = 16_384 * 16_384;
+/// Largest ratio of the long side to the short side. Resizing the short side to the model's input
+/// size scales the long side by the same factor, so a 1 x 65535 image would become 224 x 14.7 M;
+/// the longest real radiographs (full-leg, whole-spine stitches) are about 1:4.
+pub const MAX_ASPECT_RATIO: u64 = 32;
 /// Largest input file read into memory.
 pub const MAX_FILE_BYTES: u64 = 1 << 30;
 
@@ -130,6 +134,15 @@ fn decode_raster(
         let h = u32::from_be_bytes([bytes[20], bytes[21], bytes[22], bytes[23]]);
         check_size(name, w as u64, h as u64, 1)?;
     }
+    // The JPEG decoder fills a cut-off file with grey and reports success; PIL refuses such a file
+    // ("image file is truncated"), and so does this: no end-of-image marker after the scan data.
+    if format == image::ImageFormat::Jpeg && !jpeg_has_end(bytes) {
+        return Err(Error::Decode {
+            path: name.to_path_buf(),
+            format: label,
+            reason: "the file is truncated (no end-of-image marker after the image data)".into(),
+        });
+    }
     let reader = ImageReader::with_format(Cursor::new(bytes), format);
     let decoder = reader.into_decoder().map_err(decode_err)?;
     let (width, height) = decoder.dimensions();
@@ -140,6 +153,41 @@ fn decode_raster(
     reader.limits(limits);
     let decoded = reader.decode().map_err(decode_err)?;
     Ok(from_dynamic(decoded))
+}
+
+/// Whether a JPEG stream reaches its end-of-image marker (FF D9) after its first scan. Headers are
+/// walked segment by segment; inside entropy-coded data a 0xFF byte is always followed by 0x00 or a
+/// restart marker, so FF D9 there can only be the real end.
+pub fn jpeg_has_end(bytes: &[u8]) -> bool {
+    let mut pos = 2; // after SOI
+    while pos + 1 < bytes.len() {
+        if bytes[pos] != 0xFF {
+            return false;
+        }
+        let marker = bytes[pos + 1];
+        pos += 2;
+        match marker {
+            0xFF => pos -= 1, // fill byte
+            0xD9 => return true,
+            0x01 | 0xD0..=0xD7 => {}
+            _ => {
+                let Some(len) = bytes.get(pos..pos + 2) else {
+                    return false;
+                };
+                let len = u16::from_be_bytes([len[0], len[1]]) as usize;
+                if len < 2 {
+                    return false;
+                }
+                pos += len;
+                if marker == 0xDA {
+                    return bytes
+                        .get(pos..)
+                        .is_some_and(|rest| rest.windows(2).any(|w| w == [0xFF, 0xD9]));
+                }
+            }
+        }
+    }
+    false
 }
 
 pub(crate) fn check_size(name: &Path, width: u64, height: u64, frames: u64) -> Result<()> {
@@ -158,6 +206,17 @@ pub(crate) fn check_size(name: &Path, width: u64, height: u64, frames: u64) -> R
             height,
             frames,
             limit: MAX_PIXELS,
+        });
+    }
+    let (short, long) = (width.min(height), width.max(height));
+    if long > short.saturating_mul(MAX_ASPECT_RATIO) {
+        let scale = 224u64;
+        return Err(Error::AspectRatio {
+            path: name.to_path_buf(),
+            width,
+            height,
+            limit: MAX_ASPECT_RATIO,
+            resized_pixels: scale.saturating_mul(long.saturating_mul(scale) / short),
         });
     }
     Ok(())

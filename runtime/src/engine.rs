@@ -89,11 +89,30 @@ fn environment() -> Result<&'static ort::environment::Environment> {
     })
 }
 
+const ATTENTION_MASK: &str = "attention_mask";
+/// Tensor names CLIP exports use (HF transformers, optimum, this project's trainer).
+const PREFERRED_NAMES: [&str; 4] = ["pixel_values", "input_ids", "image_embeds", "text_embeds"];
+/// CLIP's end-of-text token: everything after the first one in a row is padding.
+const END_OF_TEXT: i64 = 49_407;
+
+/// 1 up to and including each row's first end-of-text token, 0 after it (all 1 without one).
+fn attention_mask(ids: &[i64], len: usize) -> Vec<i64> {
+    let mut mask = vec![1i64; ids.len()];
+    for (row, m) in ids.chunks(len.max(1)).zip(mask.chunks_mut(len.max(1))) {
+        if let Some(end) = row.iter().position(|&t| t == END_OF_TEXT) {
+            m[end + 1..].fill(0);
+        }
+    }
+    mask
+}
+
 /// One ONNX graph with one input and one output of interest.
 pub struct Encoder {
     session: Session,
     input: String,
     output: String,
+    /// The graph also takes `attention_mask` (HF `torch.onnx` and optimum text encoders).
+    attention_mask: bool,
     /// Which device it ended up on.
     pub device: Device,
 }
@@ -146,13 +165,19 @@ impl Encoder {
                     context: what.to_string(),
                     reason: format!("graph has no {kind} named {w:?} (it has {have:?})"),
                 }),
-                None => have.into_iter().next().ok_or_else(|| Error::Inference {
-                    context: what.to_string(),
-                    reason: format!("graph has no {kind}"),
-                }),
+                // Without a name: the tensor CLIP exports call it, else the first.
+                None => have
+                    .iter()
+                    .find(|h| PREFERRED_NAMES.contains(&h.as_str()))
+                    .or(have.first())
+                    .cloned()
+                    .ok_or_else(|| Error::Inference {
+                        context: what.to_string(),
+                        reason: format!("graph has no {kind}"),
+                    }),
             }
         };
-        let inputs = session
+        let inputs: Vec<String> = session
             .inputs()
             .iter()
             .map(|o| o.name().to_string())
@@ -162,12 +187,26 @@ impl Encoder {
             .iter()
             .map(|o| o.name().to_string())
             .collect();
-        let input = pick(names.0, inputs, "input")?;
+        let attention_mask = inputs.iter().any(|i| i == ATTENTION_MASK);
+        let input = pick(names.0, inputs.clone(), "input")?;
         let output = pick(names.1, outputs, "output")?;
+        let others: Vec<&String> = inputs
+            .iter()
+            .filter(|i| **i != input && i.as_str() != ATTENTION_MASK)
+            .collect();
+        if !others.is_empty() {
+            return Err(Error::Inference {
+                context: what.to_string(),
+                reason: format!(
+                    "graph needs inputs {others:?} besides {input:?}; give one encoder per graph (vision and text exported separately)"
+                ),
+            });
+        }
         Ok(Encoder {
             session,
             input,
             output,
+            attention_mask,
             device,
         })
     }
@@ -196,7 +235,16 @@ impl Encoder {
         let t =
             TensorRef::from_array_view((shape.to_vec(), data)).map_err(ort_err("input tensor"))?;
         let input = self.input.clone();
-        self.run(ort::inputs![input.as_str() => t], shape[0])
+        if !self.attention_mask {
+            return self.run(ort::inputs![input.as_str() => t], shape[0]);
+        }
+        let mask = attention_mask(data, shape[1]);
+        let m = TensorRef::from_array_view((shape.to_vec(), mask.as_slice()))
+            .map_err(ort_err("attention mask"))?;
+        self.run(
+            ort::inputs![input.as_str() => t, ATTENTION_MASK => m],
+            shape[0],
+        )
     }
 
     fn run(
@@ -336,5 +384,14 @@ impl Encoder {
     /// Runs a text encoder on a token batch; returns `[batch, dim]` row-major and `dim`.
     pub fn embed_tokens(&mut self, tokens: &TokenBatch) -> Result<(Vec<f32>, usize)> {
         self.run_i64(&[tokens.batch, tokens.len], &tokens.ids)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn attention_mask_ends_at_end_of_text() {
+        let ids = [49406, 320, 49407, 0, 49406, 49407, 49407, 49407];
+        assert_eq!(super::attention_mask(&ids, 4), vec![1, 1, 1, 0, 1, 1, 0, 0]);
     }
 }

@@ -16,6 +16,9 @@ pub enum Error {
         source: std::io::Error,
     },
 
+    #[error("{path}: {reason}")]
+    OutputConflict { path: PathBuf, reason: String },
+
     // --- image decoding ------------------------------------------------------------------------
     #[error("{path}: empty file")]
     EmptyFile { path: PathBuf },
@@ -36,6 +39,20 @@ pub enum Error {
         height: u64,
         frames: u64,
         limit: u64,
+    },
+    #[error("{path}: image of {width}x{height} has an aspect ratio above the limit of {limit}:1 (no radiograph is that shape; resizing it would need {resized_pixels} pixels)")]
+    AspectRatio {
+        path: PathBuf,
+        width: u64,
+        height: u64,
+        limit: u64,
+        resized_pixels: u64,
+    },
+    #[error("cannot preprocess a {width}x{height} image: {reason}")]
+    Preprocess {
+        width: u32,
+        height: u32,
+        reason: String,
     },
     #[error("{path}: DICOM file has no pixel data")]
     NoPixelData { path: PathBuf },

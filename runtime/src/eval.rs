@@ -80,26 +80,52 @@ pub struct EvalOptions {
     pub split: String,
 }
 
-/// The bundle's label embeddings reordered to the data set's labels (matched by id, then name).
+/// The bundle's label embeddings reordered to the data set's labels (see [`labels::match_labels`]).
 fn bundle_embeddings(engine: &Engine, labels: &[Label]) -> Result<Vec<f32>> {
     let dim = engine.bundle.manifest.embedding_dim;
     let mine = engine.bundle.labels();
+    let Some(index) = crate::labels::match_labels(&mine, labels) else {
+        return Err(Error::InvalidArgument(missing_labels_hint(
+            &engine.bundle,
+            labels,
+        )));
+    };
     let mut out = Vec::with_capacity(labels.len() * dim);
-    for l in labels {
-        let i = mine
-            .iter()
-            .position(|m| m.id == l.id)
-            .or_else(|| mine.iter().position(|m| m.name.eq_ignore_ascii_case(&l.name)))
-            .ok_or_else(|| {
-                Error::InvalidArgument(format!(
-                    "the bundle has no label {:?} of the data set (it has: {}); give --template to score the data set's labels with its text encoder",
-                    l.name,
-                    mine.iter().map(|m| m.name.as_str()).collect::<Vec<_>>().join(", ")
-                ))
-            })?;
+    for i in index {
         out.extend_from_slice(&engine.bundle.label_embeddings[i * dim..(i + 1) * dim]);
     }
     Ok(out)
+}
+
+/// What to do when a bundle lacks a data set's labels, as one line.
+pub fn missing_labels_hint(bundle: &crate::bundle::Bundle, labels: &[Label]) -> String {
+    let mine = bundle.labels();
+    let missing: Vec<&str> = labels
+        .iter()
+        .filter(|l| crate::labels::match_labels(&mine, std::slice::from_ref(l)).is_none())
+        .map(|l| l.name.as_str())
+        .collect();
+    let fix = if bundle.has_text_encoder() {
+        format!(
+            "score them with its text encoder (--template \"a X-Ray image of {{}} part\"), or make a bundle with these labels: runtime prompts --model {} --labels SET --out models/NAME",
+            bundle.dir.display()
+        )
+    } else {
+        "it has no text encoder, so it cannot learn new labels: use a bundle with these labels, or make one from a bundle with a text encoder (runtime prompts --model BUNDLE --labels SET --out models/NAME; README: \"Get a real model\")".to_string()
+    };
+    format!(
+        "bundle {} has no label {} of the data set (it has: {}); {fix}",
+        bundle.dir.display(),
+        missing
+            .iter()
+            .map(|m| format!("{m:?}"))
+            .collect::<Vec<_>>()
+            .join(", "),
+        mine.iter()
+            .map(|m| m.name.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
+    )
 }
 
 pub fn evaluate(
@@ -218,9 +244,24 @@ pub fn class_table(ev: &Evaluation, r: &Report) -> String {
     s
 }
 
-/// Writes report.json, report.md, confusion.csv and confusion.png (best template) into `out`.
-pub fn write_reports(ev: &Evaluation, out: &Path) -> Result<()> {
-    std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
+/// Writes report.json, report.md, confusion.csv and confusion.png (best template) as the report
+/// folder `requested` (see [`crate::fsutil::resolve_output`]); returns where it went.
+pub fn write_reports(ev: &Evaluation, requested: &Path, force: bool) -> Result<PathBuf> {
+    let target = crate::fsutil::resolve_output(
+        requested,
+        crate::fsutil::OutputKind::Report,
+        || {
+            crate::bundle::folder_name(&format!(
+                "{}-{}-{}",
+                ev.dataset.rsplit([':', '/']).next().unwrap_or("data"),
+                ev.split,
+                ev.bundle
+            ))
+        },
+        force,
+    )?;
+    let staged = crate::fsutil::StagedDir::new(&target)?;
+    let out = staged.path();
     let json = serde_json::to_vec_pretty(ev).expect("evaluation serialises");
     crate::fsutil::write_atomic(&out.join("report.json"), &json)?;
     let best = ev.best();
@@ -272,7 +313,7 @@ pub fn write_reports(ev: &Evaluation, out: &Path) -> Result<()> {
         &best.report.confusion,
         &best.template,
     )?;
-    Ok(())
+    staged.commit()
 }
 
 fn csv_field(s: &str) -> String {

@@ -125,13 +125,68 @@ pub fn from_list<'a>(names: impl IntoIterator<Item = &'a str>) -> Result<Vec<Lab
     Ok(labels)
 }
 
-/// A named built-in set (`unifesp`, `irma`), else `None`.
+/// The same 15 IRMA categories as the reference experiment's code wrote its prompts: the category
+/// text as it is (`a X-Ray image of upper extremity/arm part`).
+pub fn irma_reference() -> Vec<Label> {
+    IRMA15_NAMES
+        .iter()
+        .enumerate()
+        .map(|(i, n)| Label {
+            id: (i + 1).to_string(),
+            name: n.to_string(),
+            prompt_name: n.to_string(),
+        })
+        .collect()
+}
+
+/// Names of the built-in label sets, for help and error texts.
+pub const BUILTIN_SETS: &str = "unifesp, irma, irma-reference";
+
+/// A named built-in set (`unifesp`, `irma`, `irma-reference`), else `None`.
 pub fn builtin(name: &str) -> Option<Vec<Label>> {
     match name {
         "unifesp" => Some(unifesp()),
         "irma" | "irma15" => Some(irma15()),
+        "irma-reference" => Some(irma_reference()),
         _ => None,
     }
+}
+
+/// The one reading of a `--labels` value in every command: a built-in set name, else a file
+/// (one label per line, `#` comments) when such a file exists, else a comma-separated list.
+pub fn parse_spec(spec: &str) -> Result<Vec<Label>> {
+    if let Some(set) = builtin(spec.trim()) {
+        return Ok(set);
+    }
+    let path = std::path::Path::new(spec);
+    if path.is_file() {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        return from_list(text.lines());
+    }
+    if !spec.contains(',')
+        && (spec.ends_with(".txt") || spec.ends_with(".csv") || spec.contains('/'))
+    {
+        return Err(Error::InvalidArgument(format!(
+            "--labels {spec:?}: no such file (a label list is comma-separated; built-in sets: {BUILTIN_SETS})"
+        )));
+    }
+    from_list(spec.split(','))
+}
+
+/// Where each wanted label sits in `have`: the same id and name, else the same name (case
+/// ignored). `None` if any is missing.
+pub fn match_labels(have: &[&Label], wanted: &[Label]) -> Option<Vec<usize>> {
+    wanted
+        .iter()
+        .map(|w| {
+            have.iter()
+                .position(|h| h.id == w.id && h.name.eq_ignore_ascii_case(&w.name))
+                .or_else(|| {
+                    have.iter()
+                        .position(|h| h.name.eq_ignore_ascii_case(&w.name))
+                })
+        })
+        .collect()
 }
 
 /// Fills a template: every `{}` becomes the label's prompt name.

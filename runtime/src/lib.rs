@@ -28,6 +28,8 @@ pub mod engine;
 #[cfg(feature = "onnx")]
 pub mod eval;
 #[cfg(feature = "onnx")]
+pub mod import;
+#[cfg(feature = "onnx")]
 pub mod pipeline;
 #[cfg(feature = "onnx")]
 pub mod plot;
@@ -44,26 +46,59 @@ pub fn cache_dir() -> std::path::PathBuf {
     std::path::Path::new(&home).join(".cache").join("xray-clip")
 }
 
-/// The bundle used when none is given: `XRAY_CLIP_MODEL`, else `models/default` next to the
-/// workspace this binary was built from.
-pub fn default_model_dir() -> std::path::PathBuf {
-    if let Some(p) = std::env::var_os("XRAY_CLIP_MODEL") {
-        return p.into();
+/// OpenAI's CLIP BPE vocabulary as a `tokenizer.json` (`models/tokenizer/`, built by
+/// `scripts/make_fixtures.py` from the `openai-clip` package's merges), compiled into the binary.
+#[cfg(feature = "embedded")]
+pub const DEFAULT_TOKENIZER: &[u8] = include_bytes!("../../models/tokenizer/tokenizer.json");
+
+/// The name the built-in tokenizer goes by in messages.
+#[cfg(feature = "embedded")]
+pub const DEFAULT_TOKENIZER_NAME: &str = "<built-in OpenAI CLIP tokenizer>";
+
+/// The demonstration bundle `models/default`, compiled into the binary, so that an installed or
+/// copied binary classifies without the source tree.
+#[cfg(feature = "embedded")]
+pub const DEFAULT_BUNDLE: bundle::EmbeddedFiles = &[
+    (
+        "manifest.json",
+        include_bytes!("../../models/default/manifest.json"),
+    ),
+    (
+        "image_encoder.onnx",
+        include_bytes!("../../models/default/image_encoder.onnx"),
+    ),
+    (
+        "label_embeddings.npy",
+        include_bytes!("../../models/default/label_embeddings.npy"),
+    ),
+    (
+        "preprocessor_config.json",
+        include_bytes!("../../models/default/preprocessor_config.json"),
+    ),
+];
+
+/// The built-in OpenAI tokenizer.
+#[cfg(feature = "embedded")]
+pub fn default_tokenizer() -> Result<tokenizer::ClipTokenizer> {
+    tokenizer::ClipTokenizer::from_bytes(
+        DEFAULT_TOKENIZER,
+        std::path::Path::new(DEFAULT_TOKENIZER_NAME),
+    )
+}
+
+/// Where the model comes from when `--model` is not given.
+#[derive(Debug, Clone, PartialEq)]
+pub enum DefaultModel {
+    /// `XRAY_CLIP_MODEL` names a folder (a missing one is an error, never a fallback).
+    FromEnv(std::path::PathBuf),
+    /// The demonstration bundle compiled into the binary.
+    BuiltIn,
+}
+
+/// `XRAY_CLIP_MODEL` if set (non-empty), else the built-in bundle.
+pub fn default_model() -> DefaultModel {
+    match std::env::var_os("XRAY_CLIP_MODEL") {
+        Some(p) if !p.is_empty() => DefaultModel::FromEnv(p.into()),
+        _ => DefaultModel::BuiltIn,
     }
-    workspace_dir().join("models").join("default")
-}
-
-/// OpenAI's CLIP BPE vocabulary as a `tokenizer.json` (built by `scripts/make_fixtures.py` from the
-/// `openai-clip` package's merges), shipped in `models/tokenizer/`.
-pub fn default_tokenizer_path() -> std::path::PathBuf {
-    workspace_dir()
-        .join("models")
-        .join("tokenizer")
-        .join("tokenizer.json")
-}
-
-/// The workspace this crate was built in (the parent of `runtime/`).
-fn workspace_dir() -> std::path::PathBuf {
-    let here = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
-    here.parent().unwrap_or(here).to_path_buf()
 }

@@ -39,7 +39,7 @@ pub fn from_bytes(bytes: &[u8], name: &Path) -> Result<(Vec<usize>, Vec<f32>)> {
     if bytes.len() < 10 || &bytes[..6] != b"\x93NUMPY" {
         return Err(bad("not a .npy file"));
     }
-    let (header_len, start) = match bytes[6] {
+    let (header_len, start): (usize, usize) = match bytes[6] {
         1 => (u16::from_le_bytes([bytes[8], bytes[9]]) as usize, 10),
         2 | 3 if bytes.len() >= 12 => (
             u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]) as usize,
@@ -48,7 +48,7 @@ pub fn from_bytes(bytes: &[u8], name: &Path) -> Result<(Vec<usize>, Vec<f32>)> {
         _ => return Err(bad("unsupported .npy version")),
     };
     let header = bytes
-        .get(start..start + header_len)
+        .get(start..start.saturating_add(header_len))
         .ok_or_else(|| bad("truncated header"))?;
     let header = std::str::from_utf8(header).map_err(|_| bad("header is not text"))?;
     if !header.contains("'descr': '<f4'") {
@@ -71,15 +71,14 @@ pub fn from_bytes(bytes: &[u8], name: &Path) -> Result<(Vec<usize>, Vec<f32>)> {
         .filter(|s| !s.is_empty())
         .map(|s| s.parse::<usize>().map_err(|_| bad("bad shape")))
         .collect::<Result<_>>()?;
-    let count = shape
+    let needed = shape
         .iter()
-        .try_fold(1usize, |a, &d| a.checked_mul(d))
+        .try_fold(4usize, |a, &d| a.checked_mul(d))
         .ok_or_else(|| bad("shape overflows"))?;
     let body = &bytes[start + header_len..];
-    if body.len() != count * 4 {
+    if body.len() != needed {
         return Err(bad(&format!(
-            "shape {shape:?} needs {} bytes of data, file has {}",
-            count * 4,
+            "shape {shape:?} needs {needed} bytes of data, file has {}",
             body.len()
         )));
     }
@@ -112,6 +111,17 @@ mod tests {
         assert_eq!(shape, vec![2, 3]);
         assert_eq!(back, data);
         assert!(from_bytes(&bytes[..bytes.len() - 1], Path::new("x.npy")).is_err());
+        // A count that fits usize but overflows once multiplied by 4 bytes.
+        let header = format!(
+            "{{'descr': '<f4', 'fortran_order': False, 'shape': ({},), }}\n",
+            usize::MAX / 2
+        );
+        let mut huge = b"\x93NUMPY\x01\x00".to_vec();
+        huge.extend_from_slice(&(header.len() as u16).to_le_bytes());
+        huge.extend_from_slice(header.as_bytes());
+        huge.extend_from_slice(&[0; 4]);
+        let err = from_bytes(&huge, Path::new("x.npy")).unwrap_err();
+        assert!(err.to_string().contains("overflows"), "{err}");
         assert!(from_bytes(b"not numpy", Path::new("x.npy")).is_err());
     }
 }

@@ -14,10 +14,33 @@ use crate::tokenizer::{ClipTokenizer, Padding};
 
 pub use crate::files::{collect_files, IMAGE_EXTENSIONS};
 
-/// Decodes and preprocesses one file.
+/// Decodes and preprocesses one file. A panic inside a decoder (a bug there, met by a hostile file)
+/// becomes this file's error instead of ending the run.
 pub fn load_tensor(path: &Path, cfg: &PreprocessConfig) -> Result<Vec<f32>> {
+    std::panic::catch_unwind(|| load_tensor_unguarded(path, cfg)).unwrap_or_else(|panic| {
+        let what = panic
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "unknown".into());
+        Err(Error::Decode {
+            path: path.to_path_buf(),
+            format: "input",
+            reason: format!("the decoder failed ({what})"),
+        })
+    })
+}
+
+fn load_tensor_unguarded(path: &Path, cfg: &PreprocessConfig) -> Result<Vec<f32>> {
     let img = decode::decode_file(path)?;
-    Ok(preprocess::preprocess(&img, cfg))
+    preprocess::preprocess(&img, cfg).map_err(|e| match e {
+        Error::Preprocess { .. } => Error::Decode {
+            path: path.to_path_buf(),
+            format: "input",
+            reason: e.to_string(),
+        },
+        other => other,
+    })
 }
 
 #[derive(Debug, Clone)]
@@ -81,13 +104,14 @@ pub fn embed_files(
                         results[*i] = Some(Ok(e.to_vec()));
                     }
                 }
-                Err(e) => {
-                    let msg = e.to_string();
-                    for (i, _) in pending.iter() {
-                        results[*i] = Some(Err(Error::Inference {
-                            context: files[*i].display().to_string(),
-                            reason: msg.clone(),
-                        }));
+                // One bad input must not fail its batch: retry file by file, so only it fails.
+                Err(_) => {
+                    for (i, t) in pending.iter() {
+                        results[*i] =
+                            Some(engine.embed_images(t, 1).map_err(|e| Error::Inference {
+                                context: files[*i].display().to_string(),
+                                reason: e.to_string(),
+                            }));
                     }
                 }
             }
@@ -113,7 +137,15 @@ pub fn embed_files(
     bar.finish_and_clear();
     results
         .into_iter()
-        .map(|r| r.expect("every file gets a result"))
+        .zip(files)
+        .map(|(r, path)| {
+            r.unwrap_or_else(|| {
+                Err(Error::Inference {
+                    context: path.display().to_string(),
+                    reason: "no result (a decoder thread stopped)".into(),
+                })
+            })
+        })
         .collect()
 }
 

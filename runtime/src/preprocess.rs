@@ -4,7 +4,12 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::decode::{Image, Pixels};
+use crate::decode::{Image, Pixels, MAX_ASPECT_RATIO};
+use crate::error::{Error, Result};
+
+/// Largest resized image (before the crop) that preprocessing allocates: the aspect-ratio limit at
+/// a 1024-pixel input, far above what a CLIP bundle uses.
+pub const MAX_RESIZED_PIXELS: u64 = 1024 * 1024 * MAX_ASPECT_RATIO;
 
 pub const CLIP_MEAN: [f32; 3] = [0.481_454_66, 0.457_827_5, 0.408_210_73];
 pub const CLIP_STD: [f32; 3] = [0.268_629_54, 0.261_302_6, 0.275_777_1];
@@ -43,7 +48,7 @@ impl PreprocessConfig {
         3 * self.image_size as usize * self.image_size as usize
     }
 
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> std::result::Result<(), String> {
         if self.resize_filter != "bicubic" {
             return Err(format!(
                 "resize filter {:?} is not supported (bicubic only)",
@@ -57,7 +62,7 @@ impl PreprocessConfig {
             ));
         }
         if self.image_size == 0
-            || self.image_size > 4096
+            || self.resize_shortest_edge > 1024
             || self.resize_shortest_edge < self.image_size
         {
             return Err(format!(
@@ -72,20 +77,48 @@ impl PreprocessConfig {
     }
 }
 
-/// Output size of the shorter-side resize, as `transformers.get_resize_output_image_size`.
-pub fn resized_size(width: u32, height: u32, shortest: u32) -> (u32, u32) {
-    let (w, h) = (width as u64, height as u64);
-    let s = shortest as u64;
-    if w <= h {
-        (shortest, (s * h / w) as u32)
-    } else {
-        ((s * w / h) as u32, shortest)
+/// Output size of the shorter-side resize, as `transformers.get_resize_output_image_size`; `None`
+/// for an empty image or a result above [`MAX_RESIZED_PIXELS`] (checked, never wrapping).
+pub fn resized_size(width: u32, height: u32, shortest: u32) -> Option<(u32, u32)> {
+    let (w, h, s) = (width as u64, height as u64, shortest as u64);
+    if w == 0 || h == 0 || s == 0 {
+        return None;
     }
+    let (out_w, out_h) = if w <= h {
+        (s, s.checked_mul(h)? / w)
+    } else {
+        (s.checked_mul(w)? / h, s)
+    };
+    if out_w.checked_mul(out_h)? > MAX_RESIZED_PIXELS {
+        return None;
+    }
+    Some((u32::try_from(out_w).ok()?, u32::try_from(out_h).ok()?))
 }
 
-/// Resize (shorter side, PIL bicubic) and centre-crop: the 8-bit picture the model sees.
-pub fn resize_crop(img: &Image, cfg: &PreprocessConfig) -> Image {
-    let (new_w, new_h) = resized_size(img.width, img.height, cfg.resize_shortest_edge);
+/// Resize (shorter side, PIL bicubic) and centre-crop: the 8-bit picture the model sees. An image
+/// whose resize would exceed [`MAX_RESIZED_PIXELS`] is an error before anything is allocated.
+pub fn resize_crop(img: &Image, cfg: &PreprocessConfig) -> Result<Image> {
+    let (new_w, new_h) =
+        resized_size(img.width, img.height, cfg.resize_shortest_edge).ok_or_else(|| {
+            Error::Preprocess {
+                width: img.width,
+                height: img.height,
+                reason: format!(
+                    "resizing its shorter side to {} would exceed {MAX_RESIZED_PIXELS} pixels",
+                    cfg.resize_shortest_edge
+                ),
+            }
+        })?;
+    if new_w < cfg.image_size || new_h < cfg.image_size {
+        return Err(Error::Preprocess {
+            width: img.width,
+            height: img.height,
+            reason: format!(
+                "resized to {new_w}x{new_h}, smaller than the {} crop",
+                cfg.image_size
+            ),
+        });
+    }
     let channels = img.channels();
     let src = match &img.pixels {
         Pixels::Gray(p) | Pixels::Rgb(p) => p.as_slice(),
@@ -114,11 +147,11 @@ pub fn resize_crop(img: &Image, cfg: &PreprocessConfig) -> Image {
     } else {
         Pixels::Rgb(crop)
     };
-    Image {
+    Ok(Image {
         width: size as u32,
         height: size as u32,
         pixels,
-    }
+    })
 }
 
 /// Scales a cropped 8-bit picture to [0, 1] and normalises it into `out` (CHW, 3 channels).
@@ -150,14 +183,15 @@ pub fn normalize_into(crop: &Image, cfg: &PreprocessConfig, out: &mut [f32]) {
 }
 
 /// Resize, crop and normalise into `out` (length `cfg.tensor_len()`, CHW).
-pub fn preprocess_into(img: &Image, cfg: &PreprocessConfig, out: &mut [f32]) {
-    normalize_into(&resize_crop(img, cfg), cfg, out);
+pub fn preprocess_into(img: &Image, cfg: &PreprocessConfig, out: &mut [f32]) -> Result<()> {
+    normalize_into(&resize_crop(img, cfg)?, cfg, out);
+    Ok(())
 }
 
-pub fn preprocess(img: &Image, cfg: &PreprocessConfig) -> Vec<f32> {
+pub fn preprocess(img: &Image, cfg: &PreprocessConfig) -> Result<Vec<f32>> {
     let mut out = vec![0f32; cfg.tensor_len()];
-    preprocess_into(img, cfg, &mut out);
-    out
+    preprocess_into(img, cfg, &mut out)?;
+    Ok(out)
 }
 
 // ---- PIL's resampling (Pillow src/libImaging/Resample.c), 8 bits per channel --------------------
@@ -291,10 +325,26 @@ mod tests {
 
     #[test]
     fn resize_keeps_aspect_as_transformers() {
-        assert_eq!(resized_size(640, 480, 224), (298, 224));
-        assert_eq!(resized_size(480, 640, 224), (224, 298));
-        assert_eq!(resized_size(64, 64, 224), (224, 224));
-        assert_eq!(resized_size(1841, 1955, 224), (224, 237));
+        assert_eq!(resized_size(640, 480, 224), Some((298, 224)));
+        assert_eq!(resized_size(480, 640, 224), Some((224, 298)));
+        assert_eq!(resized_size(64, 64, 224), Some((224, 224)));
+        assert_eq!(resized_size(1841, 1955, 224), Some((224, 237)));
+    }
+
+    #[test]
+    fn extreme_shapes_are_refused_not_allocated() {
+        // 1 x 19,173,962 overflowed u32 (224 * h) and panicked; 1 x 4,000,000 took 23 GB.
+        assert_eq!(resized_size(1, 19_173_962, 224), None);
+        assert_eq!(resized_size(1, 4_000_000, 224), None);
+        assert_eq!(resized_size(u32::MAX, 1, 1024), None);
+        assert_eq!(resized_size(0, 10, 224), None);
+        let img = Image {
+            width: 1,
+            height: 65_535,
+            pixels: Pixels::Gray(vec![0; 65_535]),
+        };
+        let err = preprocess(&img, &PreprocessConfig::default()).unwrap_err();
+        assert!(err.to_string().contains("1x65535"), "{err}");
     }
 
     #[test]
@@ -328,7 +378,7 @@ mod tests {
             height: 224,
             pixels: Pixels::Gray(vec![255; 224 * 224]),
         };
-        let t = preprocess(&img, &PreprocessConfig::default());
+        let t = preprocess(&img, &PreprocessConfig::default()).unwrap();
         for c in 0..3 {
             let expect = (1.0 - CLIP_MEAN[c]) / CLIP_STD[c];
             assert!((t[c * 224 * 224] - expect).abs() < 1e-6);

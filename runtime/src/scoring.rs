@@ -42,6 +42,7 @@ pub fn top_k(probs: &[f32], k: usize) -> Vec<usize> {
 /// One JSON line of `classify --json` (and `trainer predict`): the file and its `k` best labels.
 pub fn json_line(
     file: &str,
+    model: &str,
     labels: &[crate::labels::Label],
     probs: &[f32],
     k: usize,
@@ -50,7 +51,7 @@ pub fn json_line(
         .into_iter()
         .map(|i| serde_json::json!({"label": labels[i].name, "id": labels[i].id, "probability": probs[i]}))
         .collect();
-    serde_json::json!({"file": file, "top": entries})
+    serde_json::json!({"file": file, "model": model, "top": entries})
 }
 
 /// Averages normalised embeddings of several templates per label, then normalises again.

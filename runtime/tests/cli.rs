@@ -378,3 +378,284 @@ fn runtime_subcommands() {
     let out = runtime_cli(&["info", "--model", "/nonexistent/bundle"]);
     assert_one_line_error(&out, "/nonexistent/bundle");
 }
+
+/// Legal but absurdly shaped images (a decompression bomb once resized), a cut-off JPEG and a
+/// missing path, in one run with a good file: each bad input gets its own `error:` line, the good
+/// file is classified, nothing panics or runs out of memory.
+#[test]
+fn hostile_shapes_fail_alone_and_the_rest_goes_on() {
+    let bundle = tiny_bundle();
+    let dir = tmp("hostile");
+    let good = dir.join("good.png");
+    std::fs::copy(fixtures().join("images/gray_300x217.png"), &good).expect("copy");
+    let tall = dir.join("tall_1x65535.png");
+    image::GrayImage::from_pixel(1, 65_535, image::Luma([9]))
+        .save(&tall)
+        .expect("png");
+    let wide = dir.join("wide_65535x1.png");
+    image::GrayImage::from_pixel(65_535, 1, image::Luma([9]))
+        .save(&wide)
+        .expect("png");
+    let tall_dcm = write_dicom(
+        &dir,
+        "tall_1x65535.dcm",
+        image_object(65_535, 1, vec![100; 65_535], "MONOCHROME2"),
+        "1.2.840.10008.1.2.1",
+    );
+    let jpeg = std::fs::read(fixtures().join("images/rgb_640x480.jpg")).expect("jpg");
+    let cut = dir.join("cut.jpg");
+    std::fs::write(&cut, &jpeg[..jpeg.len() / 3]).expect("write");
+    let missing = dir.join("not-there.png");
+    let bad = [&tall, &wide, &tall_dcm, &cut, &missing];
+    let mut args = vec!["--model", s(bundle), "--device", "cpu", "--json", s(&good)];
+    args.extend(bad.iter().map(|p| s(p)));
+    let out = classify(&args);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    let errors: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.starts_with("error: "))
+        .collect();
+    assert_eq!(
+        errors.len(),
+        bad.len() + 1,
+        "one per input and a summary: {stderr}"
+    );
+    for p in bad {
+        let name = p.file_name().expect("name").to_string_lossy();
+        let line = errors
+            .iter()
+            .find(|l| l.contains(name.as_ref()))
+            .expect("its line");
+        if name.contains("65535") {
+            assert!(
+                line.contains("aspect ratio above the limit of 32:1"),
+                "{line}"
+            );
+        }
+        if name == "cut.jpg" {
+            assert!(line.contains("truncated"), "{line}");
+        }
+    }
+    let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("json"))
+        .collect();
+    let good_line = lines
+        .iter()
+        .find(|l| l["file"] == s(&good))
+        .expect("good file classified");
+    assert_eq!(good_line["model"], "tiny-hf");
+    assert_eq!(good_line["top"].as_array().expect("top").len(), 3);
+    assert_eq!(
+        lines.iter().filter(|l| l.get("error").is_some()).count(),
+        bad.len()
+    );
+    // The whole JPEG still decodes: only the cut-off one is refused.
+    let whole = classify(&[
+        "--model",
+        s(bundle),
+        "--device",
+        "cpu",
+        s(&fixtures().join("images/rgb_640x480.jpg")),
+    ]);
+    assert!(
+        whole.status.success(),
+        "{}",
+        String::from_utf8_lossy(&whole.stderr)
+    );
+}
+
+/// What a new user tries on the built-in bundle: token ids, custom labels, PACS folders.
+#[test]
+fn first_hour_on_the_builtin_bundle() {
+    // The tokenizer commands work without a bundle, and on a bundle without a tokenizer.
+    let tok = runtime_cli(&["tokenize", "a X-ray of a chest"]);
+    assert!(
+        tok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&tok.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&tok.stdout).trim(),
+        "[49406,320,343,268,3077,539,320,10563,49407]"
+    );
+    let default = root().join("models/default");
+    let tok = runtime_cli(&["tokenize", "--model", s(&default), "a X-ray of a chest"]);
+    assert!(tok.status.success());
+    assert!(String::from_utf8_lossy(&tok.stderr).contains("has no tokenizer; using OpenAI"));
+    // Custom labels need a text encoder: said once, with what to do.
+    let img = fixtures().join("images/gray_300x217.png");
+    let out = Command::new(env!("CARGO_BIN_EXE_classify"))
+        .args(["--device", "cpu", "--labels", "chest,knee", s(&img)])
+        .env_remove("XRAY_CLIP_MODEL")
+        .output()
+        .expect("classify");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("has no text encoder") && stderr.contains("runtime assemble"),
+        "{stderr}"
+    );
+    let dir = tmp("first-hour");
+    let out = runtime_cli(&[
+        "prompts",
+        "--model",
+        s(&default),
+        "--labels",
+        "irma",
+        "--out",
+        s(&dir.join("x")),
+    ]);
+    assert_one_line_error(&out, "has no text encoder");
+    // --labels reads a file when one is named; a missing one is an error, not a label.
+    let list = dir.join("labels.txt");
+    std::fs::write(&list, "# body parts\nchest\nknee\n").expect("write");
+    let out = classify(&[
+        "--model",
+        s(tiny_bundle()),
+        "--device",
+        "cpu",
+        "--json",
+        "--labels",
+        s(&list),
+        s(&img),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let line: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(line["top"].as_array().expect("top").len(), 2);
+    let out = classify(&[
+        "--model",
+        s(tiny_bundle()),
+        "--device",
+        "cpu",
+        "--labels",
+        "labels-typo.txt",
+        s(&img),
+    ]);
+    assert_one_line_error(&out, "no such file");
+    // A PACS export: DICOM files without an extension, in nested folders.
+    let pacs = dir.join("pacs/STUDY1/SERIES1");
+    std::fs::create_dir_all(&pacs).expect("mkdir");
+    std::fs::copy(pydicom_data().join("RG1_UNCI.dcm"), pacs.join("IM000001")).expect("copy");
+    std::fs::write(pacs.join("DICOMDIR.txt"), "not an image").expect("write");
+    let out = Command::new(env!("CARGO_BIN_EXE_classify"))
+        .args(["--device", "cpu", "--json", s(&dir.join("pacs"))])
+        .env_remove("XRAY_CLIP_MODEL")
+        .output()
+        .expect("classify");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let line: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(line["top"][0]["label"], "chest X-ray");
+    let empty = dir.join("empty");
+    std::fs::create_dir_all(&empty).expect("mkdir");
+    assert_one_line_error(&classify(&[s(&empty)]), "recognised by content");
+}
+
+/// The output rule on `runtime prompts`, `assemble` and `preprocess`: a folder of the user's is a
+/// parent and keeps its files; an existing output of the same kind is replaced only with --force.
+#[test]
+fn writing_commands_never_replace_what_they_did_not_create() {
+    let bundle = tiny_bundle();
+    let dir = tmp("output-rule");
+    let user = dir.join("models");
+    std::fs::create_dir_all(&user).expect("mkdir");
+    std::fs::write(user.join("README.md"), "my notes").expect("write");
+    let prompts = |out: &Path, force: bool| {
+        let mut a = vec![
+            "prompts",
+            "--model",
+            s(bundle),
+            "--device",
+            "cpu",
+            "--template",
+            "a image of {}",
+            "--out",
+            s(out),
+        ];
+        if force {
+            a.push("--force");
+        }
+        runtime_cli(&a)
+    };
+    for force in [false, true] {
+        let out = prompts(&user, force);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(
+            std::fs::read_to_string(user.join("README.md")).expect("kept"),
+            "my notes"
+        );
+        assert!(
+            user.join("tiny-hf/manifest.json").exists(),
+            "bundle named after the manifest"
+        );
+    }
+    let again = prompts(&user.join("tiny-hf"), false);
+    assert_one_line_error(&again, "is an existing model bundle; pass --force");
+    // A file where a folder is wanted is refused, and left alone.
+    let out = prompts(&user.join("README.md"), true);
+    assert_one_line_error(&out, "exists and is not a folder");
+    assert_eq!(
+        std::fs::read_to_string(user.join("README.md")).expect("kept"),
+        "my notes"
+    );
+    // assemble: the same rule.
+    let f = fixtures().join("tiny");
+    let (image_onnx, text_onnx) = (f.join("image_encoder.onnx"), f.join("text_encoder.onnx"));
+    let assemble = |force: bool| {
+        let mut a = vec![
+            "assemble",
+            "--device",
+            "cpu",
+            "--labels",
+            "chest,knee",
+            "--name",
+            "mine",
+            "--out",
+            s(&user),
+            "--image-encoder",
+            s(&image_onnx),
+            "--text-encoder",
+            s(&text_onnx),
+        ];
+        if force {
+            a.push("--force");
+        }
+        runtime_cli(&a)
+    };
+    assert!(assemble(false).status.success());
+    assert_one_line_error(&assemble(false), "models/mine: is an existing model bundle");
+    assert!(assemble(true).status.success());
+    assert_eq!(
+        std::fs::read_to_string(user.join("README.md")).expect("kept"),
+        "my notes"
+    );
+    // preprocess: an existing file only with --force; a folder gets <image>.npy inside.
+    let img = fixtures().join("images/gray_300x217.png");
+    let npy = user.join("README.md");
+    assert_one_line_error(
+        &runtime_cli(&["preprocess", s(&img), "--out", s(&npy)]),
+        "pass --force",
+    );
+    assert_eq!(std::fs::read_to_string(&npy).expect("kept"), "my notes");
+    let out = runtime_cli(&["preprocess", s(&img), "--out", s(&user)]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(user.join("gray_300x217.png.npy").exists());
+}

@@ -42,7 +42,7 @@ fn unifesp_layout_with_multi_label_rows_missing_files_and_bad_targets() {
     assert_eq!(ds.problems.len(), 3, "{:?}", ds.problems);
     assert!(ds.problems[0].contains("no file for 1.2.3.9"));
     assert!(ds.problems[1].contains("bad target \"22\""));
-    assert!(ds.problems[2].contains("no comma"));
+    assert!(ds.problems[2].contains("line 7"), "{:?}", ds.problems);
     // The files decode as DICOM.
     runtime::decode::decode_file(&ds.samples[0].path).unwrap();
     // Reference split on too few images is a clear error.
@@ -211,5 +211,57 @@ fn eval_on_a_folder_writes_reports() {
         .output()
         .unwrap();
     assert!(!o.status.success());
-    assert!(String::from_utf8_lossy(&o.stderr).contains("the bundle has no label \"bright\""));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("has no label \"bright\""), "{err}");
+    assert!(err.contains("--template"), "{err}");
+
+    // The output rule: an existing report is replaced only with --force; a folder of other
+    // things is a parent and keeps its files.
+    let eval_into = |out: &Path, force: bool| {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_runtime"));
+        c.args([
+            "eval",
+            "--dataset",
+            "folder",
+            "--device",
+            "cpu",
+            "--template",
+            "{}",
+            "--model",
+        ])
+        .arg(tiny_bundle())
+        .arg("--data")
+        .arg(&root)
+        .arg("--out")
+        .arg(out);
+        if force {
+            c.arg("--force");
+        }
+        c.output().unwrap()
+    };
+    let again = eval_into(&out, false);
+    assert!(!again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr)
+        .contains("is an existing evaluation report; pass --force"));
+    assert!(eval_into(&out, true).status.success());
+    let user = root.join("my-notes");
+    std::fs::create_dir_all(&user).unwrap();
+    std::fs::write(user.join("todo.txt"), "mine").unwrap();
+    for force in [false, true] {
+        let o = eval_into(&user, force);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        assert_eq!(
+            std::fs::read_to_string(user.join("todo.txt")).unwrap(),
+            "mine"
+        );
+        assert!(
+            !user.join("report.json").exists(),
+            "the report went into a sub-folder"
+        );
+    }
+    let subs: Vec<_> = std::fs::read_dir(&user)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .collect();
+    assert_eq!(subs.len(), 2, "todo.txt and one report folder");
 }

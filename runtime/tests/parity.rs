@@ -25,7 +25,8 @@ fn preprocessing_matches_clip_image_processor() {
         let (shape, reference) =
             npy::read(&fixtures().join("preprocess").join(format!("{stem}.npy"))).expect("ref");
         assert_eq!(shape, vec![1, 3, 224, 224]);
-        let ours = preprocess(&decode::decode_file(&path).expect("decode"), &cfg);
+        let ours =
+            preprocess(&decode::decode_file(&path).expect("decode"), &cfg).expect("preprocess");
         let (max, mean) = (
             max_abs_diff(&ours, &reference),
             mean_abs_diff(&ours, &reference),

@@ -37,6 +37,8 @@ fn finetune_export_classify_agree() {
     run(Command::new(bin("trainer"))
         .args([
             "finetune",
+            "--dataset",
+            "folder",
             "--epochs",
             "3",
             "--lr",

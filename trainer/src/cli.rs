@@ -41,19 +41,27 @@ pub enum Command {
 
 #[derive(Args)]
 pub struct ExportArgs {
+    /// Checkpoint folder (`trainer init`, or a run's checkpoints/epoch-N).
     #[arg(long)]
     pub checkpoint: PathBuf,
-    /// `unifesp`, `irma`, a file with one label per line, or a comma-separated list.
+    /// Labels: a built-in set (unifesp, irma, irma-reference), a file with one label per line, or
+    /// a comma-separated list.
     #[arg(long)]
     pub labels: String,
     /// Prompt template(s), `{}` = label; several are averaged.
     #[arg(long = "template")]
     pub templates: Vec<String>,
+    /// Bundle folder to write (a folder of other things: the bundle goes inside it, named --name).
     #[arg(long)]
     pub out: PathBuf,
+    /// Replace an existing bundle at --out.
+    #[arg(long)]
+    pub force: bool,
     /// fp32 (CPU default) or fp16 (for GPUs).
     #[arg(long, default_value = "fp32")]
     pub precision: Precision,
+    /// Name of the bundle (default: the --out folder's name, or the checkpoint's when --out is a
+    /// folder of other things).
     #[arg(long)]
     pub name: Option<String>,
     /// Leave out the text encoder and tokenizer (fixed labels only).
@@ -63,15 +71,20 @@ pub struct ExportArgs {
 
 #[derive(Args)]
 pub struct PredictArgs {
+    /// Checkpoint folder (`trainer init`, or a run's checkpoints/epoch-N).
     #[arg(long)]
     pub checkpoint: PathBuf,
-    /// `unifesp`, `irma`, a file with one label per line, or a comma-separated list.
+    /// Labels: a built-in set (unifesp, irma, irma-reference), a file with one label per line, or
+    /// a comma-separated list.
     #[arg(long)]
     pub labels: String,
+    /// Prompt template(s), `{}` = label; several are averaged.
     #[arg(long = "template")]
     pub templates: Vec<String>,
+    /// How many labels to show per image.
     #[arg(long, short = 'k', default_value_t = 3)]
     pub top_k: usize,
+    /// Image files or folders.
     #[arg(required = true)]
     pub paths: Vec<PathBuf>,
 }
@@ -88,33 +101,44 @@ pub struct InitArgs {
     #[arg(long, default_value_t = 0)]
     pub seed: i64,
     /// tokenizer.json to store with the checkpoint (default: the HF folder's, else OpenAI's BPE
-    /// vocabulary in models/tokenizer).
+    /// vocabulary, built in).
     #[arg(long)]
     pub tokenizer: Option<PathBuf>,
+    /// Checkpoint folder to write (a folder of other things: the checkpoint goes inside it).
     #[arg(long)]
     pub out: PathBuf,
+    /// Replace an existing checkpoint at --out.
+    #[arg(long)]
+    pub force: bool,
 }
 
 #[derive(Args)]
 pub struct FinetuneArgs {
-    /// Data folder (layout given by --dataset).
-    #[arg(long)]
-    pub data: PathBuf,
-    #[arg(long, default_value = "folder")]
+    /// unifesp (the reference experiment), irma, or folder (ROOT/<label>/images).
+    #[arg(long, default_value = "unifesp")]
     pub dataset: DatasetKind,
+    #[command(flatten)]
+    pub data: runtime::cli::DataArgs,
     /// A separate test folder (same layout); else --split divides --data.
     #[arg(long)]
     pub test_data: Option<PathBuf>,
-    /// head:TRAIN:TEST (the reference's first/last images) or random:FRACTION:SEED.
+    /// head:TRAIN:TEST (the reference's first/last images) or random:FRACTION:SEED (default:
+    /// head:1200:400 for unifesp, random:0.2:SEED otherwise).
     #[arg(long)]
     pub split: Option<Split>,
-    /// Checkpoint folder to start from (`trainer init`).
+    /// Checkpoint folder to start from (`trainer init`; default: $XRAY_CLIP_INIT, else
+    /// checkpoints/openai-vit-b-32 as the README's "Get a real model" makes it).
     #[arg(long)]
-    pub init: PathBuf,
-    /// Run folder: checkpoints, metrics.csv/json, curves.png. With several learning rates, one
-    /// sub-folder per rate.
+    pub init: Option<PathBuf>,
+    /// Run folder: checkpoints, metrics.csv/json, curves.png; with several learning rates one
+    /// sub-folder per rate (default: runs/<dataset>-<UTC time>; a folder of other things: the run
+    /// goes inside it).
     #[arg(long)]
-    pub out: PathBuf,
+    pub out: Option<PathBuf>,
+    /// Replace what exists at the outputs: an existing run folder starts over (unless --resume),
+    /// an existing bundle at --export is replaced.
+    #[arg(long)]
+    pub force: bool,
     /// Learning rate(s); several, comma-separated, run a sweep.
     #[arg(long, default_value = "1e-6", value_delimiter = ',')]
     pub lr: Vec<f64>,
@@ -153,8 +177,8 @@ pub struct FinetuneArgs {
     /// Unreadable images: skip (counted and listed) or fail.
     #[arg(long, default_value = "skip")]
     pub bad_images: BadImages,
-    /// Continue from the run folder's newest checkpoint.
-    #[arg(long)]
+    /// Continue the run in --out from its newest checkpoint.
+    #[arg(long, requires = "out")]
     pub resume: bool,
     /// Checkpoints kept besides the best.
     #[arg(long, default_value_t = 2)]
@@ -164,7 +188,8 @@ pub struct FinetuneArgs {
     pub max_train: Option<usize>,
     #[arg(long)]
     pub max_test: Option<usize>,
-    /// Export the best checkpoint (of the best learning rate) as a bundle into this folder.
+    /// Export the best checkpoint (of the best learning rate) as a bundle: a new folder, or inside
+    /// an existing folder of other things (`--export models/` writes models/<bundle name>/).
     #[arg(long)]
     pub export: Option<PathBuf>,
     /// Precision of the exported encoders.
@@ -176,13 +201,16 @@ pub struct FinetuneArgs {
     /// Random contrast and brightness changes of the training images.
     #[arg(long)]
     pub augment: bool,
-    /// Name, description, license and notes written into the exported bundle's manifest.
+    /// Name of the exported bundle (default: the data set's name, e.g. unifesp).
     #[arg(long)]
     pub bundle_name: Option<String>,
+    /// Description written into the exported bundle's manifest.
     #[arg(long, default_value = "")]
     pub bundle_description: String,
+    /// License written into the exported bundle's manifest.
     #[arg(long, default_value = "")]
     pub bundle_license: String,
+    /// Notes written into the exported bundle's manifest.
     #[arg(long, default_value = "")]
     pub bundle_notes: String,
 }
@@ -233,12 +261,13 @@ pub fn init(a: &InitArgs) -> Result<()> {
     if let Some(t) = tensors {
         weights::assign(&vs, t, &source)?;
     }
-    let tok_path = a
-        .tokenizer
-        .clone()
-        .or(hf_tokenizer)
-        .unwrap_or_else(runtime::default_tokenizer_path);
-    let tok_bytes = std::fs::read(&tok_path).map_err(|e| Error::io(&tok_path, e))?;
+    let (tok_bytes, tok_path) = match a.tokenizer.clone().or(hf_tokenizer) {
+        Some(p) => (std::fs::read(&p).map_err(|e| Error::io(&p, e))?, p),
+        None => (
+            runtime::DEFAULT_TOKENIZER.to_vec(),
+            PathBuf::from(runtime::DEFAULT_TOKENIZER_NAME),
+        ),
+    };
     let tok = ClipTokenizer::from_bytes(&tok_bytes, &tok_path)?;
     if tok.vocab_size() as i64 > config.text_config.vocab_size {
         eprintln!(
@@ -248,7 +277,22 @@ pub fn init(a: &InitArgs) -> Result<()> {
         );
     }
     let provenance = serde_json::json!({"source": source, "seed": a.seed});
-    weights::save_checkpoint(&a.out, &config, &vs, |staging| {
+    let out = runtime::fsutil::resolve_output(
+        &a.out,
+        runtime::fsutil::OutputKind::Checkpoint,
+        || {
+            a.config.clone().unwrap_or_else(|| {
+                runtime::bundle::folder_name(
+                    &source
+                        .file_stem()
+                        .map(|s| s.to_string_lossy().to_string())
+                        .unwrap_or_default(),
+                )
+            })
+        },
+        a.force,
+    )?;
+    weights::save_checkpoint(&out, &config, &vs, |staging| {
         runtime::fsutil::write_atomic(&staging.join("tokenizer.json"), &tok_bytes)?;
         let json = serde_json::to_vec_pretty(&provenance).expect("json");
         Ok(runtime::fsutil::write_atomic(
@@ -259,7 +303,7 @@ pub fn init(a: &InitArgs) -> Result<()> {
     let params: i64 = vs.variables().values().map(|t| t.numel() as i64).sum();
     println!(
         "wrote {} ({:.1} M parameters, from {})",
-        a.out.display(),
+        out.display(),
         params as f64 / 1e6,
         source.display()
     );
@@ -291,15 +335,121 @@ fn limit(mut v: Vec<datasets::Sample>, n: Option<usize>) -> Vec<datasets::Sample
     v
 }
 
+/// Environment variable naming the checkpoint `trainer finetune` starts from without `--init`.
+pub const INIT_ENV: &str = "XRAY_CLIP_INIT";
+/// Where the README's "Get a real model" recipe puts OpenAI's ViT-B/32 as a checkpoint.
+pub const CONVENTIONAL_INIT: &str = "checkpoints/openai-vit-b-32";
+
+/// The checkpoint to start from: `--init`, else `$XRAY_CLIP_INIT`, else the conventional place.
+pub fn init_checkpoint(given: Option<&Path>) -> Result<PathBuf> {
+    if let Some(p) = given {
+        return Ok(p.to_path_buf());
+    }
+    if let Some(p) = std::env::var_os(INIT_ENV).filter(|v| !v.is_empty()) {
+        return Ok(PathBuf::from(p));
+    }
+    let conventional = PathBuf::from(CONVENTIONAL_INIT);
+    if conventional.is_dir() {
+        return Ok(conventional);
+    }
+    Err(Error::Config(format!(
+        "no checkpoint to start from: pass --init DIR or set {INIT_ENV} (looked at {CONVENTIONAL_INIT}); \
+         make one with `trainer init --from clip-vit-base-patch32/ --out {CONVENTIONAL_INIT}` \
+         (README: \"Get a real model\") or `trainer init --config small --out checkpoints/small` for random weights"
+    )))
+}
+
+/// `YYYYmmdd-HHMMSS` in UTC, for default run folder names.
+fn utc_stamp() -> String {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let (days, rest) = ((secs / 86_400) as i64, secs % 86_400);
+    // Civil date from days since 1970-01-01 (H. Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}{month:02}{day:02}-{:02}{:02}{:02}",
+        rest / 3600,
+        rest / 60 % 60,
+        rest % 60
+    )
+}
+
+/// The run folder: `--out` by the output rule (an existing run only with --resume or --force),
+/// else a new `runs/<dataset>-<time>`.
+fn run_folder(a: &FinetuneArgs, dataset: &str) -> Result<PathBuf> {
+    let name = format!("{dataset}-{}", utc_stamp());
+    let Some(out) = &a.out else {
+        return Ok(PathBuf::from("runs").join(name));
+    };
+    let kind = runtime::fsutil::OutputKind::Run;
+    let dir = match runtime::fsutil::resolve_output(out, kind, || name.clone(), true)? {
+        dir if kind.is_in(&dir) && !a.resume && !a.force => {
+            return Err(Error::Config(format!(
+                "{} is an existing training run; pass --resume to continue it (from its newest checkpoint) or --force to start over",
+                dir.display()
+            )))
+        }
+        dir => dir,
+    };
+    if a.resume && !kind.is_in(&dir) {
+        eprintln!(
+            "note: --resume: {} holds no run yet; starting a new one",
+            dir.display()
+        );
+    }
+    if a.force && !a.resume && kind.is_in(&dir) {
+        // Start over: the old run (made by this tool, recognised by its run.json) goes as a whole.
+        let aside = runtime::fsutil::parent_of(&dir).join(format!(
+            ".{}.replaced-{}",
+            dir.file_name().unwrap_or_default().to_string_lossy(),
+            std::process::id()
+        ));
+        std::fs::rename(&dir, &aside).map_err(|e| Error::io(&dir, e))?;
+        std::fs::remove_dir_all(&aside).map_err(|e| Error::io(&aside, e))?;
+    }
+    Ok(dir)
+}
+
 pub fn finetune(a: &FinetuneArgs) -> Result<Vec<train::RunResult>> {
     if a.threads > 0 {
         tch::set_num_threads(a.threads);
     }
     let device = device(&a.device)?;
-    let ds = datasets::load(a.dataset, &a.data)?;
-    for p in &ds.problems {
-        eprintln!("warning: {p}");
-    }
+    let init = init_checkpoint(a.init.as_deref())?;
+    let data_dir = a.data.dir(a.dataset)?;
+    let ds = a.data.load(a.dataset)?;
+    let short_name = match a.dataset {
+        DatasetKind::Folder => runtime::bundle::folder_name(
+            &data_dir
+                .file_name()
+                .map(|n| n.to_string_lossy().to_string())
+                .unwrap_or_else(|| "folder".into()),
+        ),
+        kind => kind.name().to_string(),
+    };
+    // Every output place is settled before the long part, so a conflict costs nothing.
+    let bundle_name = a.bundle_name.clone().unwrap_or_else(|| short_name.clone());
+    let export_dir = match &a.export {
+        Some(dir) => Some(runtime::fsutil::resolve_output(
+            dir,
+            runtime::fsutil::OutputKind::Bundle,
+            || runtime::bundle::folder_name(&bundle_name),
+            a.force,
+        )?),
+        None => None,
+    };
+    let out = run_folder(a, &short_name)?;
+    eprintln!("run folder: {}", out.display());
     let (train_samples, test_samples) = match &a.test_data {
         Some(t) => {
             let test = datasets::load(a.dataset, t)?;
@@ -307,7 +457,7 @@ pub fn finetune(a: &FinetuneArgs) -> Result<Vec<train::RunResult>> {
                 return Err(Error::Data(format!(
                     "{}: its labels differ from {}",
                     t.display(),
-                    a.data.display()
+                    data_dir.display()
                 )));
             }
             (ds.samples.clone(), test.samples)
@@ -355,20 +505,15 @@ pub fn finetune(a: &FinetuneArgs) -> Result<Vec<train::RunResult>> {
         train_set.len(),
         test_set.len()
     );
-    let tok_path = a.init.join("tokenizer.json");
-    let tok_path = if tok_path.exists() {
-        tok_path
-    } else {
-        runtime::default_tokenizer_path()
-    };
-    let tokenizer = ClipTokenizer::from_file(&tok_path)?;
+    let (tok_bytes, tok_path) = export::checkpoint_tokenizer(&init)?;
+    let tokenizer = ClipTokenizer::from_bytes(&tok_bytes, &tok_path)?;
     let templates = if a.templates.is_empty() {
         vec![runtime::labels::REFERENCE_TEMPLATES[0].to_string()]
     } else {
         a.templates.clone()
     };
     let inputs = RunInputs {
-        init: &a.init,
+        init: &init,
         train: &train_set,
         test: &test_set,
         labels: &ds.labels,
@@ -399,9 +544,9 @@ pub fn finetune(a: &FinetuneArgs) -> Result<Vec<train::RunResult>> {
             augment: a.augment,
         };
         let dir = if a.lr.len() == 1 {
-            a.out.clone()
+            out.clone()
         } else {
-            a.out.join(format!("lr-{lr:e}"))
+            out.join(format!("lr-{lr:e}"))
         };
         if a.lr.len() > 1 {
             eprintln!("learning rate {lr:e} -> {}", dir.display());
@@ -417,9 +562,9 @@ pub fn finetune(a: &FinetuneArgs) -> Result<Vec<train::RunResult>> {
         results.push(r);
     }
     if a.lr.len() > 1 {
-        write_sweep(&a.out, &a.lr, &results, &curves)?;
+        write_sweep(&out, &a.lr, &results, &curves)?;
     }
-    if let Some(dir) = &a.export {
+    if let Some(dir) = &export_dir {
         let (i, best) = results
             .iter()
             .enumerate()
@@ -435,11 +580,7 @@ pub fn finetune(a: &FinetuneArgs) -> Result<Vec<train::RunResult>> {
             labels: ds.labels.clone(),
             templates: templates.clone(),
             precision: a.precision,
-            name: a.bundle_name.clone().unwrap_or_else(|| {
-                dir.file_name()
-                    .map(|n| n.to_string_lossy().to_string())
-                    .unwrap_or_else(|| "bundle".into())
-            }),
+            name: bundle_name.clone(),
             description: if a.bundle_description.is_empty() {
                 format!("fine-tuned on {}", ds.name)
             } else {
@@ -447,7 +588,7 @@ pub fn finetune(a: &FinetuneArgs) -> Result<Vec<train::RunResult>> {
             },
             without_text_encoder: a.no_text_encoder,
             provenance: runtime::bundle::Provenance {
-                base_weights: export::base_weights(&a.init),
+                base_weights: export::base_weights(&init),
                 dataset: ds.name.clone(),
                 training,
                 metrics: serde_json::json!({"test_top1": best.state.best_top1, "per_epoch": best.state.metrics}),
@@ -455,7 +596,7 @@ pub fn finetune(a: &FinetuneArgs) -> Result<Vec<train::RunResult>> {
                 notes: a.bundle_notes.clone(),
             },
         };
-        let b = export::export(spec, dir)?;
+        let b = export::export(spec, dir, a.force)?;
         eprintln!(
             "exported {} (epoch {}, test top-1 {:.4})",
             b.dir.display(),
@@ -482,6 +623,11 @@ fn write_sweep(
         }
     }
     runtime::fsutil::write_atomic(&out.join("metrics.csv"), csv.as_bytes())?;
+    // The sweep's root is a run folder too (the output rule recognises runs by run.json).
+    runtime::fsutil::write_atomic(
+        &out.join("run.json"),
+        &serde_json::to_vec_pretty(&serde_json::json!({"sweep": lrs})).expect("json"),
+    )?;
     let json: Vec<_> = lrs
         .iter()
         .zip(results)
@@ -495,19 +641,6 @@ fn write_sweep(
     Ok(())
 }
 
-/// Labels from `unifesp`, `irma`, a file (one per line) or a comma-separated list.
-pub fn parse_labels(spec: &str) -> Result<Vec<runtime::labels::Label>> {
-    if let Some(set) = runtime::labels::builtin(spec.trim()) {
-        return Ok(set);
-    }
-    let path = Path::new(spec);
-    if path.is_file() {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        return Ok(runtime::labels::from_list(text.lines())?);
-    }
-    Ok(runtime::labels::from_list(spec.split(','))?)
-}
-
 fn templates_or_default(t: &[String]) -> Vec<String> {
     if t.is_empty() {
         vec![runtime::labels::REFERENCE_TEMPLATES[0].to_string()]
@@ -517,23 +650,31 @@ fn templates_or_default(t: &[String]) -> Vec<String> {
 }
 
 pub fn export_cmd(a: &ExportArgs) -> Result<()> {
-    let labels = parse_labels(&a.labels)?;
+    let labels = runtime::labels::parse_spec(&a.labels)?;
+    // The name: --name, else the --out folder's own name when the bundle goes there, else the
+    // checkpoint's (when --out is a folder of other things and the bundle goes inside it).
+    let becomes_out = !a.out.is_dir()
+        || runtime::fsutil::OutputKind::Bundle.is_in(&a.out)
+        || std::fs::read_dir(&a.out).is_ok_and(|mut d| d.next().is_none());
+    let from = if becomes_out { &a.out } else { &a.checkpoint };
+    let name = a.name.clone().unwrap_or_else(|| {
+        std::fs::canonicalize(from)
+            .unwrap_or_else(|_| from.clone())
+            .file_name()
+            .map(|n| n.to_string_lossy().to_string())
+            .unwrap_or_else(|| "bundle".into())
+    });
     let spec = ExportSpec {
         checkpoint: a.checkpoint.clone(),
         labels,
         templates: templates_or_default(&a.templates),
         precision: a.precision,
-        name: a.name.clone().unwrap_or_else(|| {
-            a.out
-                .file_name()
-                .map(|n| n.to_string_lossy().to_string())
-                .unwrap_or_else(|| "bundle".into())
-        }),
+        name,
         description: String::new(),
         without_text_encoder: a.no_text_encoder,
         provenance: Default::default(),
     };
-    let b = export::export(spec, &a.out)?;
+    let b = export::export(spec, &a.out, a.force)?;
     println!(
         "wrote {} ({} labels, {} dims, {:?})",
         b.dir.display(),
@@ -545,12 +686,21 @@ pub fn export_cmd(a: &ExportArgs) -> Result<()> {
 }
 
 pub fn predict(a: &PredictArgs) -> Result<bool> {
-    let labels = parse_labels(&a.labels)?;
+    let labels = runtime::labels::parse_spec(&a.labels)?;
     let loaded = weights::load(&a.checkpoint, Device::Cpu)?;
-    let tokenizer = ClipTokenizer::from_file(&export::checkpoint_tokenizer(&a.checkpoint))?;
+    let (tok_bytes, tok_path) = export::checkpoint_tokenizer(&a.checkpoint)?;
+    let tokenizer = ClipTokenizer::from_bytes(&tok_bytes, &tok_path)?;
     let per_template = templates_or_default(&a.templates)
         .iter()
-        .map(|t| train::label_tokens(&tokenizer, &labels, t, Device::Cpu))
+        .map(|t| {
+            train::label_tokens(
+                &tokenizer,
+                &labels,
+                t,
+                &loaded.model.config.text_config,
+                Device::Cpu,
+            )
+        })
         .collect::<Result<Vec<_>>>()?;
     let emb = train::label_embeddings(&loaded.model, &per_template);
     let scale = loaded.model.logit_scale.exp().double_value(&[]);
@@ -560,8 +710,12 @@ pub fn predict(a: &PredictArgs) -> Result<bool> {
         resize_shortest_edge: s,
         ..PreprocessConfig::default()
     };
-    let files = runtime::pipeline::collect_files(&a.paths)?;
-    let mut ok = true;
+    let (files, problems) = runtime::pipeline::collect_files(&a.paths);
+    let mut ok = problems.is_empty();
+    for e in &problems {
+        eprintln!("error: {e}");
+    }
+    let model_name = a.checkpoint.display().to_string();
     for f in &files {
         let pixels = match runtime::pipeline::load_tensor(f, &cfg) {
             Ok(p) => p,
@@ -580,7 +734,7 @@ pub fn predict(a: &PredictArgs) -> Result<bool> {
         let k = a.top_k.clamp(1, labels.len());
         println!(
             "{}",
-            runtime::scoring::json_line(&f.display().to_string(), &labels, &probs, k)
+            runtime::scoring::json_line(&f.display().to_string(), &model_name, &labels, &probs, k)
         );
     }
     Ok(ok)

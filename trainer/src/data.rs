@@ -71,7 +71,7 @@ impl ImageSet {
                                 .enumerate()
                                 .map(|(i, sample)| {
                                     let r = runtime::decode::decode_file(&sample.path)
-                                        .map(|img| resize_crop(&img, cfg))
+                                        .and_then(|img| resize_crop(&img, cfg))
                                         .map_err(|e| e.to_string());
                                     bar.inc(1);
                                     (c * chunk + i, r)

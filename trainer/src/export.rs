@@ -29,13 +29,18 @@ pub struct ExportSpec {
     pub provenance: Provenance,
 }
 
-/// The tokenizer stored with a checkpoint, else OpenAI's vocabulary shipped in models/tokenizer.
-pub fn checkpoint_tokenizer(checkpoint: &Path) -> PathBuf {
+/// The tokenizer stored with a checkpoint, else OpenAI's vocabulary (built in): its bytes and a
+/// name for messages.
+pub fn checkpoint_tokenizer(checkpoint: &Path) -> Result<(Vec<u8>, PathBuf)> {
     let p = checkpoint.join("tokenizer.json");
     if p.exists() {
-        p
+        let bytes = std::fs::read(&p).map_err(|e| Error::io(&p, e))?;
+        Ok((bytes, p))
     } else {
-        runtime::default_tokenizer_path()
+        Ok((
+            runtime::DEFAULT_TOKENIZER.to_vec(),
+            PathBuf::from(runtime::DEFAULT_TOKENIZER_NAME),
+        ))
     }
 }
 
@@ -48,7 +53,9 @@ pub fn base_weights(checkpoint: &Path) -> String {
         .unwrap_or_else(|| checkpoint.display().to_string())
 }
 
-pub fn export(spec: ExportSpec, out: &Path) -> Result<Bundle> {
+/// Exports as the bundle folder `out` (by the rule of `runtime::fsutil::resolve_output`: an
+/// existing bundle is replaced only with `force`, any other folder gets the bundle inside it).
+pub fn export(spec: ExportSpec, out: &Path, force: bool) -> Result<Bundle> {
     if spec.labels.is_empty() || spec.templates.is_empty() {
         return Err(Error::Config(
             "export needs labels and at least one template".into(),
@@ -56,13 +63,20 @@ pub fn export(spec: ExportSpec, out: &Path) -> Result<Bundle> {
     }
     let loaded = weights::load(&spec.checkpoint, Device::Cpu)?;
     let config = &loaded.model.config;
-    let tok_path = checkpoint_tokenizer(&spec.checkpoint);
-    let tok_bytes = std::fs::read(&tok_path).map_err(|e| Error::io(&tok_path, e))?;
+    let (tok_bytes, tok_path) = checkpoint_tokenizer(&spec.checkpoint)?;
     let tokenizer = ClipTokenizer::from_bytes(&tok_bytes, &tok_path)?;
     let per_template = spec
         .templates
         .iter()
-        .map(|t| label_tokens(&tokenizer, &spec.labels, t, Device::Cpu))
+        .map(|t| {
+            label_tokens(
+                &tokenizer,
+                &spec.labels,
+                t,
+                &config.text_config,
+                Device::Cpu,
+            )
+        })
         .collect::<Result<Vec<_>>>()?;
     let emb = label_embeddings(&loaded.model, &per_template)
         .to_kind(Kind::Float)
@@ -93,7 +107,7 @@ pub fn export(spec: ExportSpec, out: &Path) -> Result<Bundle> {
         files: Default::default(),
         provenance,
     };
-    let mut w = BundleWriter::new(out, manifest)?;
+    let mut w = BundleWriter::create(out, manifest, force)?;
     w.add_file(
         bundle::IMAGE_ENCODER,
         "image_encoder.onnx",

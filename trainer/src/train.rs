@@ -138,10 +138,12 @@ pub fn latest_checkpoint(run_dir: &Path) -> Option<(usize, PathBuf)> {
 }
 
 /// Token ids `[labels, len]` of every label in one template.
+/// Refuses (instead of libtorch panicking) token ids the model has no embedding for.
 pub fn label_tokens(
     tokenizer: &ClipTokenizer,
     labels: &[Label],
     template: &str,
+    text: &crate::model::TextConfig,
     device: Device,
 ) -> Result<Tensor> {
     let prompts: Vec<String> = labels
@@ -149,6 +151,13 @@ pub fn label_tokens(
         .map(|l| labels::fill(template, l))
         .collect::<runtime::Result<_>>()?;
     let b = tokenizer.encode_batch(&prompts, Padding::Longest)?;
+    let top = b.ids.iter().copied().max().unwrap_or(0);
+    if top >= text.vocab_size || b.len as i64 > text.max_position_embeddings {
+        return Err(Error::Config(format!(
+            "the tokenizer does not fit the model: token id {top} and {} tokens per prompt, the model has {} token embeddings and {} positions (use the tokenizer the weights came with)",
+            b.len, text.vocab_size, text.max_position_embeddings
+        )));
+    }
     Ok(Tensor::from_slice(&b.ids)
         .view([b.batch as i64, b.len as i64])
         .to_device(device))
@@ -275,11 +284,25 @@ pub fn run(
     if start > 0 && state.loss_scale > 0.0 {
         scaler.scale = state.loss_scale;
     }
-    let train_tokens = label_tokens(inputs.tokenizer, inputs.labels, &opts.templates[0], device)?;
+    let train_tokens = label_tokens(
+        inputs.tokenizer,
+        inputs.labels,
+        &opts.templates[0],
+        &model.config.text_config,
+        device,
+    )?;
     let eval_tokens: Vec<Tensor> = opts
         .templates
         .iter()
-        .map(|t| label_tokens(inputs.tokenizer, inputs.labels, t, device))
+        .map(|t| {
+            label_tokens(
+                inputs.tokenizer,
+                inputs.labels,
+                t,
+                &model.config.text_config,
+                device,
+            )
+        })
         .collect::<Result<_>>()?;
     let config_json = serde_json::json!({"options": opts, "model": model.config, "init": inputs.init, "device": format!("{device:?}")});
     runtime::fsutil::write_atomic(

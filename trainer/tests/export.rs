@@ -5,7 +5,7 @@ use std::path::Path;
 use std::process::Command;
 
 use runtime::engine::{Device as OrtDevice, Encoder, EngineOptions};
-use runtime::tokenizer::{ClipTokenizer, Padding};
+use runtime::tokenizer::Padding;
 use tch::{Device, Kind, Tensor};
 use tests::tmp;
 use trainer::onnx::{self, Precision};
@@ -47,7 +47,7 @@ fn exported_graphs_match_the_tch_forward_pass() {
     tch::manual_seed(5);
     let pixels = Tensor::randn([3, 3, 224, 224], (Kind::Float, Device::Cpu));
     let px: Vec<f32> = Vec::<f32>::try_from(pixels.reshape([-1])).unwrap();
-    let tok = ClipTokenizer::from_file(&runtime::default_tokenizer_path()).unwrap();
+    let tok = runtime::default_tokenizer().unwrap();
     let texts = [
         "a X-ray of a chest",
         "hand",
@@ -204,7 +204,7 @@ fn full_vit_b32_export_matches_tch() {
         Vec::<f32>::try_from(tch::no_grad(|| m.model.image_features(&pixels)).reshape([-1]))
             .unwrap();
     let d_img = max_diff(&ours, &theirs);
-    let tok = ClipTokenizer::from_file(&runtime::default_tokenizer_path()).unwrap();
+    let tok = runtime::default_tokenizer().unwrap();
     let batch = tok
         .encode_batch(
             &["a X-Ray image of Chest part", "a image of hand"],

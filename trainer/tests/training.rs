@@ -40,6 +40,8 @@ fn finetune(
 ) -> Output {
     let mut args = vec![
         "finetune",
+        "--dataset",
+        "folder",
         "--data",
         s(data),
         "--test-data",
@@ -181,6 +183,8 @@ fn class_aware_loss_and_frozen_encoders_train() {
     // A sweep writes one folder per rate and a combined table.
     let out = trainer(&[
         "finetune",
+        "--dataset",
+        "folder",
         "--data",
         s(&data),
         "--test-data",
@@ -280,7 +284,7 @@ fn bad_input_is_a_clear_error() {
     std::fs::create_dir_all(empty.join("a")).unwrap();
     one_error_line(
         &finetune(&data, &empty, &init, &dir.join("r4"), "1", &[]),
-        "has no images",
+        "no label folders with images",
     );
 
     // A diverging run stops naming the epoch and step, and leaves no checkpoint behind.

@@ -103,16 +103,21 @@ test("custom labels through the bundle's text encoder equal native classify --la
     "--template", "a X-ray of a {}", "--template", "a image of {}",
     "--image-encoder", path.join(root, "fixtures/tiny/image_encoder.onnx"),
     "--text-encoder", path.join(root, "fixtures/tiny/text_encoder.onnx"),
-    "--tokenizer", path.join(root, "models/tokenizer/tokenizer.json"), "--out", bundle]);
+    "--tokenizer", path.join(root, "models/tokenizer/tokenizer.json"), "--out", bundle, "--force"]);
   const labels = "chest x-ray, hand x-ray, knee";
   const p = await browser.newPage();
   await p.goto(`http://127.0.0.1:${port}/wasm/www/index.html?bundle=../../target/browser-test-bundle/`);
   await p.waitForFunction(() => window.xrayClip?.ready || window.xrayClip?.error, null, { timeout: 60000 });
   assert.ok(await p.isVisible("#custom"), "the custom-label box shows for a bundle with a text encoder");
+  // An image is on display with the bundle's own labels ...
+  await p.setInputFiles("#file", png);
+  await p.waitForFunction(() => window.xrayClip.last || window.xrayClip.error, null, { timeout: 60000 });
+  assert.equal((await p.evaluate(() => window.xrayClip.last)).labels.length, 22);
+  // ... and applying custom labels scores that same image again, with no new file.
+  await p.evaluate(() => { window.xrayClip.last = null; });
   await p.fill("#custom-labels", labels);
   await p.click("#custom-apply");
   await p.waitForFunction(() => window.xrayClip.customReady || window.xrayClip.error, null, { timeout: 60000 });
-  await p.setInputFiles("#file", png);
   await p.waitForFunction(() => window.xrayClip.last || window.xrayClip.error, null, { timeout: 60000 });
   const last = await p.evaluate(() => window.xrayClip.last);
   assert.deepEqual(last.labels, ["chest x-ray", "hand x-ray", "knee"]);

@@ -11,6 +11,7 @@ const state = {
   bundle: null, session: null, manifestText: "", labels: [], encoder: null, read: null,
   custom: null, // { labels, embeddings } when custom labels are in use
   text: null,   // { session, encoder, tokenizer } once loaded
+  shown: null,  // the file on display, scored again when the labels change
 };
 window.xrayClip = { ready: false, last: null, error: null };
 
@@ -63,6 +64,7 @@ async function useCustomLabels(text) {
 }
 
 async function classify(file) {
+  state.shown = file;
   showError("");
   try {
     const bytes = new Uint8Array(await file.arrayBuffer());
@@ -111,16 +113,22 @@ function drawBars(probs) {
   }
 }
 
+// The image on display is scored again whenever its labels change.
+async function rescore() {
+  if (state.shown) await classify(state.shown);
+}
+
 $("custom-apply").addEventListener("click", async () => {
   showError("");
   try {
     await useCustomLabels($("custom-labels").value);
+    await rescore();
     window.xrayClip.customReady = true;
   } catch (e) {
     showError(`custom labels: ${e.message ?? e}`);
   }
 });
-$("custom-reset").addEventListener("click", () => { state.custom = null; showLabels(); });
+$("custom-reset").addEventListener("click", async () => { state.custom = null; showLabels(); await rescore(); });
 $("file").addEventListener("change", (e) => e.target.files[0] && classify(e.target.files[0]));
 const drop = $("drop");
 drop.addEventListener("dragover", (e) => { e.preventDefault(); drop.classList.add("over"); });
@@ -139,6 +147,7 @@ $("bundle-input").addEventListener("change", async (e) => {
       return new Uint8Array(await f.arrayBuffer());
     });
     showError("");
+    await rescore();
   } catch (err) {
     showError(`bundle: ${err.message ?? err}`);
   }

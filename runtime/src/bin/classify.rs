@@ -1,4 +1,4 @@
-//! `classify [--model DIR] [--top-k K] [--json] [--labels "a,b" | --labels-file F] PATH...`
+//! `classify [--model DIR] [-k K] [--json] [--labels SPEC] PATH...`
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -13,15 +13,16 @@ use runtime::scoring;
 #[derive(Parser)]
 #[command(version, about)]
 struct Cli {
-    /// Image files or folders (searched recursively for .png, .jpg, .jpeg, .dcm, .dicom).
+    /// Image files or folders (folders are searched recursively for PNG, JPEG and DICOM files,
+    /// recognised by content; hidden folders are skipped).
     #[arg(required = true)]
     paths: Vec<PathBuf>,
     #[command(flatten)]
     model: ModelArgs,
-    /// How many labels to show per image.
-    #[arg(long, short = 'k', default_value_t = 3)]
-    top_k: usize,
-    /// JSON lines instead of a table.
+    /// How many labels to show per image (at most the number of labels).
+    #[arg(long, short = 'k', default_value_t = 3, value_parser = clap::value_parser!(u16).range(1..))]
+    top_k: u16,
+    /// JSON lines instead of a table (one per file; a file that failed has "error").
     #[arg(long)]
     json: bool,
     #[command(flatten)]
@@ -29,29 +30,62 @@ struct Cli {
     #[command(flatten)]
     device: DeviceArgs,
     /// Images per encoder call.
-    #[arg(long, default_value_t = 16)]
-    batch_size: usize,
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..))]
+    batch_size: u16,
 }
 
 fn main() -> ExitCode {
     run_main(|| {
         let cli = Cli::parse();
-        let files = pipeline::collect_files(&cli.paths)?;
+        let (files, problems) = pipeline::collect_files(&cli.paths);
+        let mut failed = problems.len();
+        let report_error = |file: &str, e: &dyn std::fmt::Display| {
+            if cli.json {
+                println!(
+                    "{}",
+                    serde_json::json!({"file": file, "error": e.to_string()})
+                );
+            }
+            eprintln!("error: {e}");
+        };
+        for e in &problems {
+            let file = match e {
+                runtime::Error::Io { path, .. } => show_path(path),
+                _ => String::new(),
+            };
+            report_error(&file, e);
+        }
         if files.is_empty() {
-            anyhow::bail!("no image files found in {:?}", cli.paths);
+            if failed > 0 {
+                return Ok(ExitCode::FAILURE);
+            }
+            let shown: Vec<String> = cli.paths.iter().map(|p| show_path(p)).collect();
+            anyhow::bail!(
+                "no image files found in {} (searched for {})",
+                shown.join(", "),
+                runtime::files::SEARCHED
+            );
         }
         let bundle = cli.model.load()?;
+        runtime::cli::demo_notice(&bundle);
         let mut engine = Engine::load(bundle, cli.device.options())?;
         let (labels, label_emb) = cli.labels.resolve(&mut engine)?;
+        let model_name = engine.bundle.manifest.name.clone();
         let scale = engine.bundle.manifest.logit_scale;
+        let k = (cli.top_k as usize).min(labels.len());
+        if (cli.top_k as usize) > labels.len() {
+            eprintln!(
+                "note: -k {} is more than the {} labels; showing {k}",
+                cli.top_k,
+                labels.len()
+            );
+        }
         let opts = PipelineOptions {
-            batch_size: cli.batch_size,
+            batch_size: cli.batch_size as usize,
             workers: 1,
             progress: files.len() > 32 && !cli.json,
         };
         let results = pipeline::embed_files(&mut engine, &files, &opts);
-        let k = cli.top_k.clamp(1, labels.len());
-        let mut failed = 0;
         let width = files
             .iter()
             .map(|f| show_path(f).chars().count())
@@ -75,7 +109,7 @@ fn main() -> ExitCode {
                     if cli.json {
                         println!(
                             "{}",
-                            scoring::json_line(&show_path(path), &labels, &probs, k)
+                            scoring::json_line(&show_path(path), &model_name, &labels, &probs, k)
                         );
                     } else {
                         let top = scoring::top_k(&probs, k);
@@ -90,22 +124,14 @@ fn main() -> ExitCode {
                 }
                 Err(e) => {
                     failed += 1;
-                    if cli.json {
-                        println!(
-                            "{}",
-                            serde_json::json!({"file": show_path(path), "error": e.to_string()})
-                        );
-                    }
-                    eprintln!("error: {e}");
+                    report_error(&show_path(path), &e);
                 }
             }
         }
         if failed > 0 {
-            if files.len() > 1 {
-                eprintln!(
-                    "error: {failed} of {} file(s) could not be classified",
-                    files.len()
-                );
+            let total = files.len() + problems.len();
+            if total > 1 {
+                eprintln!("error: {failed} of {total} input(s) could not be classified");
             }
             return Ok(ExitCode::FAILURE);
         }

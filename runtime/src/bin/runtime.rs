@@ -3,7 +3,6 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::Context;
 use clap::{Parser, Subcommand};
 use runtime::assemble::{assemble, AssembleSpec};
 use runtime::bundle::{Bundle, BundleLabel, BundleWriter, Provenance, LABEL_EMBEDDINGS, MANIFEST};
@@ -32,9 +31,11 @@ enum Command {
     },
     /// Token ids of each text as JSON (one array per text).
     Tokenize {
-        #[command(flatten)]
-        model: ModelArgs,
-        /// A tokenizer.json to use instead of the bundle's.
+        /// Use this bundle's tokenizer (default, and for bundles without one: OpenAI's CLIP
+        /// tokenizer, built in).
+        #[arg(long, short = 'm')]
+        model: Option<PathBuf>,
+        /// A tokenizer.json to use instead.
         #[arg(long)]
         tokenizer: Option<PathBuf>,
         /// Pad to the 77-token context as OpenAI's `clip.tokenize`.
@@ -45,25 +46,34 @@ enum Command {
     },
     /// Write the normalised model input of an image ([1, 3, S, S] float32) to a .npy file.
     Preprocess {
+        /// The image (PNG, JPEG or DICOM).
         path: PathBuf,
+        /// The .npy file to write (an existing folder: <image name>.npy inside it).
         #[arg(long)]
         out: PathBuf,
+        /// Replace an existing --out file.
+        #[arg(long)]
+        force: bool,
         /// Use this bundle's preprocessing settings (default: CLIP's).
         #[arg(long)]
         model: Option<PathBuf>,
     },
     /// Build a bundle from ONNX encoders exported elsewhere (HF optimum, torch.onnx).
     Assemble {
+        /// ONNX image encoder: pixel_values [batch, 3, S, S] -> image embeddings.
         #[arg(long)]
         image_encoder: PathBuf,
-        #[arg(long, requires = "tokenizer")]
+        /// ONNX text encoder: input_ids (and attention_mask) -> text embeddings.
+        #[arg(long)]
         text_encoder: Option<PathBuf>,
+        /// tokenizer.json for the text encoder (default: OpenAI's CLIP tokenizer, built in).
         #[arg(long)]
         tokenizer: Option<PathBuf>,
         /// Label embeddings .npy ([labels, dim]) when there is no text encoder.
         #[arg(long, conflicts_with = "text_encoder")]
         label_embeddings: Option<PathBuf>,
-        /// `unifesp`, `irma`, or a comma-separated list.
+        /// Labels: a built-in set (unifesp, irma, irma-reference), a file with one label per line,
+        /// or a comma-separated list.
         #[arg(long)]
         labels: String,
         /// Prompt template(s), `{}` = label (default: the reference's first template).
@@ -72,23 +82,62 @@ enum Command {
         /// exp(logit_scale) of the model (100 for OpenAI's CLIP).
         #[arg(long, default_value_t = 100.0)]
         logit_scale: f32,
+        /// Name of the bundle (also its folder's name when --out is a folder of other things).
         #[arg(long, default_value = "assembled")]
         name: String,
         /// Where the starting weights came from, for the manifest.
         #[arg(long, default_value = "unknown")]
         base_weights: String,
+        /// HF preprocessor_config.json of the encoders (default: CLIP's 224 px preprocessing).
+        #[arg(long)]
+        preprocessor_config: Option<PathBuf>,
         #[command(flatten)]
         device: DeviceArgs,
+        /// Bundle folder to write (a folder of other things: the bundle goes inside it).
         #[arg(long)]
         out: PathBuf,
+        /// Replace an existing bundle at --out.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Build a bundle from a CLIP ONNX export as it comes: transformers.js (onnx/vision_model.onnx,
+    /// onnx/text_model.onnx), HF optimum (one model.onnx with both towers), or two encoders side by
+    /// side; preprocessing and logit scale are read from the files where they are.
+    Import {
+        /// The export's folder.
+        dir: PathBuf,
+        /// Labels: a built-in set (unifesp, irma, irma-reference), a file with one label per line,
+        /// or a comma-separated list.
+        #[arg(long)]
+        labels: String,
+        /// Prompt template(s), `{}` = label (default: the reference's first template).
+        #[arg(long = "template")]
+        templates: Vec<String>,
+        /// exp(logit_scale) (default: the graph's logit_scale where a model.onnx holds it, else 100).
+        #[arg(long)]
+        logit_scale: Option<f32>,
+        /// transformers.js: use the `_quantized` encoders.
+        #[arg(long)]
+        quantized: bool,
+        /// Name of the bundle (default: the export folder's name).
+        #[arg(long)]
+        name: Option<String>,
+        #[command(flatten)]
+        device: DeviceArgs,
+        /// Bundle folder to write (a folder of other things: the bundle goes inside it).
+        #[arg(long)]
+        out: PathBuf,
+        /// Replace an existing bundle at --out.
+        #[arg(long)]
+        force: bool,
     },
     /// Evaluate a bundle on a data set: top-1/top-5, per-class figures, confusion matrix, per template.
     Eval {
         /// folder (ROOT/<label>/images), unifesp (train.csv + DICOM tree) or irma (codes CSV + PNGs).
         #[arg(long)]
         dataset: runtime::datasets::DatasetKind,
-        #[arg(long)]
-        data: PathBuf,
+        #[command(flatten)]
+        data: runtime::cli::DataArgs,
         #[command(flatten)]
         model: ModelArgs,
         /// all, train or test (of --split-spec).
@@ -114,9 +163,13 @@ enum Command {
         device: DeviceArgs,
         #[arg(long, default_value_t = 16)]
         batch_size: usize,
-        /// Folder for report.json, report.md, confusion.csv, confusion.png.
+        /// Report folder to write: report.json, report.md, confusion.csv, confusion.png (a folder
+        /// of other things: the report goes inside it).
         #[arg(long)]
         out: Option<PathBuf>,
+        /// Replace an existing report at --out.
+        #[arg(long)]
+        force: bool,
     },
     /// Recompute a bundle's label embeddings with its text encoder; writes a new bundle to --out.
     Prompts {
@@ -126,9 +179,16 @@ enum Command {
         labels: LabelArgs,
         #[command(flatten)]
         device: DeviceArgs,
-        /// Folder of the new bundle (replaced atomically if it exists).
+        /// Name of the new bundle (default: the source bundle's; also the sub-folder's name when
+        /// --out is a folder of other things).
+        #[arg(long)]
+        name: Option<String>,
+        /// Folder of the new bundle (a folder of other things: the bundle goes inside it).
         #[arg(long)]
         out: PathBuf,
+        /// Replace an existing bundle at --out.
+        #[arg(long)]
+        force: bool,
     },
 }
 
@@ -154,18 +214,25 @@ fn main() -> ExitCode {
                 pad,
                 texts,
             } => {
-                let tok = match tokenizer {
-                    Some(p) => ClipTokenizer::from_file(&p)?,
-                    None => {
-                        let b = model.load()?;
-                        let path = b
-                            .file_path(runtime::bundle::TOKENIZER)
-                            .context("bundle has no tokenizer")?;
-                        ClipTokenizer::from_bytes(
-                            &b.read_verified(runtime::bundle::TOKENIZER)?,
-                            &path,
-                        )?
+                let tok = match (tokenizer, model) {
+                    (Some(p), _) => ClipTokenizer::from_file(&p)?,
+                    (None, Some(dir)) => {
+                        let b = Bundle::load(&dir)?;
+                        match b.file_path(runtime::bundle::TOKENIZER) {
+                            Some(path) => ClipTokenizer::from_bytes(
+                                &b.read_verified(runtime::bundle::TOKENIZER)?,
+                                &path,
+                            )?,
+                            None => {
+                                eprintln!(
+                                    "note: {} has no tokenizer; using OpenAI's CLIP tokenizer (built in)",
+                                    b.dir.display()
+                                );
+                                runtime::default_tokenizer()?
+                            }
+                        }
                     }
+                    (None, None) => runtime::default_tokenizer()?,
                 };
                 for t in &texts {
                     let ids = if pad {
@@ -176,13 +243,24 @@ fn main() -> ExitCode {
                     println!("{}", serde_json::to_string(&ids)?);
                 }
             }
-            Command::Preprocess { path, out, model } => {
+            Command::Preprocess {
+                path,
+                out,
+                force,
+                model,
+            } => {
+                let stem = path
+                    .file_name()
+                    .map(|n| n.to_string_lossy().to_string())
+                    .unwrap_or_else(|| "image".into());
+                let out =
+                    runtime::fsutil::resolve_output_file(&out, &format!("{stem}.npy"), force)?;
                 let cfg = match model {
                     Some(dir) => Bundle::load(&dir)?.manifest.preprocessing,
                     None => PreprocessConfig::default(),
                 };
                 let img = decode::decode_file(&path)?;
-                let t = preprocess::preprocess(&img, &cfg);
+                let t = preprocess::preprocess(&img, &cfg)?;
                 let s = cfg.image_size as usize;
                 npy::write(&out, &[1, 3, s, s], &t)?;
                 eprintln!(
@@ -203,12 +281,18 @@ fn main() -> ExitCode {
                 logit_scale,
                 name,
                 base_weights,
+                preprocessor_config,
                 device,
                 out,
+                force,
             } => {
-                let labels = match labels::builtin(&label_list) {
-                    Some(set) => set,
-                    None => labels::from_list(label_list.split(','))?,
+                let labels = labels::parse_spec(&label_list)?;
+                let preprocessing = match preprocessor_config {
+                    Some(p) => runtime::import::preprocessing_of(
+                        &std::fs::read(&p).map_err(|e| runtime::Error::io(&p, e))?,
+                        &p,
+                    )?,
+                    None => PreprocessConfig::default(),
                 };
                 let label_embeddings = match label_embeddings {
                     Some(p) => Some(npy::read(&p)?.1),
@@ -229,19 +313,58 @@ fn main() -> ExitCode {
                     templates,
                     label_embeddings,
                     logit_scale,
-                    preprocessing: PreprocessConfig::default(),
+                    preprocessing,
                     provenance: Provenance {
                         base_weights,
                         ..Default::default()
                     },
                 };
-                let b = assemble(spec, &out, &device.options())?;
-                println!(
-                    "wrote {} ({} labels, {} dims)",
-                    b.dir.display(),
-                    b.manifest.labels.len(),
-                    b.manifest.embedding_dim
+                let b = assemble(spec, &out, force, &device.options())?;
+                wrote(&b);
+            }
+            Command::Import {
+                dir,
+                labels: label_list,
+                templates,
+                logit_scale,
+                quantized,
+                name,
+                device,
+                out,
+                force,
+            } => {
+                let name = name.unwrap_or_else(|| {
+                    std::fs::canonicalize(&dir)
+                        .unwrap_or_else(|_| dir.clone())
+                        .file_name()
+                        .map(|n| n.to_string_lossy().to_string())
+                        .unwrap_or_else(|| "imported".into())
+                });
+                let opts = runtime::import::ImportOptions {
+                    labels: labels::parse_spec(&label_list)?,
+                    templates: if templates.is_empty() {
+                        vec![labels::REFERENCE_TEMPLATES[0].to_string()]
+                    } else {
+                        templates
+                    },
+                    logit_scale,
+                    quantized,
+                    name,
+                };
+                let (b, found) =
+                    runtime::import::import(&dir, opts, &out, force, &device.options())?;
+                eprintln!("layout      {}", found.layout);
+                eprintln!("image       {}", found.image_encoder);
+                eprintln!("text        {}", found.text_encoder);
+                eprintln!(
+                    "logit scale {} from {}",
+                    b.manifest.logit_scale, found.logit_scale_from
                 );
+                eprintln!(
+                    "input       {} px, from {}",
+                    b.manifest.preprocessing.image_size, found.preprocessing_from
+                );
+                wrote(&b);
             }
             Command::Eval {
                 dataset,
@@ -256,18 +379,10 @@ fn main() -> ExitCode {
                 device,
                 batch_size,
                 out,
+                force,
             } => {
                 use runtime::datasets::{self, DatasetKind, Split};
-                let ds = datasets::load(dataset, &data)?;
-                for p in ds.problems.iter().take(20) {
-                    eprintln!("warning: {p}");
-                }
-                if ds.problems.len() > 20 {
-                    eprintln!(
-                        "warning: ... and {} more rows with problems",
-                        ds.problems.len() - 20
-                    );
-                }
+                let ds = data.load(dataset)?;
                 let spec = split_spec.unwrap_or(match dataset {
                     DatasetKind::Unifesp => Split::HeadTail {
                         train: 1200,
@@ -298,7 +413,13 @@ fn main() -> ExitCode {
                             .map(String::from),
                     );
                 }
-                let bundle = model.load()?;
+                let bundle = match (&model.model, templates.is_empty()) {
+                    (Some(_), _) | (None, false) => model.load()?,
+                    (None, true) => runtime::cli::find_bundle_for(&ds.labels).map_err(|e| {
+                        anyhow::anyhow!("runtime eval --dataset {}: {e}", dataset.name())
+                    })?,
+                };
+                runtime::cli::demo_notice(&bundle);
                 let mut engine = Engine::load(bundle, device.options())?;
                 let opts = runtime::eval::EvalOptions {
                     templates,
@@ -331,15 +452,17 @@ fn main() -> ExitCode {
                     eprintln!("unreadable: {}: {e}", p.display());
                 }
                 if let Some(out) = out {
-                    runtime::eval::write_reports(&ev, &out)?;
-                    println!("reports in {}", out.display());
+                    let written = runtime::eval::write_reports(&ev, &out, force)?;
+                    println!("reports in {}", written.display());
                 }
             }
             Command::Prompts {
                 model,
                 labels: label_args,
+                name,
                 device,
                 out,
+                force,
             } => {
                 let bundle = model.load()?;
                 let src = bundle.dir.clone();
@@ -351,10 +474,13 @@ fn main() -> ExitCode {
                     label_args.templates.clone()
                 };
                 let mut manifest = engine.bundle.manifest.clone();
+                if let Some(name) = name {
+                    manifest.name = name;
+                }
                 manifest.labels = BundleLabel::fill_all(&labels, &templates)?;
                 manifest.templates = templates;
                 let files = std::mem::take(&mut manifest.files);
-                let mut writer = BundleWriter::new(&out, manifest)?;
+                let mut writer = BundleWriter::create(&out, manifest, force)?;
                 for (role, entry) in &files {
                     if role == LABEL_EMBEDDINGS || entry.path == MANIFEST {
                         continue;
@@ -379,6 +505,15 @@ fn main() -> ExitCode {
         }
         Ok(ExitCode::SUCCESS)
     })
+}
+
+fn wrote(b: &Bundle) {
+    println!(
+        "wrote {} ({} labels, {} dims)",
+        b.dir.display(),
+        b.manifest.labels.len(),
+        b.manifest.embedding_dim
+    );
 }
 
 fn info(b: &Bundle, json: bool) -> anyhow::Result<()> {

@@ -101,7 +101,7 @@ pub fn tiny_bundle() -> &'static Path {
                 ..Default::default()
             },
         };
-        assemble(spec, &dir, &cpu()).expect("assemble tiny bundle");
+        assemble(spec, &dir, true, &cpu()).expect("assemble tiny bundle");
         dir
     })
 }
