@@ -265,3 +265,63 @@ fn eval_on_a_folder_writes_reports() {
         .collect();
     assert_eq!(subs.len(), 2, "todo.txt and one report folder");
 }
+
+#[test]
+fn hidden_and_empty_folders_are_not_labels() {
+    let root = tmpdir("folder-hidden");
+    for label in ["chest", "hand", ".ipynb_checkpoints"] {
+        std::fs::create_dir_all(root.join(label)).unwrap();
+        write_png(&root.join(label).join("0.png"), 100);
+    }
+    std::fs::create_dir_all(root.join("empty")).unwrap();
+    let ds = datasets::load(DatasetKind::Folder, &root).unwrap();
+    let names: Vec<&str> = ds.labels.iter().map(|l| l.id.as_str()).collect();
+    assert_eq!(names, ["chest", "hand"]);
+    assert_eq!(ds.samples.len(), 2);
+    assert!(
+        ds.problems.iter().any(|p| p.contains("empty: no images")),
+        "{:?}",
+        ds.problems
+    );
+}
+
+#[test]
+fn irma_codes_file_choice() {
+    let root = tmpdir("irma-choice");
+    write_png(&root.join("1.png"), 10);
+    write_png(&root.join("2.png"), 20);
+    let header = "image_id;irma_code\n";
+    std::fs::write(
+        root.join("a_test_codes.csv"),
+        format!("{header}2;1121-120-200-700\n"),
+    )
+    .unwrap();
+    std::fs::write(
+        root.join("b_train_codes.csv"),
+        format!("{header}1;1121-127-520-000\n"),
+    )
+    .unwrap();
+    let opts = datasets::LoadOptions::default();
+    // Two files: the train one, although the test one sorts first.
+    let ds = datasets::load_with(DatasetKind::Irma, &root, &opts).unwrap();
+    assert_eq!(ds.samples.len(), 1);
+    assert_eq!(
+        ds.samples[0].labels,
+        vec![10],
+        "1121-127-520 is chest/lung (11)"
+    );
+    // The CSV itself as --data: images beside it.
+    let ds = datasets::load_with(DatasetKind::Irma, &root.join("a_test_codes.csv"), &opts).unwrap();
+    assert_eq!(ds.samples[0].labels, vec![1], "1121-120-200 is cranium (2)");
+    // --codes picks one.
+    let picked = datasets::LoadOptions {
+        codes: Some(root.join("a_test_codes.csv")),
+        ..Default::default()
+    };
+    let ds = datasets::load_with(DatasetKind::Irma, &root, &picked).unwrap();
+    assert_eq!(ds.samples[0].path, root.join("2.png"));
+    // Two files and no train one: ask.
+    std::fs::rename(root.join("b_train_codes.csv"), root.join("b_codes.csv")).unwrap();
+    let err = datasets::load_with(DatasetKind::Irma, &root, &opts).unwrap_err();
+    assert!(err.to_string().contains("--codes"), "{err}");
+}

@@ -70,9 +70,13 @@ impl ImageSet {
                             part.iter()
                                 .enumerate()
                                 .map(|(i, sample)| {
-                                    let r = runtime::decode::decode_file(&sample.path)
-                                        .and_then(|img| resize_crop(&img, cfg))
-                                        .map_err(|e| e.to_string());
+                                    // A decoder panic on a hostile file fails that file only.
+                                    let r = std::panic::catch_unwind(|| {
+                                        runtime::decode::decode_file(&sample.path)
+                                            .and_then(|img| resize_crop(&img, cfg))
+                                            .map_err(|e| e.to_string())
+                                    })
+                                    .unwrap_or_else(|_| Err("the decoder failed".to_string()));
                                     bar.inc(1);
                                     (c * chunk + i, r)
                                 })
