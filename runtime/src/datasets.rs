@@ -517,6 +517,9 @@ fn find_irma_csv(root: &Path, codes: Option<&Path>) -> Result<(PathBuf, PathBuf)
 pub enum Split {
     /// The reference's: the first `train` samples to train, the last `test` to test.
     HeadTail { train: usize, test: usize },
+    /// The reference experiment's UNIFESP split, exactly as its code made it: rows with several
+    /// labels dropped (file order kept), then rows [1, 1200) to train and [1200, 1600) to test.
+    Reference,
     /// A seeded random split with this fraction for testing.
     Random { test_fraction: f64, seed: u64 },
 }
@@ -526,8 +529,10 @@ impl std::str::FromStr for Split {
     /// `head:1200:400` or `random:0.2:SEED`.
     fn from_str(s: &str) -> std::result::Result<Self, String> {
         let parts: Vec<&str> = s.split(':').collect();
-        let bad = || format!("bad split {s:?} (head:TRAIN:TEST or random:FRACTION:SEED)");
+        let bad =
+            || format!("bad split {s:?} (reference, head:TRAIN:TEST or random:FRACTION:SEED)");
         match parts.as_slice() {
+            ["reference"] => Ok(Split::Reference),
             ["head", a, b] => Ok(Split::HeadTail {
                 train: a.parse().map_err(|_| bad())?,
                 test: b.parse().map_err(|_| bad())?,
@@ -550,6 +555,20 @@ impl std::str::FromStr for Split {
 /// Splits into (train, test) sample lists.
 pub fn split(samples: &[Sample], split: Split) -> Result<(Vec<Sample>, Vec<Sample>)> {
     match split {
+        Split::Reference => {
+            let single: Vec<Sample> = samples
+                .iter()
+                .filter(|s| s.labels.len() == 1)
+                .cloned()
+                .collect();
+            if single.len() < 1600 {
+                return Err(Error::InvalidArgument(format!(
+                    "split reference needs 1600 single-label rows, the data set has {}",
+                    single.len()
+                )));
+            }
+            Ok((single[1..1200].to_vec(), single[1200..1600].to_vec()))
+        }
         Split::HeadTail { train, test } => {
             if train + test > samples.len() {
                 return Err(Error::InvalidArgument(format!(
@@ -685,6 +704,25 @@ mod tests {
             }
         );
         assert!("random:1.5:3".parse::<Split>().is_err());
+        // The reference's split: multi-label rows out, rows [1, 1200) and [1200, 1600) of the rest.
+        let rows: Vec<Sample> = (0..1700)
+            .map(|i| Sample {
+                path: format!("{i}").into(),
+                labels: if i % 17 == 5 {
+                    vec![3, 4]
+                } else {
+                    vec![i % 22]
+                },
+            })
+            .collect();
+        let single: Vec<&Sample> = rows.iter().filter(|s| s.labels.len() == 1).collect();
+        let (tr, te) = split(&rows, "reference".parse().unwrap()).unwrap();
+        assert_eq!((tr.len(), te.len()), (1199, 400));
+        assert_eq!(tr[0].path, single[1].path, "row 0 is unused");
+        assert_eq!(te[0].path, single[1200].path);
+        assert_eq!(te[399].path, single[1599].path);
+        assert!(tr.iter().chain(&te).all(|s| s.labels.len() == 1));
+        assert!(split(&rows[..1500], Split::Reference).is_err());
     }
 
     #[test]

@@ -122,7 +122,8 @@ pub struct FinetuneArgs {
     /// A separate test folder (same layout); else --split divides --data.
     #[arg(long)]
     pub test_data: Option<PathBuf>,
-    /// head:TRAIN:TEST (the reference's first/last images) or random:FRACTION:SEED (default:
+    /// reference (the reference experiment's UNIFESP split: single-label rows [1, 1200) and
+    /// [1200, 1600)), head:TRAIN:TEST (first/last images) or random:FRACTION:SEED (default:
     /// head:1200:400 for unifesp, random:0.2:SEED otherwise).
     #[arg(long)]
     pub split: Option<Split>,

@@ -143,8 +143,9 @@ enum Command {
         /// all, train or test (of --split-spec).
         #[arg(long, default_value = "all")]
         split: String,
-        /// How train/test are divided: head:TRAIN:TEST (default for unifesp: head:1200:400) or
-        /// random:FRACTION:SEED (default random:0.2:0).
+        /// How train/test are divided: reference (the reference experiment's UNIFESP split),
+        /// head:TRAIN:TEST (default for unifesp: head:1200:400) or random:FRACTION:SEED (default
+        /// random:0.2:0).
         #[arg(long)]
         split_spec: Option<runtime::datasets::Split>,
         /// Prompt template(s) to score with the text encoder (`{}` = label); none: the bundle's labels.
