@@ -134,34 +134,30 @@ impl Bundle {
         Self::from_manifest(dir, manifest, |path| std::fs::read(path))
     }
 
-    /// Loads and verifies a bundle compiled into the binary (every file hashed as on disk).
+    /// Loads and verifies a bundle compiled into the binary, as [`Bundle::load`] does a folder (the
+    /// ONNX files are hashed when the engine loads them).
     pub fn from_embedded(files: EmbeddedFiles) -> Result<Bundle> {
-        let find = |name: &str| {
-            files
-                .iter()
-                .find(|(n, _)| *n == name)
-                .map(|(_, b)| *b)
-                .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::NotFound, "not embedded"))
+        let not_built_in = |name: &str| {
+            Error::io(
+                name,
+                std::io::Error::new(std::io::ErrorKind::NotFound, "not built in"),
+            )
         };
-        let manifest_bytes = find(MANIFEST).map_err(|e| Error::io(MANIFEST, e))?;
-        let placeholder = PathBuf::from("<built-in>");
+        let manifest_bytes =
+            embedded_file(files, MANIFEST).ok_or_else(|| not_built_in(MANIFEST))?;
         let manifest: Manifest =
             serde_json::from_slice(manifest_bytes).map_err(|source| Error::Json {
-                path: placeholder.join(MANIFEST),
+                path: PathBuf::from("<built-in>").join(MANIFEST),
                 source,
             })?;
         let dir = PathBuf::from(format!("<built-in {}>", manifest.name));
         let mut b = Self::from_manifest(&dir, manifest, |path| {
-            let name = path
-                .strip_prefix(&dir)
-                .map(|p| p.to_string_lossy().to_string())
-                .unwrap_or_default();
-            find(&name).map(<[u8]>::to_vec)
+            let name = path.strip_prefix(&dir).unwrap_or(path).to_string_lossy();
+            embedded_file(files, &name)
+                .map(<[u8]>::to_vec)
+                .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::NotFound, "not built in"))
         })?;
         b.embedded = Some(files);
-        for role in b.manifest.files.keys() {
-            b.read_verified(role)?;
-        }
         Ok(b)
     }
 
@@ -242,10 +238,8 @@ impl Bundle {
             .ok_or_else(|| Error::bundle(&self.dir, format!("has no {role}")))?;
         let path = self.dir.join(&entry.path);
         let bytes = match self.embedded {
-            Some(files) => files
-                .iter()
-                .find(|(n, _)| *n == entry.path)
-                .map(|(_, b)| b.to_vec())
+            Some(files) => embedded_file(files, &entry.path)
+                .map(<[u8]>::to_vec)
                 .ok_or_else(|| {
                     Error::bundle(&self.dir, format!("{} is not built in", entry.path))
                 })?,
@@ -258,6 +252,11 @@ impl Bundle {
     pub fn labels(&self) -> Vec<&Label> {
         self.manifest.labels.iter().map(|l| &l.label).collect()
     }
+}
+
+/// The bytes of one built-in bundle file.
+fn embedded_file(files: EmbeddedFiles, name: &str) -> Option<&'static [u8]> {
+    files.iter().find(|(n, _)| *n == name).map(|(_, b)| *b)
 }
 
 pub fn verify_bytes(dir: &Path, name: &str, entry: &FileEntry, bytes: &[u8]) -> Result<()> {

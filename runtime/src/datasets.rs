@@ -164,12 +164,7 @@ pub fn image_folder(root: &Path) -> Result<Dataset> {
     let mut dirs: Vec<PathBuf> = std::fs::read_dir(root)
         .map_err(|e| Error::io(root, e))?
         .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.is_dir())
-        .filter(|p| {
-            !p.file_name()
-                .and_then(|n| n.to_str())
-                .is_some_and(|n| n.starts_with('.'))
-        })
+        .filter(|p| p.is_dir() && !crate::files::is_hidden(p))
         .collect();
     dirs.sort();
     let mut labels = Vec::new();

@@ -35,7 +35,8 @@ pub fn collect_files(inputs: &[PathBuf]) -> (Vec<PathBuf>, Vec<Error>) {
     (out, problems)
 }
 
-fn is_hidden(p: &Path) -> bool {
+/// `.git`, `.ipynb_checkpoints`, ...: never images, never labels.
+pub(crate) fn is_hidden(p: &Path) -> bool {
     p.file_name()
         .and_then(|n| n.to_str())
         .is_some_and(|n| n.starts_with('.'))

@@ -272,43 +272,16 @@ pub fn save_checkpoint(
     vs: &nn::VarStore,
     write_extra: impl FnOnce(&Path) -> Result<()>,
 ) -> Result<()> {
-    let parent = dir
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
-    let name = dir
-        .file_name()
-        .ok_or_else(|| Error::Config(format!("{}: not a folder path", dir.display())))?;
-    let staging = parent.join(format!(
-        ".{}.partial-{}",
-        name.to_string_lossy(),
-        std::process::id()
-    ));
-    let _ = std::fs::remove_dir_all(&staging);
-    std::fs::create_dir_all(&staging).map_err(|e| Error::io(&staging, e))?;
-    let result = (|| -> Result<()> {
-        let json = serde_json::to_vec_pretty(config).expect("config serialises");
-        runtime::fsutil::write_atomic(&staging.join(CONFIG), &json)?;
-        vs.save(staging.join(WEIGHTS)).map_err(Error::Torch)?;
-        sync_file(&staging.join(WEIGHTS))?;
-        write_extra(&staging)?;
-        let old = parent.join(format!(
-            ".{}.old-{}",
-            name.to_string_lossy(),
-            std::process::id()
-        ));
-        if dir.exists() {
-            std::fs::rename(dir, &old).map_err(|e| Error::io(dir, e))?;
-        }
-        std::fs::rename(&staging, dir).map_err(|e| Error::io(dir, e))?;
-        let _ = std::fs::remove_dir_all(&old);
-        Ok(())
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_dir_all(&staging);
-    }
-    result
+    // Built beside the target and renamed into place (runtime's StagedDir; removed on error).
+    let staged = runtime::fsutil::StagedDir::new(dir)?;
+    let staging = staged.path();
+    let json = serde_json::to_vec_pretty(config).expect("config serialises");
+    runtime::fsutil::write_atomic(&staging.join(CONFIG), &json)?;
+    vs.save(staging.join(WEIGHTS)).map_err(Error::Torch)?;
+    sync_file(&staging.join(WEIGHTS))?;
+    write_extra(staging)?;
+    staged.commit()?;
+    Ok(())
 }
 
 /// A model loaded from a checkpoint or HF folder.

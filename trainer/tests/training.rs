@@ -302,7 +302,7 @@ fn bad_input_is_a_clear_error() {
     assert!(
         leftovers
             .iter()
-            .all(|n| !n.to_string_lossy().contains("partial")),
+            .all(|n| !n.to_string_lossy().contains("staging")),
         "{leftovers:?}"
     );
 
