@@ -72,6 +72,10 @@ pub struct Provenance {
     pub base_weights: String,
     #[serde(default)]
     pub dataset: String,
+    /// How the data set was divided (`reference`, `head:TRAIN:TEST`, `random:FRACTION:SEED`):
+    /// `runtime eval` on the same data set scores this split's test part by default.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub split: String,
     /// Training settings, free-form (learning rate, epochs, ...).
     #[serde(default)]
     pub training: serde_json::Value,

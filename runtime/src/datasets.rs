@@ -547,6 +547,37 @@ impl std::str::FromStr for Split {
     }
 }
 
+impl std::fmt::Display for Split {
+    /// The form `FromStr` reads back (recorded in bundle manifests).
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Split::Reference => write!(f, "reference"),
+            Split::HeadTail { train, test } => write!(f, "head:{train}:{test}"),
+            Split::Random {
+                test_fraction,
+                seed,
+            } => write!(f, "random:{test_fraction}:{seed}"),
+        }
+    }
+}
+
+impl Split {
+    /// The split a data set is divided by when none is given (and the model records none): the
+    /// first 1200 and last 400 images for UNIFESP, a seeded 80/20 random split otherwise.
+    pub fn default_for(kind: DatasetKind, seed: u64) -> Split {
+        match kind {
+            DatasetKind::Unifesp => Split::HeadTail {
+                train: 1200,
+                test: 400,
+            },
+            _ => Split::Random {
+                test_fraction: 0.2,
+                seed,
+            },
+        }
+    }
+}
+
 /// Splits into (train, test) sample lists.
 pub fn split(samples: &[Sample], split: Split) -> Result<(Vec<Sample>, Vec<Sample>)> {
     match split {

@@ -292,20 +292,22 @@ pub fn write_reports(ev: &Evaluation, requested: &Path, force: bool) -> Result<P
         }
     }
     crate::fsutil::write_atomic(&out.join("report.md"), md.as_bytes())?;
-    let mut csv = String::from("true\\predicted");
-    for l in &ev.labels {
-        csv.push(',');
-        csv.push_str(&csv_field(&l.name));
-    }
-    csv.push('\n');
+    let confusion_path = out.join("confusion.csv");
+    let csv_err =
+        |e: csv::Error| Error::InvalidArgument(format!("{}: {e}", confusion_path.display()));
+    let mut w = csv::Writer::from_writer(Vec::new());
+    w.write_record(
+        std::iter::once("true\\predicted").chain(ev.labels.iter().map(|l| l.name.as_str())),
+    )
+    .map_err(csv_err)?;
     for (l, row) in ev.labels.iter().zip(&best.report.confusion) {
-        csv.push_str(&csv_field(&l.name));
-        for v in row {
-            csv.push_str(&format!(",{v}"));
-        }
-        csv.push('\n');
+        w.write_record(std::iter::once(l.name.clone()).chain(row.iter().map(|v| v.to_string())))
+            .map_err(csv_err)?;
     }
-    crate::fsutil::write_atomic(&out.join("confusion.csv"), csv.as_bytes())?;
+    let bytes = w
+        .into_inner()
+        .map_err(|e| Error::InvalidArgument(format!("{}: {e}", confusion_path.display())))?;
+    crate::fsutil::write_atomic(&confusion_path, &bytes)?;
     let names: Vec<String> = ev.labels.iter().map(|l| l.name.clone()).collect();
     crate::plot::confusion(
         &out.join("confusion.png"),
@@ -314,12 +316,4 @@ pub fn write_reports(ev: &Evaluation, requested: &Path, force: bool) -> Result<P
         &best.template,
     )?;
     staged.commit()
-}
-
-fn csv_field(s: &str) -> String {
-    if s.contains([',', '"', '\n']) {
-        format!("\"{}\"", s.replace('"', "\"\""))
-    } else {
-        s.to_string()
-    }
 }

@@ -325,3 +325,47 @@ fn irma_codes_file_choice() {
     let err = datasets::load_with(DatasetKind::Irma, &root, &opts).unwrap_err();
     assert!(err.to_string().contains("--codes"), "{err}");
 }
+
+/// The PNG repack (`train_df.csv`: CRLF, the Target's trailing space, multi-label rows) and the
+/// reference experiment's split on it: multi-label rows dropped in file order, single-label rows
+/// [1, 1200) to train and [1200, 1600) to test.
+#[test]
+fn reference_split_on_a_repack_with_multi_label_rows() {
+    let root = tmpdir("unifesp-repack-split");
+    std::fs::create_dir_all(root.join("images/train")).unwrap();
+    let mut csv = String::from("SOPInstanceUID,Target,Modality,image_path\r\n");
+    let mut single = Vec::new();
+    for i in 0..1780 {
+        let uid = format!("1.2.826.{i}");
+        let target = if i % 10 == 3 {
+            format!("{} {} ", i % 22, (i + 5) % 22)
+        } else {
+            single.push(uid.clone());
+            format!("{} ", i % 22)
+        };
+        let rel = format!("./images/train/{uid}-c.png");
+        image::GrayImage::from_pixel(4, 4, image::Luma([i as u8]))
+            .save(root.join(&rel))
+            .unwrap();
+        csv.push_str(&format!("{uid},{target},CR,{rel}\r\n"));
+    }
+    std::fs::write(root.join("train_df.csv"), csv).unwrap();
+    let ds = datasets::load(DatasetKind::Unifesp, &root).unwrap();
+    assert_eq!(ds.samples.len(), 1780);
+    assert!(ds.problems.is_empty(), "{:?}", ds.problems);
+    let (train, test) = datasets::split(&ds.samples, "reference".parse().unwrap()).unwrap();
+    assert_eq!((train.len(), test.len()), (1199, 400));
+    let uid_of = |s: &datasets::Sample| {
+        s.path
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .trim_end_matches("-c.png")
+            .to_string()
+    };
+    let train_uids: Vec<String> = train.iter().map(uid_of).collect();
+    let test_uids: Vec<String> = test.iter().map(uid_of).collect();
+    assert_eq!(train_uids, single[1..1200].to_vec());
+    assert_eq!(test_uids, single[1200..1600].to_vec());
+    assert_eq!(format!("{}", datasets::Split::Reference), "reference");
+}

@@ -118,6 +118,11 @@ fn every_readme_command_runs_as_printed() {
     tests::copy_tree(&f.join("tiny/hf"), &sandbox.join("clip-vit-base-patch32"));
     std::fs::copy(f.join("openai/openai_tiny.pt"), sandbox.join("ViT-B-32.pt")).expect("copy");
     std::fs::copy(
+        f.join("openclip-rn/open_clip_model.safetensors"),
+        sandbox.join("open_clip_model.safetensors"),
+    )
+    .expect("copy");
+    std::fs::copy(
         f.join("tiny/image_encoder.onnx"),
         sandbox.join("vision.onnx"),
     )

@@ -13,8 +13,8 @@ use crate::error::{Error, Result};
 use crate::export::{self, ExportSpec};
 use crate::model::ClipConfig;
 use crate::onnx::Precision;
-use crate::optim::AdamConfig;
-use crate::train::{self, LossKind, RunInputs, TrainOptions};
+use crate::optim::{AdamConfig, LrSchedule};
+use crate::train::{self, Augment, LossKind, RunInputs, Select, TrainOptions};
 use crate::weights;
 
 #[derive(Parser)]
@@ -91,10 +91,12 @@ pub struct PredictArgs {
 
 #[derive(Args)]
 pub struct InitArgs {
-    /// HF model folder (config.json + model.safetensors [+ tokenizer.json]) or OpenAI's `.pt` archive.
+    /// HF model folder (config.json + model.safetensors [+ tokenizer.json]), OpenAI's `.pt` archive
+    /// (ViT), or open_clip's `open_clip_model.safetensors` (ViT or ResNet, e.g. RN50).
     #[arg(long, conflicts_with = "config")]
     pub from: Option<PathBuf>,
-    /// Random weights with a preset configuration: vit-b-32, vit-b-16, vit-l-14, small, tiny.
+    /// Random weights with a preset configuration: vit-b-32, vit-b-16, vit-l-14, rn50, small,
+    /// rn-small (the UNIFESP recipe's), tiny, rn-tiny.
     #[arg(long)]
     pub config: Option<String>,
     /// Seed of the random weights.
@@ -140,30 +142,83 @@ pub struct FinetuneArgs {
     /// an existing bundle at --export is replaced.
     #[arg(long)]
     pub force: bool,
-    /// Learning rate(s); several, comma-separated, run a sweep.
-    #[arg(long, default_value = "1e-6", value_delimiter = ',')]
-    pub lr: Vec<f64>,
-    #[arg(long, default_value_t = 50)]
-    pub epochs: usize,
-    #[arg(long, default_value_t = 16)]
-    pub batch_size: usize,
-    #[arg(long, default_value_t = 0.001)]
-    pub weight_decay: f64,
+    /// A set of defaults for the options below: `reference` (what the reference experiment's code
+    /// did: split reference, bare class names as training text, contrastive loss, Adam lr 2e-6,
+    /// StepLR(10, 0.1), 50 epochs, the last epoch reported, test scored every epoch) or `scratch`
+    /// (training from random weights: class-aware loss, AdamW lr 1e-3, cosine with warm-up, full
+    /// augmentation, best validation epoch). Options given explicitly win.
+    #[arg(long)]
+    pub recipe: Option<Recipe>,
+    /// Learning rate(s); several, comma-separated, run a sweep, the best on validation kept
+    /// [default: 1e-6].
+    #[arg(long, value_delimiter = ',')]
+    pub lr: Option<Vec<f64>>,
+    /// Learning-rate schedule: constant, cosine, step (= step:10:0.1) or step:STEP_SIZE:GAMMA
+    /// (torch's StepLR stepped at the start of each epoch, as the reference) [default: constant].
+    #[arg(long)]
+    pub lr_schedule: Option<LrSchedule>,
+    /// Epochs of linear learning-rate warm-up [default: 0].
+    #[arg(long)]
+    pub warmup_epochs: Option<usize>,
+    /// Epochs [default: 50].
+    #[arg(long)]
+    pub epochs: Option<usize>,
+    /// Images per optimizer step [default: 16].
+    #[arg(long)]
+    pub batch_size: Option<usize>,
+    /// Weight decay [default: 0.001].
+    #[arg(long)]
+    pub weight_decay: Option<f64>,
+    /// adam (torch.optim.Adam: L2 decay in the gradient, as the reference) or adamw (decoupled
+    /// decay) [default: adam].
+    #[arg(long)]
+    pub optimizer: Option<Optimizer>,
+    /// Adam's beta1.
     #[arg(long, default_value_t = 0.9)]
     pub beta1: f64,
+    /// Adam's beta2.
     #[arg(long, default_value_t = 0.98)]
     pub beta2: f64,
+    /// Adam's epsilon.
     #[arg(long, default_value_t = 1e-6)]
     pub eps: f64,
+    /// Seed of the shuffles, the validation split, augmentation and random splits.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    #[arg(long, default_value = "contrastive")]
-    pub loss: LossKind,
-    /// Prompt template(s); the first makes the training prompts, all score the test set.
+    /// contrastive (CLIP's, as the reference) or class-aware (each image against every label)
+    /// [default: contrastive].
+    #[arg(long)]
+    pub loss: Option<LossKind>,
+    /// Prompt template(s) that score validation and test images and make the bundle's label
+    /// embeddings, `{}` = label [default: "a X-Ray image of {} part"].
     #[arg(long = "template")]
     pub templates: Vec<String>,
+    /// Template of the training text, `{}` = label (`{}`: the bare class name, as the reference)
+    /// [default: the first --template].
+    #[arg(long)]
+    pub train_template: Option<String>,
+    /// Fraction of the training rows held out for validation, which chooses the epoch and the
+    /// learning rate; 0: none [default: 0.1].
+    #[arg(long)]
+    pub val: Option<f64>,
+    /// Which epoch is the model: best-val or last [default: best-val, last without --val].
+    #[arg(long)]
+    pub select: Option<Select>,
+    /// Training-image augmentation: none, intensity (contrast, brightness; `--augment` alone) or
+    /// full (also rotation, scale, shift, flip) [default: none].
+    #[arg(long, num_args = 0..=1, default_missing_value = "intensity")]
+    pub augment: Option<Augment>,
+    /// Draw training batches with equal chances per class.
+    #[arg(long)]
+    pub balanced: bool,
+    /// Also score the test images after every epoch (as the reference did; nothing is chosen on
+    /// them).
+    #[arg(long)]
+    pub monitor_test: bool,
+    /// Train only the text encoder.
     #[arg(long)]
     pub freeze_vision: bool,
+    /// Train only the image encoder.
     #[arg(long)]
     pub freeze_text: bool,
     /// cpu, cuda or auto.
@@ -199,9 +254,6 @@ pub struct FinetuneArgs {
     /// Leave the text encoder and tokenizer out of the exported bundle (fixed labels only).
     #[arg(long)]
     pub no_text_encoder: bool,
-    /// Random contrast and brightness changes of the training images.
-    #[arg(long)]
-    pub augment: bool,
     /// Name of the exported bundle (default: the data set's name, e.g. unifesp).
     #[arg(long)]
     pub bundle_name: Option<String>,
@@ -215,6 +267,121 @@ pub struct FinetuneArgs {
     #[arg(long, default_value = "")]
     pub bundle_notes: String,
 }
+
+/// Named sets of training defaults (`--recipe`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Recipe {
+    /// The reference experiment's code, exactly (with proper mixed precision on GPUs).
+    Reference,
+    /// From random weights on a small data set (the UNIFESP recipe of scripts/train_unifesp.sh).
+    Scratch,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Optimizer {
+    Adam,
+    Adamw,
+}
+
+/// The training settings after --recipe and the explicit options.
+struct Settings {
+    lr: Vec<f64>,
+    schedule: LrSchedule,
+    warmup_epochs: usize,
+    epochs: usize,
+    batch_size: usize,
+    weight_decay: f64,
+    optimizer: Optimizer,
+    loss: LossKind,
+    templates: Vec<String>,
+    train_template: String,
+    val: f64,
+    select: Select,
+    augment: Augment,
+    balanced: bool,
+    monitor_test: bool,
+    split: Option<Split>,
+}
+
+fn settings(a: &FinetuneArgs) -> Settings {
+    let t1 = runtime::labels::REFERENCE_TEMPLATES[0].to_string();
+    let mut d = Settings {
+        lr: vec![1e-6],
+        schedule: LrSchedule::Constant,
+        warmup_epochs: 0,
+        epochs: 50,
+        batch_size: 16,
+        weight_decay: 0.001,
+        optimizer: Optimizer::Adam,
+        loss: LossKind::Contrastive,
+        templates: vec![t1.clone()],
+        train_template: String::new(),
+        val: 0.1,
+        select: Select::BestVal,
+        augment: Augment::None,
+        balanced: false,
+        monitor_test: false,
+        split: None,
+    };
+    let unifesp = a.dataset == DatasetKind::Unifesp;
+    match a.recipe {
+        None => {}
+        Some(Recipe::Reference) => {
+            d.lr = vec![2e-6];
+            d.schedule = LrSchedule::Step {
+                step_size: 10,
+                gamma: 0.1,
+            };
+            d.train_template = "{}".into();
+            d.val = 0.0;
+            d.select = Select::Last;
+            d.monitor_test = true;
+            d.split = unifesp.then_some(Split::Reference);
+        }
+        Some(Recipe::Scratch) => {
+            d.lr = vec![1e-3];
+            d.schedule = LrSchedule::Cosine;
+            d.warmup_epochs = 2;
+            d.epochs = SCRATCH_EPOCHS;
+            d.batch_size = 32;
+            d.weight_decay = 0.05;
+            d.optimizer = Optimizer::Adamw;
+            d.loss = LossKind::ClassAware;
+            d.augment = Augment::Full;
+            d.split = unifesp.then_some(Split::Reference);
+        }
+    }
+    let val = a.val.unwrap_or(d.val);
+    Settings {
+        lr: a.lr.clone().unwrap_or(d.lr),
+        schedule: a.lr_schedule.unwrap_or(d.schedule),
+        warmup_epochs: a.warmup_epochs.unwrap_or(d.warmup_epochs),
+        epochs: a.epochs.unwrap_or(d.epochs),
+        batch_size: a.batch_size.unwrap_or(d.batch_size),
+        weight_decay: a.weight_decay.unwrap_or(d.weight_decay),
+        optimizer: a.optimizer.unwrap_or(d.optimizer),
+        loss: a.loss.unwrap_or(d.loss),
+        templates: if a.templates.is_empty() {
+            d.templates
+        } else {
+            a.templates.clone()
+        },
+        train_template: a.train_template.clone().unwrap_or(d.train_template),
+        val,
+        select: a
+            .select
+            .unwrap_or(if val > 0.0 { d.select } else { Select::Last }),
+        augment: a.augment.unwrap_or(d.augment),
+        balanced: a.balanced || d.balanced,
+        monitor_test: a.monitor_test || d.monitor_test,
+        split: a.split.or(d.split),
+    }
+}
+
+/// Epochs of `--recipe scratch`: what fits 30 minutes of a 2-core CPU with the rn-small model.
+pub const SCRATCH_EPOCHS: usize = 50;
 
 pub fn device(name: &str) -> Result<Device> {
     match name {
@@ -240,6 +407,10 @@ pub fn init(a: &InitArgs) -> Result<()> {
                 Some(weights::read_safetensors(from)?),
                 Some(from.join("tokenizer.json")).filter(|p| p.exists()),
             )
+        }
+        (Some(from), _) if from.extension().is_some_and(|e| e == "safetensors") => {
+            let (config, tensors) = weights::read_open_clip_safetensors(from)?;
+            (config, Some(tensors), None)
         }
         (Some(from), _) => {
             let (config, tensors) = weights::read_openai_torchscript(from)?;
@@ -426,7 +597,21 @@ pub fn finetune(a: &FinetuneArgs) -> Result<Vec<train::RunResult>> {
         tch::set_num_threads(a.threads);
     }
     let device = device(&a.device)?;
+    let st = settings(a);
+    if !(0.0..0.9).contains(&st.val) {
+        return Err(Error::Config(format!(
+            "--val {} is not a fraction in [0, 0.9)",
+            st.val
+        )));
+    }
+    if st.epochs == 0 || st.batch_size == 0 || st.lr.is_empty() {
+        return Err(Error::Config(
+            "--epochs, --batch-size and --lr must be positive".into(),
+        ));
+    }
     let init = init_checkpoint(a.init.as_deref())?;
+    // The images are kept at the model's input size: read it before loading them.
+    let model_config = weights::checkpoint_config(&init)?;
     let data_dir = a.data.dir(a.dataset)?;
     let ds = a.data.load(a.dataset)?;
     let short_name = match a.dataset {
@@ -451,7 +636,7 @@ pub fn finetune(a: &FinetuneArgs) -> Result<Vec<train::RunResult>> {
     };
     let out = run_folder(a, &short_name)?;
     eprintln!("run folder: {}", out.display());
-    let (train_samples, test_samples) = match &a.test_data {
+    let (split_spec, train_samples, test_samples) = match &a.test_data {
         Some(t) => {
             let test = datasets::load(a.dataset, t)?;
             if test.labels != ds.labels {
@@ -461,34 +646,68 @@ pub fn finetune(a: &FinetuneArgs) -> Result<Vec<train::RunResult>> {
                     data_dir.display()
                 )));
             }
-            (ds.samples.clone(), test.samples)
+            (String::new(), ds.samples.clone(), test.samples)
         }
         None => {
-            let split = a.split.unwrap_or(match a.dataset {
-                DatasetKind::Unifesp => Split::HeadTail {
-                    train: 1200,
-                    test: 400,
-                },
-                _ => Split::Random {
-                    test_fraction: 0.2,
-                    seed: a.seed,
-                },
-            });
-            datasets::split(&ds.samples, split)?
+            let split = st
+                .split
+                .unwrap_or_else(|| Split::default_for(a.dataset, a.seed));
+            let (train, test) = datasets::split(&ds.samples, split)?;
+            (split.to_string(), train, test)
         }
     };
+    // Validation rows come out of the training rows (seeded), never out of the test rows.
+    let (train_samples, val_samples) = if st.val > 0.0 {
+        datasets::split(
+            &train_samples,
+            Split::Random {
+                test_fraction: st.val,
+                seed: a.seed,
+            },
+        )?
+    } else {
+        (train_samples, Vec::new())
+    };
+    if st.val > 0.0 && val_samples.is_empty() {
+        return Err(Error::Data(format!(
+            "--val {} of {} training images leaves no validation image (pass --val 0)",
+            st.val,
+            train_samples.len()
+        )));
+    }
     let train_samples = limit(train_samples, a.max_train);
     let test_samples = limit(test_samples, a.max_test);
     if train_samples.is_empty() || test_samples.is_empty() {
         return Err(Error::Data("the train or test split is empty".into()));
     }
-    let cfg = PreprocessConfig::default();
+    let s = model_config.vision_config.image_size as u32;
+    let cfg = PreprocessConfig {
+        image_size: s,
+        resize_shortest_edge: s,
+        ..PreprocessConfig::default()
+    };
     let threads = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1);
     let train_set = ImageSet::load(&train_samples, &cfg, a.bad_images, threads, "train images")?;
+    let val_set = if val_samples.is_empty() {
+        None
+    } else {
+        Some(ImageSet::load(
+            &val_samples,
+            &cfg,
+            a.bad_images,
+            threads,
+            "validation images",
+        )?)
+    };
     let test_set = ImageSet::load(&test_samples, &cfg, a.bad_images, threads, "test images")?;
-    for (what, set) in [("train", &train_set), ("test", &test_set)] {
+    for (what, set) in [
+        ("train", Some(&train_set)),
+        ("validation", val_set.as_ref()),
+        ("test", Some(&test_set)),
+    ] {
+        let Some(set) = set else { continue };
         if !set.skipped.is_empty() {
             eprintln!(
                 "warning: skipped {} unreadable {what} image(s):",
@@ -500,22 +719,24 @@ pub fn finetune(a: &FinetuneArgs) -> Result<Vec<train::RunResult>> {
         }
     }
     eprintln!(
-        "{}: {} labels, {} train and {} test images, device {device:?}",
+        "{}: {} labels, {} train, {} validation and {} test images{}, device {device:?}",
         ds.name,
         ds.labels.len(),
         train_set.len(),
-        test_set.len()
+        val_set.as_ref().map_or(0, |v| v.len()),
+        test_set.len(),
+        if split_spec.is_empty() {
+            String::new()
+        } else {
+            format!(" (split {split_spec})")
+        }
     );
     let (tok_bytes, tok_path) = export::checkpoint_tokenizer(&init)?;
     let tokenizer = ClipTokenizer::from_bytes(&tok_bytes, &tok_path)?;
-    let templates = if a.templates.is_empty() {
-        vec![runtime::labels::REFERENCE_TEMPLATES[0].to_string()]
-    } else {
-        a.templates.clone()
-    };
     let inputs = RunInputs {
         init: &init,
         train: &train_set,
+        val: val_set.as_ref(),
         test: &test_set,
         labels: &ds.labels,
         tokenizer: &tokenizer,
@@ -524,62 +745,86 @@ pub fn finetune(a: &FinetuneArgs) -> Result<Vec<train::RunResult>> {
     };
     let mut results = Vec::new();
     let mut curves = Vec::new();
-    for &lr in &a.lr {
+    for &lr in &st.lr {
         let opts = TrainOptions {
             adam: AdamConfig {
                 lr,
                 beta1: a.beta1,
                 beta2: a.beta2,
                 eps: a.eps,
-                weight_decay: a.weight_decay,
+                weight_decay: st.weight_decay,
+                decoupled_weight_decay: st.optimizer == Optimizer::Adamw,
             },
-            batch_size: a.batch_size,
-            epochs: a.epochs,
+            batch_size: st.batch_size,
+            epochs: st.epochs,
             seed: a.seed,
-            loss: a.loss,
+            loss: st.loss,
             freeze_vision: a.freeze_vision,
             freeze_text: a.freeze_text,
-            templates: templates.clone(),
+            templates: st.templates.clone(),
+            train_template: st.train_template.clone(),
             mixed_precision: !a.no_mixed_precision,
             keep_checkpoints: a.keep_checkpoints,
-            augment: a.augment,
+            augment: st.augment,
+            schedule: st.schedule,
+            warmup_epochs: st.warmup_epochs,
+            select: st.select,
+            balanced: st.balanced,
+            monitor_test: st.monitor_test,
         };
-        let dir = if a.lr.len() == 1 {
+        let dir = if st.lr.len() == 1 {
             out.clone()
         } else {
             out.join(format!("lr-{lr:e}"))
         };
-        if a.lr.len() > 1 {
+        if st.lr.len() > 1 {
             eprintln!("learning rate {lr:e} -> {}", dir.display());
         }
         let r = train::run(&opts, &inputs, &dir, a.resume)?;
         eprintln!(
-            "best: epoch {} test top-1 {:.4} ({})",
-            r.state.best_epoch,
-            r.state.best_top1,
+            "model: epoch {} ({}{}); test top-1 {:.4} on {} images ({})",
+            r.test.epoch,
+            match st.select {
+                Select::BestVal => "best validation epoch",
+                Select::Last => "last epoch",
+            },
+            r.state
+                .best_val_top1
+                .map(|v| format!(", validation top-1 {v:.4}"))
+                .unwrap_or_default(),
+            r.test.top1,
+            r.test.images,
             r.best_checkpoint.display()
         );
         curves.push((format!("lr {lr:e}"), r.state.metrics.clone()));
         results.push(r);
     }
-    if a.lr.len() > 1 {
-        write_sweep(&out, &a.lr, &results, &curves)?;
+    if st.lr.len() > 1 {
+        if st.val == 0.0 {
+            eprintln!("note: without --val the learning rate is chosen on the test images");
+        }
+        write_sweep(&out, &st.lr, &results, &curves)?;
     }
     if let Some(dir) = &export_dir {
         let (i, best) = results
             .iter()
             .enumerate()
-            .max_by(|x, y| x.1.state.best_top1.total_cmp(&y.1.state.best_top1))
+            .max_by(|x, y| x.1.score().total_cmp(&y.1.score()))
             .expect("one run at least");
         let training = serde_json::json!({
-            "lr": a.lr[i], "epochs": a.epochs, "batch_size": a.batch_size, "weight_decay": a.weight_decay,
-            "betas": [a.beta1, a.beta2], "eps": a.eps, "loss": a.loss, "seed": a.seed,
-            "best_epoch": best.state.best_epoch, "train_images": train_set.len(), "test_images": test_set.len(),
+            "recipe": a.recipe, "lr": st.lr[i], "lr_schedule": st.schedule.to_string(),
+            "warmup_epochs": st.warmup_epochs, "epochs": st.epochs, "batch_size": st.batch_size,
+            "optimizer": st.optimizer, "weight_decay": st.weight_decay, "betas": [a.beta1, a.beta2],
+            "eps": a.eps, "loss": st.loss, "seed": a.seed, "train_template": st.train_template,
+            "augment": st.augment, "balanced": st.balanced, "val": st.val, "select": st.select,
+            "selected_epoch": best.test.epoch, "train_images": train_set.len(),
+            "val_images": val_set.as_ref().map_or(0, |v| v.len()), "test_images": test_set.len(),
+            "device": format!("{device:?}"),
         });
         let spec = ExportSpec {
             checkpoint: best.best_checkpoint.clone(),
             labels: ds.labels.clone(),
-            templates: templates.clone(),
+            templates: st.templates.clone(),
             precision: a.precision,
             name: bundle_name.clone(),
             description: if a.bundle_description.is_empty() {
@@ -591,8 +836,13 @@ pub fn finetune(a: &FinetuneArgs) -> Result<Vec<train::RunResult>> {
             provenance: runtime::bundle::Provenance {
                 base_weights: export::base_weights(&init),
                 dataset: ds.name.clone(),
+                split: split_spec.clone(),
                 training,
-                metrics: serde_json::json!({"test_top1": best.state.best_top1, "per_epoch": best.state.metrics}),
+                metrics: serde_json::json!({
+                    "test_top1": best.test.top1,
+                    "val_top1": best.state.best_val_top1,
+                    "per_epoch": best.state.metrics,
+                }),
                 license: a.bundle_license.clone(),
                 notes: a.bundle_notes.clone(),
             },
@@ -601,8 +851,8 @@ pub fn finetune(a: &FinetuneArgs) -> Result<Vec<train::RunResult>> {
         eprintln!(
             "exported {} (epoch {}, test top-1 {:.4})",
             b.dir.display(),
-            best.state.best_epoch,
-            best.state.best_top1
+            best.test.epoch,
+            best.test.top1
         );
     }
     Ok(results)
@@ -614,16 +864,35 @@ fn write_sweep(
     results: &[train::RunResult],
     curves: &[(String, Vec<train::EpochMetrics>)],
 ) -> Result<()> {
-    let mut csv = String::from("lr,epoch,train_loss,test_top1,seconds\n");
+    let csv_err = |e: csv::Error| Error::Data(format!("metrics.csv: {e}"));
+    let mut w = csv::Writer::from_writer(Vec::new());
+    w.write_record([
+        "lr",
+        "epoch",
+        "train_loss",
+        "val_top1",
+        "test_top1",
+        "seconds",
+    ])
+    .map_err(csv_err)?;
+    let cell = |v: Option<f64>| v.map(|v| v.to_string()).unwrap_or_default();
     for (lr, r) in lrs.iter().zip(results) {
         for m in &r.state.metrics {
-            csv.push_str(&format!(
-                "{lr:e},{},{},{},{:.3}\n",
-                m.epoch, m.train_loss, m.test_top1, m.seconds
-            ));
+            w.write_record([
+                format!("{lr:e}"),
+                m.epoch.to_string(),
+                m.train_loss.to_string(),
+                cell(m.val_top1),
+                cell(m.test_top1),
+                format!("{:.3}", m.seconds),
+            ])
+            .map_err(csv_err)?;
         }
     }
-    runtime::fsutil::write_atomic(&out.join("metrics.csv"), csv.as_bytes())?;
+    let bytes = w
+        .into_inner()
+        .map_err(|e| Error::Data(format!("metrics.csv: {e}")))?;
+    runtime::fsutil::write_atomic(&out.join("metrics.csv"), &bytes)?;
     // The sweep's root is a run folder too (the output rule recognises runs by run.json).
     runtime::fsutil::write_atomic(
         &out.join("run.json"),
@@ -632,7 +901,7 @@ fn write_sweep(
     let json: Vec<_> = lrs
         .iter()
         .zip(results)
-        .map(|(lr, r)| serde_json::json!({"lr": lr, "best_epoch": r.state.best_epoch, "best_test_top1": r.state.best_top1, "epochs": r.state.metrics}))
+        .map(|(lr, r)| serde_json::json!({"lr": lr, "selected_epoch": r.test.epoch, "val_top1": r.state.best_val_top1, "test_top1": r.test.top1, "epochs": r.state.metrics}))
         .collect();
     runtime::fsutil::write_atomic(
         &out.join("metrics.json"),
@@ -739,4 +1008,71 @@ pub fn predict(a: &PredictArgs) -> Result<bool> {
         );
     }
     Ok(ok)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(extra: &[&str]) -> FinetuneArgs {
+        let mut argv = vec!["trainer", "finetune"];
+        argv.extend_from_slice(extra);
+        match Cli::try_parse_from(argv).expect("parses").command {
+            Command::Finetune(a) => *a,
+            _ => unreachable!(),
+        }
+    }
+
+    #[test]
+    fn reference_recipe_is_the_reference_code() {
+        let st = settings(&args(&["--recipe", "reference"]));
+        assert_eq!(st.lr, vec![2e-6]);
+        assert_eq!(
+            st.schedule,
+            LrSchedule::Step {
+                step_size: 10,
+                gamma: 0.1
+            }
+        );
+        assert_eq!((st.epochs, st.batch_size), (50, 16));
+        assert_eq!(st.weight_decay, 0.001);
+        assert_eq!(st.optimizer, Optimizer::Adam);
+        assert_eq!(st.loss, LossKind::Contrastive);
+        assert_eq!(st.train_template, "{}");
+        assert_eq!(st.templates, vec!["a X-Ray image of {} part".to_string()]);
+        assert_eq!((st.val, st.select), (0.0, Select::Last));
+        assert!(st.monitor_test);
+        assert_eq!(st.split, Some(Split::Reference));
+        // Explicit options win over the recipe.
+        let st = settings(&args(&[
+            "--recipe",
+            "reference",
+            "--lr",
+            "1e-6,1.5e-6",
+            "--epochs",
+            "3",
+        ]));
+        assert_eq!((st.lr, st.epochs), (vec![1e-6, 1.5e-6], 3));
+    }
+
+    #[test]
+    fn defaults_choose_on_validation_rows() {
+        let st = settings(&args(&[]));
+        assert_eq!((st.val, st.select), (0.1, Select::BestVal));
+        assert!(!st.monitor_test);
+        let st = settings(&args(&["--val", "0"]));
+        assert_eq!(st.select, Select::Last);
+        let st = settings(&args(&["--recipe", "scratch"]));
+        assert_eq!(
+            (st.loss, st.optimizer, st.augment, st.schedule),
+            (
+                LossKind::ClassAware,
+                Optimizer::Adamw,
+                Augment::Full,
+                LrSchedule::Cosine
+            )
+        );
+        assert_eq!(st.epochs, SCRATCH_EPOCHS);
+        assert_eq!(settings(&args(&["--augment"])).augment, Augment::Intensity);
+    }
 }

@@ -16,6 +16,11 @@ pub struct VisionConfig {
     pub num_attention_heads: i64,
     pub layer_norm_eps: f64,
     pub hidden_act: String,
+    /// Set: OpenAI CLIP's ModifiedResNet image tower (the RN50 family) with these bottleneck blocks
+    /// per stage, `hidden_size` the stem width (64 for RN50) and `num_attention_heads` the heads of
+    /// its attention pooling; `patch_size` and `intermediate_size` are unused. Absent: a ViT.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub resnet_layers: Option<Vec<i64>>,
 }
 
 impl Default for VisionConfig {
@@ -29,6 +34,7 @@ impl Default for VisionConfig {
             num_attention_heads: 12,
             layer_norm_eps: 1e-5,
             hidden_act: "quick_gelu".into(),
+            resnet_layers: None,
         }
     }
 }
@@ -84,11 +90,58 @@ impl Default for ClipConfig {
 }
 
 impl ClipConfig {
-    /// `vit-b-32` (default), `vit-b-16`, `vit-l-14`, `tiny` (tests), `small` (the demo bundle).
+    /// `vit-b-32` (default), `vit-b-16`, `vit-l-14`, `rn50` (OpenAI's ResNet-50 CLIP), `tiny`
+    /// (tests), `small` (the demo bundle), `rn-small` (a 1.9 M-parameter ResNet tower at 160 px,
+    /// the UNIFESP recipe from random weights), `rn-tiny` (tests).
     pub fn preset(name: &str) -> Option<ClipConfig> {
         let mut c = ClipConfig::default();
+        let small_text = TextConfig {
+            hidden_size: 128,
+            intermediate_size: 512,
+            num_hidden_layers: 2,
+            num_attention_heads: 2,
+            ..TextConfig::default()
+        };
+        let tiny_text = TextConfig {
+            hidden_size: 16,
+            intermediate_size: 32,
+            num_hidden_layers: 2,
+            num_attention_heads: 2,
+            ..TextConfig::default()
+        };
         match name {
             "vit-b-32" | "ViT-B/32" => {}
+            "rn50" | "RN50" => {
+                c.vision_config = VisionConfig {
+                    hidden_size: 64,
+                    num_attention_heads: 32,
+                    resnet_layers: Some(vec![3, 4, 6, 3]),
+                    ..VisionConfig::default()
+                };
+                c.projection_dim = 1024;
+            }
+            "rn-small" => {
+                c.vision_config = VisionConfig {
+                    image_size: 160,
+                    hidden_size: 16,
+                    num_attention_heads: 8,
+                    resnet_layers: Some(vec![2, 2, 2, 2]),
+                    ..VisionConfig::default()
+                };
+                c.text_config = small_text;
+                c.projection_dim = 128;
+            }
+            "rn-tiny" => {
+                c.vision_config = VisionConfig {
+                    image_size: 64,
+                    hidden_size: 8,
+                    num_attention_heads: 4,
+                    resnet_layers: Some(vec![1, 1, 1, 1]),
+                    ..VisionConfig::default()
+                };
+                c.text_config = tiny_text.clone();
+                c.projection_dim = 16;
+            }
             "vit-b-16" | "ViT-B/16" => c.vision_config.patch_size = 16,
             "vit-l-14" | "ViT-L/14" => {
                 c.vision_config = VisionConfig {
@@ -112,13 +165,7 @@ impl ClipConfig {
                     num_attention_heads: 2,
                     ..VisionConfig::default()
                 };
-                c.text_config = TextConfig {
-                    hidden_size: 16,
-                    intermediate_size: 32,
-                    num_hidden_layers: 2,
-                    num_attention_heads: 2,
-                    ..TextConfig::default()
-                };
+                c.text_config = tiny_text.clone();
                 c.projection_dim = 16;
             }
             "small" => {
@@ -129,13 +176,7 @@ impl ClipConfig {
                     num_attention_heads: 3,
                     ..VisionConfig::default()
                 };
-                c.text_config = TextConfig {
-                    hidden_size: 128,
-                    intermediate_size: 512,
-                    num_hidden_layers: 2,
-                    num_attention_heads: 2,
-                    ..TextConfig::default()
-                };
+                c.text_config = small_text;
                 c.projection_dim = 128;
             }
             _ => return None,
@@ -164,13 +205,30 @@ impl ClipConfig {
         if positive.iter().any(|&x| x <= 0) {
             return Err("every size in the configuration must be positive".into());
         }
-        if v.image_size % v.patch_size != 0 {
+        if let Some(layers) = &v.resnet_layers {
+            if layers.len() != 4 || layers.iter().any(|&n| n <= 0) {
+                return Err("resnet_layers must be four positive block counts".into());
+            }
+            if v.image_size % 32 != 0 {
+                return Err(format!(
+                    "image size {} of a ResNet tower is not a multiple of 32",
+                    v.image_size
+                ));
+            }
+            if v.hidden_size % 2 != 0 || (v.hidden_size * 32) % v.num_attention_heads != 0 {
+                return Err(format!(
+                    "ResNet width {} does not fit {} attention-pool heads",
+                    v.hidden_size, v.num_attention_heads
+                ));
+            }
+        } else if v.image_size % v.patch_size != 0 {
             return Err(format!(
                 "image size {} is not a multiple of patch size {}",
                 v.image_size, v.patch_size
             ));
         }
-        if v.hidden_size % v.num_attention_heads != 0 || t.hidden_size % t.num_attention_heads != 0
+        if (v.resnet_layers.is_none() && v.hidden_size % v.num_attention_heads != 0)
+            || t.hidden_size % t.num_attention_heads != 0
         {
             return Err("hidden size must be a multiple of the number of heads".into());
         }
@@ -278,6 +336,205 @@ fn encoder(
         .collect()
 }
 
+fn conv(p: nn::Path, cin: i64, cout: i64, k: i64, stride: i64) -> nn::Conv2D {
+    nn::conv2d(
+        p,
+        cin,
+        cout,
+        k,
+        nn::ConvConfig {
+            stride,
+            padding: k / 2,
+            bias: false,
+            ..Default::default()
+        },
+    )
+}
+
+fn batch_norm(p: nn::Path, c: i64) -> nn::BatchNorm {
+    nn::batch_norm2d(p, c, Default::default())
+}
+
+/// OpenAI's ResNet bottleneck: all convolutions stride 1, an average pool before the third when
+/// the block downsamples (anti-aliased strided convolution), and an avgpool-conv-bn shortcut.
+struct Bottleneck {
+    conv1: nn::Conv2D,
+    bn1: nn::BatchNorm,
+    conv2: nn::Conv2D,
+    bn2: nn::BatchNorm,
+    conv3: nn::Conv2D,
+    bn3: nn::BatchNorm,
+    stride: i64,
+    downsample: Option<(nn::Conv2D, nn::BatchNorm)>,
+}
+
+impl Bottleneck {
+    fn new(p: nn::Path, inplanes: i64, planes: i64, stride: i64) -> Bottleneck {
+        // Zero-initialised last norm: each residual block starts as the identity (as CLIP's init).
+        let bn3 = nn::batch_norm2d(
+            &p / "bn3",
+            planes * 4,
+            nn::BatchNormConfig {
+                ws_init: nn::Init::Const(0.0),
+                ..Default::default()
+            },
+        );
+        Bottleneck {
+            conv1: conv(&p / "conv1", inplanes, planes, 1, 1),
+            bn1: batch_norm(&p / "bn1", planes),
+            conv2: conv(&p / "conv2", planes, planes, 3, 1),
+            bn2: batch_norm(&p / "bn2", planes),
+            conv3: conv(&p / "conv3", planes, planes * 4, 1, 1),
+            bn3,
+            stride,
+            downsample: (stride > 1 || inplanes != planes * 4).then(|| {
+                (
+                    conv(&p / "downsample" / "0", inplanes, planes * 4, 1, 1),
+                    batch_norm(&p / "downsample" / "1", planes * 4),
+                )
+            }),
+        }
+    }
+
+    fn forward_t(&self, x: &Tensor, train: bool) -> Tensor {
+        let s = self.stride;
+        let pool = |t: Tensor| {
+            if s > 1 {
+                t.avg_pool2d([s, s], [s, s], [0, 0], false, true, None::<i64>)
+            } else {
+                t
+            }
+        };
+        let out = x.apply(&self.conv1).apply_t(&self.bn1, train).relu();
+        let out = out.apply(&self.conv2).apply_t(&self.bn2, train).relu();
+        let out = pool(out).apply(&self.conv3).apply_t(&self.bn3, train);
+        let identity = match &self.downsample {
+            Some((c, bn)) => pool(x.shallow_clone()).apply(c).apply_t(bn, train),
+            None => x.shallow_clone(),
+        };
+        (out + identity).relu()
+    }
+}
+
+/// OpenAI CLIP's `AttentionPool2d`: the mean token prepended, positional embeddings added, one
+/// multi-head attention whose query is the mean token; `c_proj` is the image projection.
+struct AttentionPool {
+    positional_embedding: Tensor,
+    q: nn::Linear,
+    k: nn::Linear,
+    v: nn::Linear,
+    c: nn::Linear,
+    heads: i64,
+}
+
+/// OpenAI CLIP's `ModifiedResNet` (parameter names as OpenAI's and open_clip's `visual.*`).
+pub struct ResNetTower {
+    stem: Vec<(nn::Conv2D, nn::BatchNorm)>,
+    stages: Vec<Vec<Bottleneck>>,
+    pool: AttentionPool,
+}
+
+impl ResNetTower {
+    fn new(p: nn::Path, v: &VisionConfig, layers: &[i64], output_dim: i64) -> ResNetTower {
+        let w = v.hidden_size;
+        let stem = vec![
+            (
+                conv(&p / "conv1", 3, w / 2, 3, 2),
+                batch_norm(&p / "bn1", w / 2),
+            ),
+            (
+                conv(&p / "conv2", w / 2, w / 2, 3, 1),
+                batch_norm(&p / "bn2", w / 2),
+            ),
+            (
+                conv(&p / "conv3", w / 2, w, 3, 1),
+                batch_norm(&p / "bn3", w),
+            ),
+        ];
+        let mut inplanes = w;
+        let stages = layers
+            .iter()
+            .enumerate()
+            .map(|(i, &n)| {
+                let planes = w << i;
+                let sp = &p / format!("layer{}", i + 1);
+                (0..n)
+                    .map(|j| {
+                        let stride = if i > 0 && j == 0 { 2 } else { 1 };
+                        let b = Bottleneck::new(&sp / j, inplanes, planes, stride);
+                        inplanes = planes * 4;
+                        b
+                    })
+                    .collect()
+            })
+            .collect();
+        let dim = w * 32;
+        let grid = v.image_size / 32;
+        let ap = &p / "attnpool";
+        let std = (dim as f64).powf(-0.5);
+        let init = nn::LinearConfig {
+            ws_init: nn::Init::Randn {
+                mean: 0.0,
+                stdev: std,
+            },
+            ..Default::default()
+        };
+        let pool = AttentionPool {
+            positional_embedding: ap.var(
+                "positional_embedding",
+                &[grid * grid + 1, dim],
+                nn::Init::Randn {
+                    mean: 0.0,
+                    stdev: std,
+                },
+            ),
+            q: nn::linear(&ap / "q_proj", dim, dim, init),
+            k: nn::linear(&ap / "k_proj", dim, dim, init),
+            v: nn::linear(&ap / "v_proj", dim, dim, init),
+            c: nn::linear(&ap / "c_proj", dim, output_dim, init),
+            heads: v.num_attention_heads,
+        };
+        ResNetTower { stem, stages, pool }
+    }
+
+    fn forward_t(&self, pixels: &Tensor, train: bool) -> Tensor {
+        let mut x = pixels.shallow_clone();
+        for (c, bn) in &self.stem {
+            x = x.apply(c).apply_t(bn, train).relu();
+        }
+        x = x.avg_pool2d([2, 2], [2, 2], [0, 0], false, true, None::<i64>);
+        for stage in &self.stages {
+            for block in stage {
+                x = block.forward_t(&x, train);
+            }
+        }
+        let p = &self.pool;
+        let (b, c) = (x.size()[0], x.size()[1]);
+        let x = x.flatten(2, 3).transpose(1, 2); // [b, hw, c]
+        let kind = x.kind();
+        let x = Tensor::cat(&[x.mean_dim([1i64].as_slice(), true, None), x], 1)
+            + p.positional_embedding.to_kind(kind);
+        let hd = c / p.heads;
+        let q = x
+            .narrow(1, 0, 1)
+            .apply(&p.q)
+            .view([b, 1, p.heads, hd])
+            .transpose(1, 2);
+        let split = |t: Tensor| t.view([b, -1, p.heads, hd]).transpose(1, 2);
+        let (k, v) = (split(x.apply(&p.k)), split(x.apply(&p.v)));
+        let y = Tensor::scaled_dot_product_attention::<Tensor>(
+            &q, &k, &v, None, 0.0, false, None, false,
+        );
+        y.transpose(1, 2).reshape([b, c]).apply(&p.c)
+    }
+}
+
+/// The image tower: a ViT (HF names, `vision_model.*`) or a ModifiedResNet (`visual.*`).
+pub enum ImageTower {
+    Vit(Box<VisionTower>),
+    ResNet(ResNetTower),
+}
+
 pub struct VisionTower {
     class_embedding: Tensor,
     patch_embedding: nn::Conv2D,
@@ -299,7 +556,7 @@ pub struct TextTower {
 /// The CLIP model. Variables live in the `VarStore` it was built on.
 pub struct Clip {
     pub config: ClipConfig,
-    pub vision: VisionTower,
+    pub vision: ImageTower,
     pub text: TextTower,
     pub logit_scale: Tensor,
 }
@@ -322,53 +579,62 @@ impl Clip {
             bias: false,
             ..Default::default()
         };
-        let vision = VisionTower {
-            class_embedding: (&vp / "embeddings").var(
-                "class_embedding",
-                &[v.hidden_size],
-                std((v.hidden_size as f64).powf(-0.5)),
-            ),
-            patch_embedding: nn::conv2d(
-                &vp / "embeddings" / "patch_embedding",
-                3,
-                v.hidden_size,
-                v.patch_size,
-                nn::ConvConfig {
-                    stride: v.patch_size,
-                    bias: false,
-                    ..Default::default()
-                },
-            ),
-            position_embedding: (&vp / "embeddings" / "position_embedding").var(
-                "weight",
-                &[grid * grid + 1, v.hidden_size],
-                std(0.02),
-            ),
-            pre_ln: nn::layer_norm(
-                &vp / "pre_layrnorm",
-                vec![v.hidden_size],
-                ln(v.layer_norm_eps),
-            ),
-            layers: encoder(
-                &vp / "encoder",
-                v.num_hidden_layers,
-                v.hidden_size,
-                v.intermediate_size,
-                v.num_attention_heads,
-                v.layer_norm_eps,
-                &v.hidden_act,
-            ),
-            post_ln: nn::layer_norm(
-                &vp / "post_layernorm",
-                vec![v.hidden_size],
-                ln(v.layer_norm_eps),
-            ),
-            projection: nn::linear(
-                root / "visual_projection",
-                v.hidden_size,
+        let vision = if let Some(layers) = &v.resnet_layers {
+            ImageTower::ResNet(ResNetTower::new(
+                root / "visual",
+                v,
+                layers,
                 config.projection_dim,
-                no_bias,
-            ),
+            ))
+        } else {
+            ImageTower::Vit(Box::new(VisionTower {
+                class_embedding: (&vp / "embeddings").var(
+                    "class_embedding",
+                    &[v.hidden_size],
+                    std((v.hidden_size as f64).powf(-0.5)),
+                ),
+                patch_embedding: nn::conv2d(
+                    &vp / "embeddings" / "patch_embedding",
+                    3,
+                    v.hidden_size,
+                    v.patch_size,
+                    nn::ConvConfig {
+                        stride: v.patch_size,
+                        bias: false,
+                        ..Default::default()
+                    },
+                ),
+                position_embedding: (&vp / "embeddings" / "position_embedding").var(
+                    "weight",
+                    &[grid * grid + 1, v.hidden_size],
+                    std(0.02),
+                ),
+                pre_ln: nn::layer_norm(
+                    &vp / "pre_layrnorm",
+                    vec![v.hidden_size],
+                    ln(v.layer_norm_eps),
+                ),
+                layers: encoder(
+                    &vp / "encoder",
+                    v.num_hidden_layers,
+                    v.hidden_size,
+                    v.intermediate_size,
+                    v.num_attention_heads,
+                    v.layer_norm_eps,
+                    &v.hidden_act,
+                ),
+                post_ln: nn::layer_norm(
+                    &vp / "post_layernorm",
+                    vec![v.hidden_size],
+                    ln(v.layer_norm_eps),
+                ),
+                projection: nn::linear(
+                    root / "visual_projection",
+                    v.hidden_size,
+                    config.projection_dim,
+                    no_bias,
+                ),
+            }))
         };
         let tp = root / "text_model";
         let text = TextTower {
@@ -420,9 +686,18 @@ impl Clip {
         }
     }
 
-    /// Projected image embeddings (not normalised) of `[batch, 3, S, S]` pixels.
+    /// Projected image embeddings (not normalised) of `[batch, 3, S, S]` pixels, in inference mode.
     pub fn image_features(&self, pixels: &Tensor) -> Tensor {
-        let v = &self.vision;
+        self.image_features_t(pixels, false)
+    }
+
+    /// As [`image_features`](Self::image_features); `train` makes batch norms use and update batch
+    /// statistics (ResNet towers; a ViT has none).
+    pub fn image_features_t(&self, pixels: &Tensor, train: bool) -> Tensor {
+        let v = match &self.vision {
+            ImageTower::Vit(v) => v,
+            ImageTower::ResNet(r) => return r.forward_t(pixels, train),
+        };
         let x = pixels
             .apply(&v.patch_embedding)
             .flatten(2, 3)
@@ -470,7 +745,19 @@ pub fn normalize(x: &Tensor) -> Tensor {
     x / x.norm_scalaropt_dim(2, [-1], true)
 }
 
-/// Parameter names that HF checkpoints may carry but that are buffers, not weights.
+/// Parameter names that HF and open_clip checkpoints may carry but that are buffers, not weights.
 pub fn is_ignored_buffer(name: &str) -> bool {
-    name.ends_with("embeddings.position_ids")
+    name.ends_with("embeddings.position_ids") || name.ends_with("num_batches_tracked")
+}
+
+/// Batch-norm running statistics: state, not trained.
+pub fn is_running_stat(name: &str) -> bool {
+    name.ends_with("running_mean") || name.ends_with("running_var")
+}
+
+/// Whether a variable belongs to the image side (tower and projection).
+pub fn is_vision_variable(name: &str) -> bool {
+    name.starts_with("vision_model.")
+        || name.starts_with("visual_projection.")
+        || name.starts_with("visual.")
 }

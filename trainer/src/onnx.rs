@@ -390,6 +390,173 @@ fn named_weights(vs: &tch::nn::VarStore) -> std::collections::HashMap<String, Te
         .collect()
 }
 
+impl Builder<'_> {
+    /// Convolution (no bias) followed by inference-mode batch norm, folded into one Conv:
+    /// w' = w g / sqrt(var + eps), b' = beta - mean g / sqrt(var + eps).
+    fn conv_bn(
+        &mut self,
+        x: &str,
+        conv: &str,
+        bn: &str,
+        stride: i64,
+        relu: bool,
+    ) -> Result<String> {
+        let get = |name: String| -> Result<Tensor> {
+            self.weights
+                .get(&name)
+                .map(|t| t.to_kind(Kind::Double))
+                .ok_or_else(|| Error::Config(format!("model has no {name}")))
+        };
+        let w = get(format!("{conv}.weight"))?;
+        let gamma = get(format!("{bn}.weight"))?;
+        let beta = get(format!("{bn}.bias"))?;
+        let mean = get(format!("{bn}.running_mean"))?;
+        let var = get(format!("{bn}.running_var"))?;
+        let factor = gamma / (var + BATCH_NORM_EPS).sqrt();
+        let k = w.size()[2];
+        let folded_w = &w * factor.view([-1, 1, 1, 1]);
+        let folded_b = beta - mean * &factor;
+        let w = self.float_init(&format!("{conv}.folded_weight"), &folded_w)?;
+        let b = self.float_init(&format!("{conv}.folded_bias"), &folded_b)?;
+        let y = self.node(
+            "Conv",
+            &[x, &w, &b],
+            vec![
+                attr_ints("kernel_shape", &[k, k]),
+                attr_ints("strides", &[stride, stride]),
+                attr_ints("pads", &[k / 2, k / 2, k / 2, k / 2]),
+            ],
+            "conv",
+        );
+        Ok(if relu {
+            self.node("Relu", &[&y], vec![], "relu")
+        } else {
+            y
+        })
+    }
+
+    fn avg_pool(&mut self, x: &str, k: i64) -> String {
+        self.node(
+            "AveragePool",
+            &[x],
+            vec![
+                attr_ints("kernel_shape", &[k, k]),
+                attr_ints("strides", &[k, k]),
+            ],
+            "avgpool",
+        )
+    }
+
+    /// OpenAI's ModifiedResNet (see `model::ResNetTower`), batch norms folded.
+    fn resnet(
+        &mut self,
+        x: &str,
+        v: &crate::model::VisionConfig,
+        layers: &[i64],
+    ) -> Result<String> {
+        let mut x = self.conv_bn(x, "visual.conv1", "visual.bn1", 2, true)?;
+        x = self.conv_bn(&x, "visual.conv2", "visual.bn2", 1, true)?;
+        x = self.conv_bn(&x, "visual.conv3", "visual.bn3", 1, true)?;
+        x = self.avg_pool(&x, 2);
+        for (i, &n) in layers.iter().enumerate() {
+            for j in 0..n {
+                let p = format!("visual.layer{}.{j}", i + 1);
+                let stride = if i > 0 && j == 0 { 2 } else { 1 };
+                let mut out =
+                    self.conv_bn(&x, &format!("{p}.conv1"), &format!("{p}.bn1"), 1, true)?;
+                out = self.conv_bn(&out, &format!("{p}.conv2"), &format!("{p}.bn2"), 1, true)?;
+                if stride > 1 {
+                    out = self.avg_pool(&out, stride);
+                }
+                out = self.conv_bn(&out, &format!("{p}.conv3"), &format!("{p}.bn3"), 1, false)?;
+                let identity = if self
+                    .weights
+                    .contains_key(&format!("{p}.downsample.0.weight"))
+                {
+                    let pooled = if stride > 1 {
+                        self.avg_pool(&x, stride)
+                    } else {
+                        x.clone()
+                    };
+                    self.conv_bn(
+                        &pooled,
+                        &format!("{p}.downsample.0"),
+                        &format!("{p}.downsample.1"),
+                        1,
+                        false,
+                    )?
+                } else {
+                    x.clone()
+                };
+                let sum = self.node("Add", &[&out, &identity], vec![], "res");
+                x = self.node("Relu", &[&sum], vec![], "relu");
+            }
+        }
+        // Attention pooling: tokens [b, hw, c], the mean token first, positions added; the mean
+        // token is the only query.
+        let dim = v.hidden_size * 32;
+        let heads = v.num_attention_heads;
+        let hd = dim / heads;
+        let flat = self.i64_const("flat_shape", &[0, dim, -1]);
+        let t = self.node("Reshape", &[&x, &flat], vec![], "tokens");
+        let t = self.node(
+            "Transpose",
+            &[&t],
+            vec![attr_ints("perm", &[0, 2, 1])],
+            "tokens",
+        );
+        let axis1 = self.i64_const("axis1", &[1]);
+        // Opset 17: ReduceMean takes its axes as an attribute.
+        let mean = self.node(
+            "ReduceMean",
+            &[&t],
+            vec![attr_ints("axes", &[1]), attr_int("keepdims", 1)],
+            "mean",
+        );
+        let t = self.node("Concat", &[&mean, &t], vec![attr_int("axis", 1)], "tokens");
+        let pos = self.weight("visual.attnpool.positional_embedding")?;
+        let t = self.node("Add", &[&t, &pos], vec![], "tokens");
+        let zero = self.i64_const("zero", &[0]);
+        let one = self.i64_const("one", &[1]);
+        let first = self.node("Slice", &[&t, &zero, &one, &axis1], vec![], "query_token");
+        let scale = (hd as f64).powf(-0.5);
+        let q = self.linear(&first, "visual.attnpool.q_proj", scale)?;
+        let k = self.linear(&t, "visual.attnpool.k_proj", 1.0)?;
+        let vv = self.linear(&t, "visual.attnpool.v_proj", 1.0)?;
+        let split = self.i64_const("split_shape", &[0, 0, heads, hd]);
+        let q = self.node("Reshape", &[&q, &split], vec![], "q");
+        let q = self.node(
+            "Transpose",
+            &[&q],
+            vec![attr_ints("perm", &[0, 2, 1, 3])],
+            "q",
+        );
+        let k = self.node("Reshape", &[&k, &split], vec![], "k");
+        let k = self.node(
+            "Transpose",
+            &[&k],
+            vec![attr_ints("perm", &[0, 2, 3, 1])],
+            "k",
+        );
+        let vv = self.node("Reshape", &[&vv, &split], vec![], "v");
+        let vv = self.node(
+            "Transpose",
+            &[&vv],
+            vec![attr_ints("perm", &[0, 2, 1, 3])],
+            "v",
+        );
+        let s = self.node("MatMul", &[&q, &k], vec![], "scores");
+        let p = self.node("Softmax", &[&s], vec![attr_int("axis", -1)], "attn");
+        let o = self.node("MatMul", &[&p, &vv], vec![], "ctx");
+        let merge = self.i64_const("merge_shape", &[-1, dim]);
+        let o = self.node("Reshape", &[&o, &merge], vec![], "ctx");
+        self.linear(&o, "visual.attnpool.c_proj", 1.0)
+    }
+}
+
+/// libtorch's (and PyTorch's) default batch-norm epsilon, which the tch model uses.
+const BATCH_NORM_EPS: f64 = 1e-5;
+
 /// The image encoder as an ONNX model (serialised).
 pub fn image_encoder(
     vs: &tch::nn::VarStore,
@@ -400,68 +567,10 @@ pub fn image_encoder(
     let v = &config.vision_config;
     let mut b = Builder::new(&weights, precision);
     let x = b.cast_to_compute(IMAGE_INPUT);
-    let w = b.weight("vision_model.embeddings.patch_embedding.weight")?;
-    let x = b.node(
-        "Conv",
-        &[&x, &w],
-        vec![
-            attr_ints("kernel_shape", &[v.patch_size, v.patch_size]),
-            attr_ints("strides", &[v.patch_size, v.patch_size]),
-        ],
-        "patches",
-    );
-    let flat = b.i64_const("flat_shape", &[0, v.hidden_size, -1]);
-    let x = b.node("Reshape", &[&x, &flat], vec![], "patches");
-    let x = b.node(
-        "Transpose",
-        &[&x],
-        vec![attr_ints("perm", &[0, 2, 1])],
-        "tokens",
-    );
-    // Class token broadcast to the batch: Expand to [batch, 1, D], batch read from the input's shape.
-    let cls_t = weights
-        .get("vision_model.embeddings.class_embedding")
-        .ok_or_else(|| Error::Config("model has no class embedding".into()))?
-        .reshape([1, 1, v.hidden_size]);
-    let cls = b.float_init("vision_model.embeddings.class_embedding.1x1xD", &cls_t)?;
-    let shape = b.node("Shape", &[&x], vec![], "shape");
-    let zero = b.i64_const("zero", &[0]);
-    let one = b.i64_const("one", &[1]);
-    let batch = b.node("Slice", &[&shape, &zero, &one], vec![], "batch");
-    let rest = b.i64_const("one_by_d", &[1, v.hidden_size]);
-    let target = b.node(
-        "Concat",
-        &[&batch, &rest],
-        vec![attr_int("axis", 0)],
-        "cls_shape",
-    );
-    let cls = b.node("Expand", &[&cls, &target], vec![], "cls");
-    let x = b.node("Concat", &[&cls, &x], vec![attr_int("axis", 1)], "tokens");
-    let pos = b.weight("vision_model.embeddings.position_embedding.weight")?;
-    let mut x = b.node("Add", &[&x, &pos], vec![], "embedded");
-    x = b.layer_norm(&x, "vision_model.pre_layrnorm", v.layer_norm_eps)?;
-    for i in 0..v.num_hidden_layers {
-        x = b.block(
-            &x,
-            &format!("vision_model.encoder.layers.{i}"),
-            v.hidden_size,
-            v.num_attention_heads,
-            v.layer_norm_eps,
-            &v.hidden_act,
-            None,
-        )?;
-    }
-    let first = b.i64_const("first", &[0]);
-    let pooled = b.node(
-        "Gather",
-        &[&x, &first],
-        vec![attr_int("axis", 1)],
-        "cls_out",
-    );
-    let squeeze_axes = b.i64_const("axis1", &[1]);
-    let pooled = b.node("Squeeze", &[&pooled, &squeeze_axes], vec![], "cls_out");
-    let pooled = b.layer_norm(&pooled, "vision_model.post_layernorm", v.layer_norm_eps)?;
-    let out = b.linear(&pooled, "visual_projection", 1.0)?;
+    let out = match &v.resnet_layers {
+        Some(layers) => b.resnet(&x, v, layers)?,
+        None => b.vit(&x, v)?,
+    };
     let out = b.cast_to_f32(&out);
     let s = v.image_size;
     let model = b.finish(
@@ -479,6 +588,76 @@ pub fn image_encoder(
         ),
     );
     Ok(model.encode_to_vec())
+}
+
+impl Builder<'_> {
+    /// The ViT image tower (HF names) up to the projected class token.
+    fn vit(&mut self, x: &str, v: &crate::model::VisionConfig) -> Result<String> {
+        let b = self;
+        let w = b.weight("vision_model.embeddings.patch_embedding.weight")?;
+        let x = b.node(
+            "Conv",
+            &[x, &w],
+            vec![
+                attr_ints("kernel_shape", &[v.patch_size, v.patch_size]),
+                attr_ints("strides", &[v.patch_size, v.patch_size]),
+            ],
+            "patches",
+        );
+        let flat = b.i64_const("flat_shape", &[0, v.hidden_size, -1]);
+        let x = b.node("Reshape", &[&x, &flat], vec![], "patches");
+        let x = b.node(
+            "Transpose",
+            &[&x],
+            vec![attr_ints("perm", &[0, 2, 1])],
+            "tokens",
+        );
+        // Class token broadcast to the batch: Expand to [batch, 1, D], batch read from the input's shape.
+        let cls_t = b
+            .weights
+            .get("vision_model.embeddings.class_embedding")
+            .ok_or_else(|| Error::Config("model has no class embedding".into()))?
+            .reshape([1, 1, v.hidden_size]);
+        let cls = b.float_init("vision_model.embeddings.class_embedding.1x1xD", &cls_t)?;
+        let shape = b.node("Shape", &[&x], vec![], "shape");
+        let zero = b.i64_const("zero", &[0]);
+        let one = b.i64_const("one", &[1]);
+        let batch = b.node("Slice", &[&shape, &zero, &one], vec![], "batch");
+        let rest = b.i64_const("one_by_d", &[1, v.hidden_size]);
+        let target = b.node(
+            "Concat",
+            &[&batch, &rest],
+            vec![attr_int("axis", 0)],
+            "cls_shape",
+        );
+        let cls = b.node("Expand", &[&cls, &target], vec![], "cls");
+        let x = b.node("Concat", &[&cls, &x], vec![attr_int("axis", 1)], "tokens");
+        let pos = b.weight("vision_model.embeddings.position_embedding.weight")?;
+        let mut x = b.node("Add", &[&x, &pos], vec![], "embedded");
+        x = b.layer_norm(&x, "vision_model.pre_layrnorm", v.layer_norm_eps)?;
+        for i in 0..v.num_hidden_layers {
+            x = b.block(
+                &x,
+                &format!("vision_model.encoder.layers.{i}"),
+                v.hidden_size,
+                v.num_attention_heads,
+                v.layer_norm_eps,
+                &v.hidden_act,
+                None,
+            )?;
+        }
+        let first = b.i64_const("first", &[0]);
+        let pooled = b.node(
+            "Gather",
+            &[&x, &first],
+            vec![attr_int("axis", 1)],
+            "cls_out",
+        );
+        let squeeze_axes = b.i64_const("axis1", &[1]);
+        let pooled = b.node("Squeeze", &[&pooled, &squeeze_axes], vec![], "cls_out");
+        let pooled = b.layer_norm(&pooled, "vision_model.post_layernorm", v.layer_norm_eps)?;
+        b.linear(&pooled, "visual_projection", 1.0)
+    }
 }
 
 /// The text encoder as an ONNX model (serialised), with a dynamic sequence length.

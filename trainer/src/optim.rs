@@ -15,6 +15,9 @@ pub struct AdamConfig {
     pub beta2: f64,
     pub eps: f64,
     pub weight_decay: f64,
+    /// AdamW: weight decay applied to the weights (p <- p (1 - lr wd)), not added to the gradient.
+    #[serde(default)]
+    pub decoupled_weight_decay: bool,
 }
 
 impl Default for AdamConfig {
@@ -26,6 +29,7 @@ impl Default for AdamConfig {
             beta2: 0.98,
             eps: 1e-6,
             weight_decay: 0.001,
+            decoupled_weight_decay: false,
         }
     }
 }
@@ -157,7 +161,9 @@ impl Adam {
                     if inv_scale != 1.0 {
                         g = &g * inv_scale;
                     }
-                    if c.weight_decay != 0.0 {
+                    if c.weight_decay != 0.0 && c.decoupled_weight_decay {
+                        let _ = p.g_mul_scalar_(1.0 - c.lr * c.weight_decay);
+                    } else if c.weight_decay != 0.0 {
                         g = &g + &p * c.weight_decay;
                     }
                     // As torch.optim.Adam: m <- lerp(m, g, 1 - b1); v <- b2 v + (1 - b2) g^2;
@@ -254,6 +260,91 @@ impl LossScaler {
         if self.good_steps == 2000 {
             self.scale *= 2.0;
             self.good_steps = 0;
+        }
+    }
+}
+
+/// Learning rate over a run: a base schedule and an optional linear warm-up.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case", tag = "kind")]
+pub enum LrSchedule {
+    /// The base rate throughout.
+    Constant,
+    /// `torch.optim.lr_scheduler.StepLR(step_size, gamma)` stepped at the start of every epoch, as
+    /// the reference experiment did: during epoch e (from 1) the rate is base x gamma^(e / step_size)
+    /// (integer division), so the first step_size - 1 epochs run at the full rate.
+    Step { step_size: usize, gamma: f64 },
+    /// Cosine decay from the base rate to 0 over the steps after the warm-up, per step.
+    Cosine,
+}
+
+impl std::str::FromStr for LrSchedule {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        let bad = || {
+            format!("unknown schedule {s:?} (constant, cosine, step or step:STEP_SIZE:GAMMA, e.g. step:10:0.1)")
+        };
+        match s.split(':').collect::<Vec<_>>().as_slice() {
+            ["constant"] => Ok(LrSchedule::Constant),
+            ["cosine"] => Ok(LrSchedule::Cosine),
+            ["step"] => Ok(LrSchedule::Step {
+                step_size: 10,
+                gamma: 0.1,
+            }),
+            ["step", size, gamma] => {
+                let step_size: usize = size.parse().map_err(|_| bad())?;
+                let gamma: f64 = gamma.parse().map_err(|_| bad())?;
+                if step_size == 0 || !(gamma.is_finite() && gamma > 0.0) {
+                    return Err(format!(
+                        "{s:?}: the step size must be positive and gamma a positive number"
+                    ));
+                }
+                Ok(LrSchedule::Step { step_size, gamma })
+            }
+            _ => Err(bad()),
+        }
+    }
+}
+
+impl std::fmt::Display for LrSchedule {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            LrSchedule::Constant => write!(f, "constant"),
+            LrSchedule::Cosine => write!(f, "cosine"),
+            LrSchedule::Step { step_size, gamma } => write!(f, "step:{step_size}:{gamma}"),
+        }
+    }
+}
+
+impl LrSchedule {
+    /// The rate of optimizer step `step` (from 0) of a run of `epochs` x `steps_per_epoch` steps,
+    /// the first `warmup_epochs` of them ramping linearly up to the schedule's rate.
+    pub fn lr(
+        &self,
+        base: f64,
+        step: usize,
+        steps_per_epoch: usize,
+        epochs: usize,
+        warmup_epochs: usize,
+    ) -> f64 {
+        let spe = steps_per_epoch.max(1);
+        let total = (spe * epochs).max(1);
+        let warm = (spe * warmup_epochs).min(total);
+        let scheduled = match *self {
+            LrSchedule::Constant => base,
+            LrSchedule::Step { step_size, gamma } => {
+                let epoch = step / spe + 1;
+                base * gamma.powi((epoch / step_size.max(1)) as i32)
+            }
+            LrSchedule::Cosine => {
+                let t = step.saturating_sub(warm) as f64 / (total - warm).max(1) as f64;
+                base * 0.5 * (1.0 + (std::f64::consts::PI * t.min(1.0)).cos())
+            }
+        };
+        if step < warm {
+            scheduled * (step + 1) as f64 / warm as f64
+        } else {
+            scheduled
         }
     }
 }

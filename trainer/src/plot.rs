@@ -1,5 +1,5 @@
-//! Training curves as PNG: loss per epoch and test top-1 per epoch, one line per learning rate
-//! (like the reference experiment's figures).
+//! Training curves as PNG: loss per epoch and validation (and, when monitored, test) top-1 per
+//! epoch, one colour per learning rate (like the reference experiment's figures).
 
 use std::path::Path;
 
@@ -32,7 +32,12 @@ pub fn curves(path: &Path, runs: &[(String, Vec<EpochMetrics>)]) -> Result<bool>
     let palette = [BLUE, RED, GREEN, MAGENTA, CYAN, BLACK];
     for (panel, title, y_max, pick) in [
         (&left, "training loss", max_loss * 1.05, 0usize),
-        (&right, "test top-1 accuracy", 1.0, 1usize),
+        (
+            &right,
+            "top-1 accuracy (validation; test dashed)",
+            1.0,
+            1usize,
+        ),
     ] {
         let mut chart = ChartBuilder::on(panel)
             .caption(title, ("sans-serif", 22))
@@ -49,17 +54,49 @@ pub fn curves(path: &Path, runs: &[(String, Vec<EpochMetrics>)]) -> Result<bool>
             .map_err(|e| err(e.to_string()))?;
         for (i, (label, m)) in runs.iter().enumerate() {
             let color = palette[i % palette.len()];
-            let points: Vec<(usize, f64)> = m
-                .iter()
-                .map(|e| (e.epoch, if pick == 0 { e.train_loss } else { e.test_top1 }))
-                .collect();
-            chart
-                .draw_series(LineSeries::new(points, color.stroke_width(2)))
-                .map_err(|e| err(e.to_string()))?
-                .label(label.clone())
-                .legend(move |(x, y)| {
-                    PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(2))
-                });
+            // (legend, points, dashed)
+            type Series = (String, Vec<(usize, f64)>, bool);
+            let series: Vec<Series> = if pick == 0 {
+                vec![(
+                    label.clone(),
+                    m.iter().map(|e| (e.epoch, e.train_loss)).collect(),
+                    false,
+                )]
+            } else {
+                vec![
+                    (
+                        format!("{label} val"),
+                        m.iter()
+                            .filter_map(|e| Some((e.epoch, e.val_top1?)))
+                            .collect(),
+                        false,
+                    ),
+                    (
+                        format!("{label} test"),
+                        m.iter()
+                            .filter_map(|e| Some((e.epoch, e.test_top1?)))
+                            .collect(),
+                        true,
+                    ),
+                ]
+            };
+            for (name, points, dashed) in series {
+                if points.is_empty() {
+                    continue;
+                }
+                let style = color.stroke_width(2);
+                let drawn = if dashed {
+                    chart.draw_series(DashedLineSeries::new(points, 6, 4, style))
+                } else {
+                    chart.draw_series(LineSeries::new(points, style))
+                };
+                drawn
+                    .map_err(|e| err(e.to_string()))?
+                    .label(name)
+                    .legend(move |(x, y)| {
+                        PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(2))
+                    });
+            }
         }
         chart
             .configure_series_labels()

@@ -15,7 +15,7 @@ use tch::{nn, Device, Kind, Tensor};
 use crate::data::ImageSet;
 use crate::error::{Error, Result};
 use crate::model::{normalize, Clip};
-use crate::optim::{Adam, AdamConfig, LossScaler};
+use crate::optim::{Adam, AdamConfig, LossScaler, LrSchedule};
 use crate::weights;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -40,6 +40,28 @@ impl std::str::FromStr for LossKind {
     }
 }
 
+/// Which epoch becomes the run's model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum Select {
+    /// The epoch with the best top-1 on the validation rows (needs --val).
+    BestVal,
+    /// The last epoch (the reference experiment's choice).
+    Last,
+}
+
+/// Training-time image augmentation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum Augment {
+    None,
+    /// Random contrast and brightness (radiographs differ widely in windowing).
+    Intensity,
+    /// Intensity, plus a random rotation (+-10 deg), scale (0.87-1.18), shift (+-10%) and
+    /// horizontal flip (left and right body parts share a label).
+    Full,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct TrainOptions {
     pub adam: AdamConfig,
@@ -49,15 +71,40 @@ pub struct TrainOptions {
     pub loss: LossKind,
     pub freeze_vision: bool,
     pub freeze_text: bool,
-    /// The first template makes the training prompts; all of them (averaged) score the test set.
+    /// The templates (averaged) that score the validation and test images and make the bundle.
     pub templates: Vec<String>,
+    /// The template of the training text (`{}`: the bare label name, as the reference experiment).
+    #[serde(default)]
+    pub train_template: String,
     /// fp16 autocast with loss scaling (CUDA only).
     pub mixed_precision: bool,
     /// Checkpoints kept besides the best one (the newest ones).
     pub keep_checkpoints: usize,
-    /// Random contrast and brightness changes of the training images.
+    #[serde(default = "no_augment")]
+    pub augment: Augment,
+    #[serde(default = "constant")]
+    pub schedule: LrSchedule,
     #[serde(default)]
-    pub augment: bool,
+    pub warmup_epochs: usize,
+    #[serde(default = "select_last")]
+    pub select: Select,
+    /// Draw each batch with equal chances per class (sampling with replacement).
+    #[serde(default)]
+    pub balanced: bool,
+    /// Score the test images after every epoch too (the reference experiment did; the choice of
+    /// the model never looks at them).
+    #[serde(default)]
+    pub monitor_test: bool,
+}
+
+fn no_augment() -> Augment {
+    Augment::None
+}
+fn constant() -> LrSchedule {
+    LrSchedule::Constant
+}
+fn select_last() -> Select {
+    Select::Last
 }
 
 impl Default for TrainOptions {
@@ -71,9 +118,15 @@ impl Default for TrainOptions {
             freeze_vision: false,
             freeze_text: false,
             templates: vec![labels::REFERENCE_TEMPLATES[0].to_string()],
+            train_template: labels::REFERENCE_TEMPLATES[0].to_string(),
             mixed_precision: true,
             keep_checkpoints: 2,
-            augment: false,
+            augment: Augment::None,
+            schedule: LrSchedule::Constant,
+            warmup_epochs: 0,
+            select: Select::Last,
+            balanced: false,
+            monitor_test: false,
         }
     }
 }
@@ -82,7 +135,15 @@ impl Default for TrainOptions {
 pub struct EpochMetrics {
     pub epoch: usize,
     pub train_loss: f64,
-    pub test_top1: f64,
+    /// Learning rate of the epoch's last step.
+    #[serde(default)]
+    pub lr: f64,
+    /// Top-1 on the validation rows (when there are some).
+    #[serde(default)]
+    pub val_top1: Option<f64>,
+    /// Top-1 on the test images (only with `monitor_test`).
+    #[serde(default)]
+    pub test_top1: Option<f64>,
     pub seconds: f64,
     pub steps: usize,
     /// Steps skipped by the fp16 loss scaler (gradient overflow).
@@ -94,20 +155,44 @@ pub struct EpochMetrics {
 pub struct RunState {
     pub epoch: usize,
     pub metrics: Vec<EpochMetrics>,
+    /// The epoch with the best validation top-1 so far (the last one without validation rows).
     pub best_epoch: usize,
-    pub best_top1: f64,
+    #[serde(default)]
+    pub best_val_top1: Option<f64>,
     pub loss_scale: f64,
+}
+
+/// The one scoring of the test images, with the selected model, at the end of a run.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct FinalTest {
+    pub epoch: usize,
+    pub select: Select,
+    pub top1: f64,
+    pub images: usize,
+    /// Predicted label index per test image, in the test set's order.
+    pub predictions: Vec<usize>,
 }
 
 pub struct RunResult {
     pub state: RunState,
+    /// The selected checkpoint (best validation epoch, or the last).
     pub best_checkpoint: PathBuf,
+    pub test: FinalTest,
+}
+
+impl RunResult {
+    /// What a sweep compares runs by: validation top-1, else (no validation rows) test top-1.
+    pub fn score(&self) -> f64 {
+        self.state.best_val_top1.unwrap_or(self.test.top1)
+    }
 }
 
 /// Everything a run needs besides its options.
 pub struct RunInputs<'a> {
     pub init: &'a Path,
     pub train: &'a ImageSet,
+    /// Validation rows (part of the training rows), if any: they choose the epoch.
+    pub val: Option<&'a ImageSet>,
     pub test: &'a ImageSet,
     pub labels: &'a [Label],
     pub tokenizer: &'a ClipTokenizer,
@@ -222,9 +307,9 @@ fn set_trainable(vs: &nn::VarStore, opts: &TrainOptions) -> Vec<(String, Tensor)
     let mut vars: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
     vars.sort_by(|a, b| a.0.cmp(&b.0));
     vars.into_iter()
+        .filter(|(name, _)| !crate::model::is_running_stat(name))
         .filter_map(|(name, t)| {
-            let vision =
-                name.starts_with("vision_model.") || name.starts_with("visual_projection.");
+            let vision = crate::model::is_vision_variable(&name);
             let text = name.starts_with("text_model.") || name.starts_with("text_projection.");
             let frozen = (vision && opts.freeze_vision) || (text && opts.freeze_text);
             let _ = t.set_requires_grad(!frozen);
@@ -233,7 +318,62 @@ fn set_trainable(vs: &nn::VarStore, opts: &TrainOptions) -> Vec<(String, Tensor)
         .collect()
 }
 
-/// Trains (or resumes) one run in `run_dir`.
+/// The order of one epoch's training images: a seeded shuffle, or with `balanced` as many draws
+/// (with replacement) with equal chances per class.
+fn epoch_order(labels: &[usize], seed: u64, balanced: bool) -> Vec<usize> {
+    let n = labels.len();
+    if !balanced {
+        let mut order: Vec<usize> = (0..n).collect();
+        runtime::datasets::shuffle(&mut order, seed);
+        return order;
+    }
+    let mut by_class: std::collections::BTreeMap<usize, Vec<usize>> = Default::default();
+    for (i, &l) in labels.iter().enumerate() {
+        by_class.entry(l).or_default().push(i);
+    }
+    let classes: Vec<&Vec<usize>> = by_class.values().collect();
+    let mut rng = runtime::datasets::SplitMix64::new(seed ^ 0x5851_F42D_4C95_7F2D);
+    (0..n)
+        .map(|_| {
+            let members = classes[(rng.next_f64() * classes.len() as f64) as usize % classes.len()];
+            members[(rng.next_f64() * members.len() as f64) as usize % members.len()]
+        })
+        .collect()
+}
+
+/// Random rotation, scale, shift and horizontal flip of a batch `[n, 3, S, S]` (bilinear, border
+/// pixels repeated), the same for a given seed.
+pub fn geometric_jitter(pixels: &Tensor, seed: u64) -> Tensor {
+    let n = pixels.size()[0];
+    let mut rng = runtime::datasets::SplitMix64::new(seed ^ 0x2545_F491_4F6C_DD1D);
+    let mut theta = Vec::with_capacity(n as usize * 6);
+    for _ in 0..n {
+        let mut u = || rng.next_f64() * 2.0 - 1.0;
+        let angle = u() * 10f64.to_radians();
+        let scale = 1.0 / (1.0 + 0.15 * u());
+        let (tx, ty) = (0.1 * u(), 0.1 * u());
+        let flip = if u() < 0.0 { -1.0 } else { 1.0 };
+        let (c, s) = (scale * angle.cos(), scale * angle.sin());
+        theta.extend_from_slice(&[
+            (c * flip) as f32,
+            -s as f32,
+            tx as f32,
+            (s * flip) as f32,
+            c as f32,
+            ty as f32,
+        ]);
+    }
+    let theta = Tensor::from_slice(&theta)
+        .view([n, 2, 3])
+        .to_device(pixels.device())
+        .to_kind(pixels.kind());
+    let grid = Tensor::affine_grid_generator(&theta, pixels.size(), false);
+    // interpolation 0 = bilinear, padding 1 = border
+    pixels.grid_sampler(&grid, 0, 1, false)
+}
+
+/// Trains (or resumes) one run in `run_dir`; at the end the selected epoch (best validation
+/// top-1, or the last) scores the test images once.
 pub fn run(
     opts: &TrainOptions,
     inputs: &RunInputs,
@@ -247,6 +387,11 @@ pub fn run(
     }
     if opts.templates.is_empty() {
         return Err(Error::Config("no prompt template".into()));
+    }
+    if opts.select == Select::BestVal && inputs.val.is_none() {
+        return Err(Error::Config(
+            "--select best-val needs validation rows (--val FRACTION)".into(),
+        ));
     }
     let device = inputs.device;
     std::fs::create_dir_all(run_dir).map_err(|e| Error::io(run_dir, e))?;
@@ -284,10 +429,15 @@ pub fn run(
     if start > 0 && state.loss_scale > 0.0 {
         scaler.scale = state.loss_scale;
     }
+    let train_template = if opts.train_template.is_empty() {
+        &opts.templates[0]
+    } else {
+        &opts.train_template
+    };
     let train_tokens = label_tokens(
         inputs.tokenizer,
         inputs.labels,
-        &opts.templates[0],
+        train_template,
         &model.config.text_config,
         device,
     )?;
@@ -312,31 +462,44 @@ pub fn run(
 
     let n = inputs.train.len();
     let steps_per_epoch = n.div_ceil(opts.batch_size);
+    let base_lr = opts.adam.lr;
     let epochs_bar = crate::progress::bar(opts.epochs as u64, "epochs");
     epochs_bar.set_position(start as u64);
     for epoch in start + 1..=opts.epochs {
         let t0 = Instant::now();
-        let mut order: Vec<usize> = (0..n).collect();
-        runtime::datasets::shuffle(
-            &mut order,
+        let order = epoch_order(
+            &inputs.train.labels,
             opts.seed.wrapping_mul(1_000_003).wrapping_add(epoch as u64),
+            opts.balanced,
         );
         let batch_bar = crate::progress::bar(steps_per_epoch as u64, &format!("epoch {epoch}"));
         let (mut loss_sum, mut steps, mut skipped) = (0.0, 0usize, 0usize);
         for (step, idx) in order.chunks(opts.batch_size).enumerate() {
+            let global_step = (epoch - 1) * steps_per_epoch + step;
+            adam.config.lr = opts.schedule.lr(
+                base_lr,
+                global_step,
+                steps_per_epoch,
+                opts.epochs,
+                opts.warmup_epochs,
+            );
             if idx.len() < 2 && opts.loss == LossKind::Contrastive {
                 continue; // a single pair has no negatives
             }
-            let aug_seed = opts
-                .augment
-                .then_some(opts.seed ^ ((epoch as u64) << 32) ^ ((step as u64) << 8));
-            let pixels = inputs
-                .train
-                .pixels_augmented(idx, inputs.preprocess, device, aug_seed);
+            let aug_seed = opts.seed ^ ((epoch as u64) << 32) ^ ((step as u64) << 8);
+            let mut pixels = inputs.train.pixels_augmented(
+                idx,
+                inputs.preprocess,
+                device,
+                (opts.augment != Augment::None).then_some(aug_seed),
+            );
+            if opts.augment == Augment::Full {
+                pixels = geometric_jitter(&pixels, aug_seed);
+            }
             let labels: Vec<i64> = idx.iter().map(|&i| inputs.train.labels[i] as i64).collect();
             let labels = Tensor::from_slice(&labels).to_device(device);
             let loss = tch::autocast(amp, || {
-                let img = model.image_features(&pixels);
+                let img = model.image_features_t(&pixels, true);
                 match opts.loss {
                     LossKind::Contrastive => {
                         let txt = model.text_features(&train_tokens.index_select(0, &labels));
@@ -376,7 +539,15 @@ pub fn run(
         }
         batch_bar.finish_and_clear();
         let label_emb = label_embeddings(&model, &eval_tokens);
-        let (top1, _) = evaluate(&model, inputs.test, &label_emb, inputs.preprocess, device)?;
+        let val_top1 = match inputs.val {
+            Some(v) => Some(evaluate(&model, v, &label_emb, inputs.preprocess, device)?.0),
+            None => None,
+        };
+        let test_top1 = if opts.monitor_test {
+            Some(evaluate(&model, inputs.test, &label_emb, inputs.preprocess, device)?.0)
+        } else {
+            None
+        };
         let m = EpochMetrics {
             epoch,
             train_loss: if steps > 0 {
@@ -384,15 +555,24 @@ pub fn run(
             } else {
                 f64::NAN
             },
-            test_top1: top1,
+            lr: adam.config.lr,
+            val_top1,
+            test_top1,
             seconds: t0.elapsed().as_secs_f64(),
             steps,
             skipped_steps: skipped,
         };
-        let line = format!(
-            "epoch {epoch:>3}: loss {:.4}  test top-1 {:.4}  {:.1} s",
-            m.train_loss, m.test_top1, m.seconds
+        let mut line = format!(
+            "epoch {epoch:>3}: loss {:.4}  lr {:.2e}",
+            m.train_loss, m.lr
         );
+        if let Some(v) = val_top1 {
+            line.push_str(&format!("  val top-1 {v:.4}"));
+        }
+        if let Some(t) = test_top1 {
+            line.push_str(&format!("  test top-1 {t:.4}"));
+        }
+        line.push_str(&format!("  {:.1} s", m.seconds));
         if epochs_bar.is_hidden() {
             eprintln!("{line}");
         } else {
@@ -400,9 +580,13 @@ pub fn run(
         }
         state.metrics.push(m);
         state.epoch = epoch;
-        if state.best_epoch == 0 || top1 > state.best_top1 {
-            state.best_epoch = epoch;
-            state.best_top1 = top1;
+        match val_top1 {
+            Some(v) if state.best_val_top1.is_none_or(|b| v > b) => {
+                state.best_epoch = epoch;
+                state.best_val_top1 = Some(v);
+            }
+            Some(_) => {}
+            None => state.best_epoch = epoch,
         }
         state.loss_scale = scaler.scale;
         let state_json = serde_json::to_vec_pretty(&state).expect("state serialises");
@@ -421,17 +605,44 @@ pub fn run(
                 )?)
             },
         )?;
-        write_metrics(run_dir, &state, &format!("lr {:e}", opts.adam.lr))?;
+        write_metrics(run_dir, &state, None, &format!("lr {base_lr:e}"))?;
         prune_checkpoints(run_dir, &state, opts.keep_checkpoints);
         epochs_bar.inc(1);
     }
     epochs_bar.finish_and_clear();
-    write_metrics(run_dir, &state, &format!("lr {:e}", opts.adam.lr))?;
-    let best = checkpoint_dir(run_dir, state.best_epoch);
+    let selected = match opts.select {
+        Select::BestVal => state.best_epoch,
+        Select::Last => state.epoch,
+    };
+    let selected_dir = checkpoint_dir(run_dir, selected);
+    // The test images are scored once, by the selected model.
+    if selected != state.epoch {
+        assign_checkpoint(&vs, &selected_dir)?;
+    }
+    let label_emb = label_embeddings(&model, &eval_tokens);
+    let (top1, predictions) = evaluate(&model, inputs.test, &label_emb, inputs.preprocess, device)?;
+    let test = FinalTest {
+        epoch: selected,
+        select: opts.select,
+        top1,
+        images: inputs.test.len(),
+        predictions,
+    };
+    write_metrics(run_dir, &state, Some(&test), &format!("lr {base_lr:e}"))?;
     Ok(RunResult {
         state,
-        best_checkpoint: best,
+        best_checkpoint: selected_dir,
+        test,
     })
+}
+
+/// Loads a checkpoint's weights into the variables of `vs`.
+fn assign_checkpoint(vs: &nn::VarStore, dir: &Path) -> Result<()> {
+    weights::assign(
+        vs,
+        weights::read_safetensors(dir)?,
+        &dir.join(weights::WEIGHTS),
+    )
 }
 
 fn prune_checkpoints(run_dir: &Path, state: &RunState, keep: usize) {
@@ -451,24 +662,56 @@ fn prune_checkpoints(run_dir: &Path, state: &RunState, keep: usize) {
     }
 }
 
-/// `metrics.csv`, `metrics.json`, `best.json` and `curves.png` of one run.
-pub fn write_metrics(run_dir: &Path, state: &RunState, label: &str) -> Result<()> {
-    let mut csv = String::from("epoch,train_loss,test_top1,seconds,steps,skipped_steps\n");
+/// `metrics.csv`, `metrics.json`, `best.json` (the selected epoch and, once scored, the test
+/// top-1) and `curves.png` of one run.
+pub fn write_metrics(
+    run_dir: &Path,
+    state: &RunState,
+    test: Option<&FinalTest>,
+    label: &str,
+) -> Result<()> {
+    let mut w = csv::Writer::from_writer(Vec::new());
+    let cell = |v: Option<f64>| v.map(|v| v.to_string()).unwrap_or_default();
+    let csv_err = |e: csv::Error| Error::Data(format!("metrics.csv: {e}"));
+    w.write_record([
+        "epoch",
+        "train_loss",
+        "lr",
+        "val_top1",
+        "test_top1",
+        "seconds",
+        "steps",
+        "skipped_steps",
+    ])
+    .map_err(csv_err)?;
     for m in &state.metrics {
-        csv.push_str(&format!(
-            "{},{},{},{:.3},{},{}\n",
-            m.epoch, m.train_loss, m.test_top1, m.seconds, m.steps, m.skipped_steps
-        ));
+        w.write_record([
+            m.epoch.to_string(),
+            m.train_loss.to_string(),
+            m.lr.to_string(),
+            cell(m.val_top1),
+            cell(m.test_top1),
+            format!("{:.3}", m.seconds),
+            m.steps.to_string(),
+            m.skipped_steps.to_string(),
+        ])
+        .map_err(csv_err)?;
     }
-    runtime::fsutil::write_atomic(&run_dir.join("metrics.csv"), csv.as_bytes())?;
+    let bytes = w
+        .into_inner()
+        .map_err(|e| Error::Data(format!("metrics.csv: {e}")))?;
+    runtime::fsutil::write_atomic(&run_dir.join("metrics.csv"), &bytes)?;
     runtime::fsutil::write_atomic(
         &run_dir.join("metrics.json"),
         &serde_json::to_vec_pretty(&state.metrics).expect("json"),
     )?;
     let best = serde_json::json!({
-        "epoch": state.best_epoch,
-        "test_top1": state.best_top1,
-        "checkpoint": format!("checkpoints/epoch-{:03}", state.best_epoch),
+        "epoch": test.map_or(state.best_epoch, |t| t.epoch),
+        "select": test.map(|t| t.select),
+        "val_top1": state.best_val_top1,
+        "test_top1": test.map(|t| t.top1),
+        "test_images": test.map(|t| t.images),
+        "checkpoint": format!("checkpoints/epoch-{:03}", test.map_or(state.best_epoch, |t| t.epoch)),
     });
     runtime::fsutil::write_atomic(
         &run_dir.join("best.json"),

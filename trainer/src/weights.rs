@@ -124,7 +124,9 @@ pub fn read_safetensors(path: &Path) -> Result<Vec<(String, Tensor)>> {
 }
 
 /// Reads OpenAI's TorchScript archive and returns its tensors under HF names, with the
-/// configuration inferred from the shapes (as OpenAI's `build_model` does).
+/// configuration inferred from the shapes (as OpenAI's `build_model` does). ViT archives only:
+/// TorchScript keeps a ResNet's batch-norm statistics out of its parameters (use open_clip's
+/// safetensors file of the same weights).
 pub fn read_openai_torchscript(path: &Path) -> Result<(ClipConfig, Vec<(String, Tensor)>)> {
     let module =
         tch::CModule::load_on_device(path, Device::Cpu).map_err(|e| Error::Checkpoint {
@@ -135,6 +137,40 @@ pub fn read_openai_torchscript(path: &Path) -> Result<(ClipConfig, Vec<(String, 
     for (name, t) in module.named_parameters().map_err(Error::Torch)? {
         sd.insert(name, t.to_kind(Kind::Float));
     }
+    if sd.contains_key("visual.layer1.0.conv1.weight") {
+        return Err(Error::Checkpoint {
+            path: path.to_path_buf(),
+            reason:
+                "a ResNet CLIP archive: TorchScript does not expose its batch-norm statistics; \
+                     import open_clip's safetensors file of the same weights instead \
+                     (e.g. open_clip_model.safetensors of timm/resnet50_clip.openai)"
+                    .into(),
+        });
+    }
+    from_openai_state_dict(sd, path)
+}
+
+/// Reads an open_clip `state_dict` saved as safetensors (`open_clip_model.safetensors`; OpenAI's
+/// names: `visual.*`, `transformer.*`, `token_embedding.weight`, ...), ViT or ModifiedResNet.
+pub fn read_open_clip_safetensors(path: &Path) -> Result<(ClipConfig, Vec<(String, Tensor)>)> {
+    let sd: BTreeMap<String, Tensor> = read_safetensors(path)?
+        .into_iter()
+        .map(|(k, t)| (k, t.to_kind(Kind::Float)))
+        .collect();
+    from_openai_state_dict(sd, path)
+}
+
+/// Whether a safetensors file holds OpenAI/open_clip names (rather than HF's).
+pub fn has_openai_names(path: &Path) -> bool {
+    read_safetensors(path).is_ok_and(|t| t.iter().any(|(k, _)| k == "token_embedding.weight"))
+}
+
+/// OpenAI-named tensors -> (config, tensors under this crate's names): HF names for the text
+/// tower and a ViT, `visual.*` kept for a ModifiedResNet.
+fn from_openai_state_dict(
+    sd: BTreeMap<String, Tensor>,
+    path: &Path,
+) -> Result<(ClipConfig, Vec<(String, Tensor)>)> {
     let bad = |reason: String| Error::Checkpoint {
         path: path.to_path_buf(),
         reason,
@@ -144,6 +180,9 @@ pub fn read_openai_torchscript(path: &Path) -> Result<(ClipConfig, Vec<(String, 
             .map(|t| t.shallow_clone())
             .ok_or_else(|| bad(format!("no tensor {k} (not an OpenAI CLIP archive?)")))
     };
+    if sd.contains_key("visual.layer1.0.conv1.weight") {
+        return from_openai_resnet(sd, path);
+    }
     let conv = get(&sd, "visual.conv1.weight")?;
     let vision_width = conv.size()[0];
     let patch = conv.size()[2];
@@ -154,21 +193,12 @@ pub fn read_openai_torchscript(path: &Path) -> Result<(ClipConfig, Vec<(String, 
         })
         .count() as i64;
     if vision_layers == 0 {
-        return Err(bad(
-            "no visual transformer blocks (ResNet CLIP models are not supported)".into(),
-        ));
+        return Err(bad("no visual transformer or ResNet blocks".into()));
     }
     let grid = ((get(&sd, "visual.positional_embedding")?.size()[0] - 1) as f64)
         .sqrt()
         .round() as i64;
-    let embed_dim = get(&sd, "text_projection")?.size()[1];
-    let ctx = get(&sd, "positional_embedding")?.size()[0];
-    let vocab = get(&sd, "token_embedding.weight")?.size()[0];
-    let text_width = get(&sd, "ln_final.weight")?.size()[0];
-    let text_layers = sd
-        .keys()
-        .filter(|k| k.starts_with("transformer.resblocks.") && k.ends_with(".attn.in_proj_weight"))
-        .count() as i64;
+    let (text, mut out) = openai_text(&sd, path)?;
     let mut cfg = ClipConfig::default();
     cfg.vision_config.hidden_size = vision_width;
     cfg.vision_config.intermediate_size = vision_width * 4;
@@ -176,90 +206,199 @@ pub fn read_openai_torchscript(path: &Path) -> Result<(ClipConfig, Vec<(String, 
     cfg.vision_config.num_attention_heads = vision_width / 64;
     cfg.vision_config.patch_size = patch;
     cfg.vision_config.image_size = patch * grid;
-    cfg.text_config.hidden_size = text_width;
-    cfg.text_config.intermediate_size = text_width * 4;
-    cfg.text_config.num_hidden_layers = text_layers;
-    cfg.text_config.num_attention_heads = text_width / 64;
-    cfg.text_config.max_position_embeddings = ctx;
-    cfg.text_config.vocab_size = vocab;
-    cfg.projection_dim = embed_dim;
+    set_text_config(&mut cfg, &text);
     cfg.validate().map_err(bad)?;
 
-    let mut out: Vec<(String, Tensor)> = Vec::new();
-    let mut put = |k: String, t: Tensor| out.push((k, t));
-    let blocks =
-        |src: &str, dst: &str, n: i64, put: &mut dyn FnMut(String, Tensor)| -> Result<()> {
-            for i in 0..n {
-                let s = format!("{src}.resblocks.{i}");
-                let d = format!("{dst}.encoder.layers.{i}");
-                let w = get(&sd, &format!("{s}.attn.in_proj_weight"))?.chunk(3, 0);
-                let b = get(&sd, &format!("{s}.attn.in_proj_bias"))?.chunk(3, 0);
-                for (j, name) in ["q_proj", "k_proj", "v_proj"].iter().enumerate() {
-                    put(format!("{d}.self_attn.{name}.weight"), w[j].shallow_clone());
-                    put(format!("{d}.self_attn.{name}.bias"), b[j].shallow_clone());
-                }
-                for (from, to) in [
-                    ("attn.out_proj", "self_attn.out_proj"),
-                    ("ln_1", "layer_norm1"),
-                    ("mlp.c_fc", "mlp.fc1"),
-                    ("mlp.c_proj", "mlp.fc2"),
-                    ("ln_2", "layer_norm2"),
-                ] {
-                    for p in ["weight", "bias"] {
-                        put(
-                            format!("{d}.{to}.{p}"),
-                            get(&sd, &format!("{s}.{from}.{p}"))?,
-                        );
-                    }
-                }
-            }
-            Ok(())
-        };
-    blocks(
+    out.extend(transformer_blocks(
+        &sd,
         "visual.transformer",
         "vision_model",
         vision_layers,
-        &mut put,
-    )?;
-    blocks("transformer", "text_model", text_layers, &mut put)?;
-    put(
+        path,
+    )?);
+    out.push((
         "vision_model.embeddings.class_embedding".into(),
         get(&sd, "visual.class_embedding")?,
-    );
-    put(
+    ));
+    out.push((
         "vision_model.embeddings.patch_embedding.weight".into(),
         conv,
-    );
-    put(
+    ));
+    out.push((
         "vision_model.embeddings.position_embedding.weight".into(),
         get(&sd, "visual.positional_embedding")?,
-    );
+    ));
     for (from, to) in [
         ("visual.ln_pre", "vision_model.pre_layrnorm"),
         ("visual.ln_post", "vision_model.post_layernorm"),
-        ("ln_final", "text_model.final_layer_norm"),
     ] {
         for p in ["weight", "bias"] {
-            put(format!("{to}.{p}"), get(&sd, &format!("{from}.{p}"))?);
+            out.push((format!("{to}.{p}"), get(&sd, &format!("{from}.{p}"))?));
         }
     }
-    put(
+    out.push((
         "visual_projection.weight".into(),
         get(&sd, "visual.proj")?.tr().contiguous(),
-    );
-    put(
+    ));
+    Ok((cfg, out))
+}
+
+/// The text side of OpenAI-named tensors: (width, layers, heads, context, vocabulary, embedding
+/// dim) and the tensors under HF names.
+fn openai_text(
+    sd: &BTreeMap<String, Tensor>,
+    path: &Path,
+) -> Result<(TextShape, Vec<(String, Tensor)>)> {
+    let bad = |reason: String| Error::Checkpoint {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let get = |k: &str| -> Result<Tensor> {
+        sd.get(k)
+            .map(|t| t.shallow_clone())
+            .ok_or_else(|| bad(format!("no tensor {k} (not an OpenAI CLIP state dict?)")))
+    };
+    let width = get("ln_final.weight")?.size()[0];
+    let layers = sd
+        .keys()
+        .filter(|k| k.starts_with("transformer.resblocks.") && k.ends_with(".attn.in_proj_weight"))
+        .count() as i64;
+    let shape = TextShape {
+        width,
+        layers,
+        context: get("positional_embedding")?.size()[0],
+        vocab: get("token_embedding.weight")?.size()[0],
+        embed_dim: get("text_projection")?.size()[1],
+    };
+    let mut out = transformer_blocks(sd, "transformer", "text_model", layers, path)?;
+    for p in ["weight", "bias"] {
+        out.push((
+            format!("text_model.final_layer_norm.{p}"),
+            get(&format!("ln_final.{p}"))?,
+        ));
+    }
+    out.push((
         "text_projection.weight".into(),
-        get(&sd, "text_projection")?.tr().contiguous(),
-    );
-    put(
+        get("text_projection")?.tr().contiguous(),
+    ));
+    out.push((
         "text_model.embeddings.token_embedding.weight".into(),
-        get(&sd, "token_embedding.weight")?,
-    );
-    put(
+        get("token_embedding.weight")?,
+    ));
+    out.push((
         "text_model.embeddings.position_embedding.weight".into(),
-        get(&sd, "positional_embedding")?,
-    );
-    put("logit_scale".into(), get(&sd, "logit_scale")?);
+        get("positional_embedding")?,
+    ));
+    out.push(("logit_scale".into(), get("logit_scale")?));
+    Ok((shape, out))
+}
+
+/// OpenAI's residual attention blocks `{src}.resblocks.i` (fused q/k/v) under HF names
+/// `{dst}.encoder.layers.i`.
+fn transformer_blocks(
+    sd: &BTreeMap<String, Tensor>,
+    src: &str,
+    dst: &str,
+    n: i64,
+    path: &Path,
+) -> Result<Vec<(String, Tensor)>> {
+    let get = |k: &str| -> Result<Tensor> {
+        sd.get(k)
+            .map(|t| t.shallow_clone())
+            .ok_or_else(|| Error::Checkpoint {
+                path: path.to_path_buf(),
+                reason: format!("no tensor {k} (not an OpenAI CLIP state dict?)"),
+            })
+    };
+    let mut out = Vec::new();
+    for i in 0..n {
+        let s = format!("{src}.resblocks.{i}");
+        let d = format!("{dst}.encoder.layers.{i}");
+        let w = get(&format!("{s}.attn.in_proj_weight"))?.chunk(3, 0);
+        let b = get(&format!("{s}.attn.in_proj_bias"))?.chunk(3, 0);
+        for (j, name) in ["q_proj", "k_proj", "v_proj"].iter().enumerate() {
+            out.push((format!("{d}.self_attn.{name}.weight"), w[j].shallow_clone()));
+            out.push((format!("{d}.self_attn.{name}.bias"), b[j].shallow_clone()));
+        }
+        for (from, to) in [
+            ("attn.out_proj", "self_attn.out_proj"),
+            ("ln_1", "layer_norm1"),
+            ("mlp.c_fc", "mlp.fc1"),
+            ("mlp.c_proj", "mlp.fc2"),
+            ("ln_2", "layer_norm2"),
+        ] {
+            for p in ["weight", "bias"] {
+                out.push((format!("{d}.{to}.{p}"), get(&format!("{s}.{from}.{p}"))?));
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// The text tower's configuration as OpenAI's `build_model` infers it (heads = width / 64).
+fn set_text_config(cfg: &mut ClipConfig, text: &TextShape) {
+    cfg.text_config.hidden_size = text.width;
+    cfg.text_config.intermediate_size = text.width * 4;
+    cfg.text_config.num_hidden_layers = text.layers;
+    cfg.text_config.num_attention_heads = (text.width / 64).max(1);
+    cfg.text_config.max_position_embeddings = text.context;
+    cfg.text_config.vocab_size = text.vocab;
+    cfg.projection_dim = text.embed_dim;
+}
+
+struct TextShape {
+    width: i64,
+    layers: i64,
+    context: i64,
+    vocab: i64,
+    embed_dim: i64,
+}
+
+/// An OpenAI/open_clip ModifiedResNet CLIP (RN50, RN101, RN50x4, ...): configuration as OpenAI's
+/// `build_model` infers it; the `visual.*` tensors keep their names (batch-norm statistics
+/// included, `num_batches_tracked` dropped).
+fn from_openai_resnet(
+    sd: BTreeMap<String, Tensor>,
+    path: &Path,
+) -> Result<(ClipConfig, Vec<(String, Tensor)>)> {
+    let bad = |reason: String| Error::Checkpoint {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let (text, mut out) = openai_text(&sd, path)?;
+    let width = sd["visual.layer1.0.conv1.weight"].size()[0];
+    let layers: Vec<i64> = (1..=4)
+        .map(|l| {
+            let prefix = format!("visual.layer{l}.");
+            let blocks: std::collections::BTreeSet<&str> = sd
+                .keys()
+                .filter_map(|k| k.strip_prefix(&prefix)?.split('.').next())
+                .collect();
+            blocks.len() as i64
+        })
+        .collect();
+    let pos = sd
+        .get("visual.attnpool.positional_embedding")
+        .ok_or_else(|| bad("no visual.attnpool.positional_embedding".into()))?;
+    let grid = ((pos.size()[0] - 1) as f64).sqrt().round() as i64;
+    let mut cfg = ClipConfig {
+        vision_config: crate::model::VisionConfig {
+            image_size: grid * 32,
+            hidden_size: width,
+            // OpenAI: vision_heads = vision_width * 32 // 64
+            num_attention_heads: (width * 32 / 64).max(1),
+            resnet_layers: Some(layers),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    set_text_config(&mut cfg, &text);
+    cfg.validate().map_err(bad)?;
+    for (k, t) in sd {
+        if k.starts_with("visual.") && !is_ignored_buffer(&k) {
+            out.push((k, t));
+        }
+    }
     Ok((cfg, out))
 }
 
@@ -284,6 +423,17 @@ pub fn save_checkpoint(
     Ok(())
 }
 
+/// The configuration of a checkpoint / HF folder (an error naming it when it is not one).
+pub fn checkpoint_config(dir: &Path) -> Result<ClipConfig> {
+    if !dir.is_dir() {
+        return Err(Error::Checkpoint {
+            path: dir.to_path_buf(),
+            reason: "not a checkpoint folder (config.json + model.safetensors)".into(),
+        });
+    }
+    read_config(&dir.join(CONFIG))
+}
+
 /// A model loaded from a checkpoint or HF folder.
 pub struct Loaded {
     pub vs: nn::VarStore,
@@ -294,13 +444,7 @@ pub struct Loaded {
 /// Loads a checkpoint / HF folder onto `device`; a config that does not fit the weights is an error
 /// naming the tensors.
 pub fn load(dir: &Path, device: Device) -> Result<Loaded> {
-    if !dir.is_dir() {
-        return Err(Error::Checkpoint {
-            path: dir.to_path_buf(),
-            reason: "not a checkpoint folder (config.json + model.safetensors)".into(),
-        });
-    }
-    let config = read_config(&dir.join(CONFIG))?;
+    let config = checkpoint_config(dir)?;
     let vs = nn::VarStore::new(device);
     let model = crate::model::Clip::new(&vs.root(), &config);
     assign(&vs, read_safetensors(dir)?, &dir.join(WEIGHTS))?;

@@ -226,3 +226,113 @@ fn full_vit_b32_export_matches_tch() {
     eprintln!("ort(Fp32) vs tch (ViT-B/32): image max |diff| {d_img:.2e}, text {d_txt:.2e}");
     assert!(d_img <= 1e-4 && d_txt <= 1e-4);
 }
+
+fn npy_f32(path: &Path) -> (Vec<usize>, Vec<f32>) {
+    runtime::npy::read(path).unwrap()
+}
+
+/// OpenAI's ModifiedResNet tower (the RN50 family) against open_clip's own implementation
+/// (PyPI open-clip-torch, scripts/make_resnet_fixtures.py): weights imported from open_clip's
+/// safetensors layout, the tch forward pass in inference mode, and the exported ONNX graph (batch
+/// norms folded into the convolutions) in ONNX Runtime, all on open_clip's embeddings.
+#[test]
+fn open_clip_resnet_import_and_export_match_open_clip() {
+    let fx = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/openclip-rn");
+    let weights_file = fx.join("open_clip_model.safetensors");
+    let (config, tensors) = weights::read_open_clip_safetensors(&weights_file).unwrap();
+    assert_eq!(config.vision_config.resnet_layers, Some(vec![1, 1, 1, 1]));
+    assert_eq!(
+        (
+            config.vision_config.image_size,
+            config.vision_config.hidden_size,
+            config.vision_config.num_attention_heads,
+            config.projection_dim
+        ),
+        (64, 8, 4, 16)
+    );
+    let vs = tch::nn::VarStore::new(Device::Cpu);
+    let model = trainer::model::Clip::new(&vs.root(), &config);
+    weights::assign(&vs, tensors, &weights_file).unwrap();
+
+    let (pshape, px) = npy_f32(&fx.join("pixels.npy"));
+    let pixels = Tensor::from_slice(&px).view([3, 3, 64, 64]);
+    let (_, want_img) = npy_f32(&fx.join("image_embeds.npy"));
+    let (ishape, ids) = npy_f32(&fx.join("input_ids.npy"));
+    let ids: Vec<i64> = ids.iter().map(|&v| v as i64).collect();
+    let ids_t = Tensor::from_slice(&ids).view([ishape[0] as i64, ishape[1] as i64]);
+    let (_, want_txt) = npy_f32(&fx.join("text_embeds.npy"));
+
+    let ours_img: Vec<f32> =
+        Vec::<f32>::try_from(tch::no_grad(|| model.image_features(&pixels)).reshape([-1])).unwrap();
+    let ours_txt: Vec<f32> =
+        Vec::<f32>::try_from(tch::no_grad(|| model.text_features(&ids_t)).reshape([-1])).unwrap();
+    let scale = (want_img.iter().map(|v| v.abs()).fold(0f32, f32::max)).max(1.0);
+    let (d_img, d_txt) = (
+        max_diff(&ours_img, &want_img),
+        max_diff(&ours_txt, &want_txt),
+    );
+    eprintln!("tch vs open_clip (RN): image max |diff| {d_img:.2e} (values up to {scale:.1}), text {d_txt:.2e}");
+    assert!(d_img <= 1e-4 * scale, "image {d_img}");
+    assert!(d_txt <= 1e-4, "text {d_txt}");
+
+    let mut image = Encoder::from_bytes(
+        &onnx::image_encoder(&vs, &config, Precision::Fp32).unwrap(),
+        "image",
+        &cpu(),
+        (None, None),
+    )
+    .unwrap();
+    let (ort_img, dim) = image.embed_pixels(&pshape, &px).unwrap();
+    assert_eq!(dim, 16);
+    let d_ort = max_diff(&ort_img, &want_img);
+    eprintln!("ort vs open_clip (RN): image max |diff| {d_ort:.2e}");
+    assert!(d_ort <= 1e-4 * scale, "onnx image {d_ort}");
+
+    // Training mode uses batch statistics (a different output), inference mode the running ones.
+    let train_out = model.image_features_t(&pixels, true);
+    let train_out: Vec<f32> = Vec::<f32>::try_from(train_out.detach().reshape([-1])).unwrap();
+    assert!(max_diff(&train_out, &want_img) > 1e-3);
+}
+
+/// A random-weight ResNet CLIP trains a step, saves, reloads and exports: the checkpoint keeps the
+/// batch-norm statistics the step updated, and the bundle runs in ONNX Runtime as tch.
+#[test]
+fn resnet_checkpoint_round_trip_and_export() {
+    let dir = tmp("export-resnet");
+    let ck = dir.join("init");
+    let out = Command::new(env!("CARGO_BIN_EXE_trainer"))
+        .args(["init", "--config", "rn-tiny", "--seed", "3", "--out"])
+        .arg(&ck)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let m = weights::load(&ck, Device::Cpu).unwrap();
+    let px = Tensor::randn([2, 3, 64, 64], (Kind::Float, Device::Cpu));
+    let before = m.vs.variables()["visual.bn1.running_mean"].copy();
+    let _ = m.model.image_features_t(&px, true);
+    let after = m.vs.variables()["visual.bn1.running_mean"].copy();
+    assert!((after - &before).abs().max().double_value(&[]) > 0.0);
+    let saved = dir.join("saved");
+    weights::save_checkpoint(&saved, &m.model.config, &m.vs, |_| Ok(())).unwrap();
+    let again = weights::load(&saved, Device::Cpu).unwrap();
+    let a: Vec<f32> =
+        Vec::<f32>::try_from(tch::no_grad(|| m.model.image_features(&px)).reshape([-1])).unwrap();
+    let b: Vec<f32> =
+        Vec::<f32>::try_from(tch::no_grad(|| again.model.image_features(&px)).reshape([-1]))
+            .unwrap();
+    assert_eq!(a, b);
+    let mut image = Encoder::from_bytes(
+        &onnx::image_encoder(&again.vs, &again.model.config, Precision::Fp32).unwrap(),
+        "image",
+        &cpu(),
+        (None, None),
+    )
+    .unwrap();
+    let flat: Vec<f32> = Vec::<f32>::try_from(px.reshape([-1])).unwrap();
+    let (ours, _) = image.embed_pixels(&[2, 3, 64, 64], &flat).unwrap();
+    assert!(max_diff(&ours, &a) <= 1e-4, "{}", max_diff(&ours, &a));
+}

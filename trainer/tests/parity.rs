@@ -187,6 +187,7 @@ fn adam_matches_torch_optim_adam() {
         beta2: 0.98,
         eps: 1e-6,
         weight_decay: 0.001,
+        decoupled_weight_decay: false,
     };
     let mut adam = trainer::optim::Adam::new(vec![("p".into(), p.shallow_clone())], config);
     for step in 0..5 {
@@ -243,4 +244,68 @@ fn hf_vit_b32_matches_transformers() {
     let d_log = max_diff(&logits, &npy_tensor(&dir.join("logits_per_image.npy")));
     eprintln!("tch vs HF transformers (ViT-B/32): image {d_img:.2e}, text {d_txt:.2e}, logits {d_log:.2e}");
     assert!(d_img <= 1e-4 && d_txt <= 1e-4 && d_log <= 1e-3);
+}
+
+#[test]
+fn step_schedule_matches_torch_steplr_stepped_at_each_epoch_start() {
+    use trainer::optim::LrSchedule;
+    let f: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(fixtures().join("schedules/steplr.json")).unwrap(),
+    )
+    .unwrap();
+    let cases = f["cases"].as_array().unwrap();
+    assert_eq!(cases.len(), 3);
+    for case in cases {
+        let base = case["base"].as_f64().unwrap();
+        let spec = format!(
+            "step:{}:{}",
+            case["step_size"].as_u64().unwrap(),
+            case["gamma"].as_f64().unwrap()
+        );
+        let schedule: LrSchedule = spec.parse().unwrap();
+        let torch: Vec<f64> = case["lr_per_epoch"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_f64().unwrap())
+            .collect();
+        let (steps_per_epoch, epochs) = (7, torch.len());
+        for (e, want) in torch.iter().enumerate() {
+            // Every optimizer step of the epoch runs at the epoch's rate.
+            for s in 0..steps_per_epoch {
+                let got = schedule.lr(base, e * steps_per_epoch + s, steps_per_epoch, epochs, 0);
+                assert!(
+                    ((got - want) / want).abs() < 1e-9,
+                    "{spec}: epoch {} step {s}: {got} vs torch {want}",
+                    e + 1
+                );
+            }
+        }
+    }
+    // The reference: full rate for epochs 1-9, x0.1 from epoch 10.
+    let reference: LrSchedule = "step:10:0.1".parse().unwrap();
+    assert_eq!(reference.lr(2e-6, 8, 1, 50, 0), 2e-6);
+    assert!((reference.lr(2e-6, 9, 1, 50, 0) - 2e-7).abs() < 1e-18);
+}
+
+#[test]
+fn cosine_schedule_warms_up_then_decays_to_zero() {
+    use trainer::optim::LrSchedule;
+    let c: LrSchedule = "cosine".parse().unwrap();
+    let (spe, epochs, warm) = (10, 20, 2);
+    // Linear warm-up over 20 steps, reaching the base rate at its last step.
+    assert!((c.lr(1.0, 0, spe, epochs, warm) - 0.05).abs() < 1e-12);
+    assert!((c.lr(1.0, 19, spe, epochs, warm) - 1.0).abs() < 1e-12);
+    // Then half-cosine over the remaining 180 steps.
+    assert!((c.lr(1.0, 20 + 90, spe, epochs, warm) - 0.5).abs() < 1e-12);
+    assert!(c.lr(1.0, 199, spe, epochs, warm) < 1e-3);
+    let mut last = f64::INFINITY;
+    for s in 20..200 {
+        let lr = c.lr(1.0, s, spe, epochs, warm);
+        assert!(lr <= last);
+        last = lr;
+    }
+    for bad in ["step:0:0.1", "step:10:-1", "linear", "step:10"] {
+        assert!(bad.parse::<LrSchedule>().is_err(), "{bad}");
+    }
 }

@@ -140,12 +140,14 @@ enum Command {
         data: runtime::cli::DataArgs,
         #[command(flatten)]
         model: ModelArgs,
-        /// all, train or test (of --split-spec).
-        #[arg(long, default_value = "all")]
-        split: String,
-        /// How train/test are divided: reference (the reference experiment's UNIFESP split),
-        /// head:TRAIN:TEST (default for unifesp: head:1200:400) or random:FRACTION:SEED (default
-        /// random:0.2:0).
+        /// Which images: all, train or test (parts of --split-spec), or a split whose test part
+        /// is scored: reference (the reference experiment's UNIFESP test images),
+        /// head:TRAIN:TEST, random:FRACTION:SEED [default: the test part of the split the model
+        /// was trained with when its manifest records one for this data set, else all].
+        #[arg(long)]
+        split: Option<String>,
+        /// How train/test are divided for --split train|test [default: the model's recorded
+        /// split for this data set, else head:1200:400 for unifesp and random:0.2:0 otherwise].
         #[arg(long)]
         split_spec: Option<runtime::datasets::Split>,
         /// Prompt template(s) to score with the text encoder (`{}` = label); none: the bundle's labels.
@@ -382,24 +384,8 @@ fn main() -> ExitCode {
                 out,
                 force,
             } => {
-                use runtime::datasets::{self, DatasetKind, Split};
+                use runtime::datasets::{self, Split};
                 let ds = data.load(dataset)?;
-                let spec = split_spec.unwrap_or(match dataset {
-                    DatasetKind::Unifesp => Split::HeadTail {
-                        train: 1200,
-                        test: 400,
-                    },
-                    _ => Split::Random {
-                        test_fraction: 0.2,
-                        seed: 0,
-                    },
-                });
-                let samples = match split.as_str() {
-                    "all" => ds.samples.clone(),
-                    "train" => datasets::split(&ds.samples, spec)?.0,
-                    "test" => datasets::split(&ds.samples, spec)?.1,
-                    other => anyhow::bail!("unknown split {other:?} (all, train or test)"),
-                };
                 let mut templates = templates;
                 if reference_templates {
                     templates.extend(labels::REFERENCE_TEMPLATES.iter().map(|t| t.to_string()));
@@ -421,6 +407,52 @@ fn main() -> ExitCode {
                     })?,
                 };
                 runtime::cli::demo_notice(&bundle);
+                // The split the model was trained with, when it was trained on this data set:
+                // its test part is what it has not seen.
+                let prov = &bundle.manifest.provenance;
+                let recorded: Option<Split> = (prov.dataset == ds.name && !prov.split.is_empty())
+                    .then(|| prov.split.parse().ok())
+                    .flatten();
+                let spec = split_spec
+                    .or(recorded)
+                    .unwrap_or_else(|| Split::default_for(dataset, 0));
+                let split = split.unwrap_or_else(|| {
+                    if let Some(r) = recorded {
+                        eprintln!(
+                            "scoring the test part of split {r}, the one {} was trained with (--split all for every image)",
+                            bundle.manifest.name
+                        );
+                        "test".into()
+                    } else {
+                        "all".into()
+                    }
+                });
+                let (split_name, samples) = match split.as_str() {
+                    "all" => (split.clone(), ds.samples.clone()),
+                    "train" => (
+                        format!("train of {spec}"),
+                        datasets::split(&ds.samples, spec)?.0,
+                    ),
+                    "test" => (
+                        format!("test of {spec}"),
+                        datasets::split(&ds.samples, spec)?.1,
+                    ),
+                    other => {
+                        let s: Split = other.parse().map_err(|e: String| {
+                            anyhow::anyhow!("--split: {e}; or all, train, test")
+                        })?;
+                        (format!("test of {s}"), datasets::split(&ds.samples, s)?.1)
+                    }
+                };
+                if let Some(r) = recorded {
+                    if split_name == format!("train of {r}") {
+                        eprintln!(
+                            "warning: {} was trained on these images",
+                            bundle.manifest.name
+                        );
+                    }
+                }
+                let split = split_name;
                 let mut engine = Engine::load(bundle, device.options())?;
                 let opts = runtime::eval::EvalOptions {
                     templates,
