@@ -234,6 +234,33 @@ impl<'a> Builder<'a> {
         Ok(self.node("Mul", &[x, &s], vec![], "qg"))
     }
 
+    /// Multi-head scaled-dot-product attention of projected `q` `[b, tq, d]` (already scaled),
+    /// `k`, `v` `[b, t, d]`; `mask`: additive `[tq, t]` or none. Returns `[b, heads, tq, hd]`.
+    fn attention(
+        &mut self,
+        q: &str,
+        k: &str,
+        v: &str,
+        heads: i64,
+        hd: i64,
+        mask: Option<&str>,
+    ) -> String {
+        let split = self.i64_const("split_shape", &[0, 0, heads, hd]);
+        let mut heads_first = |x: &str, perm: &[i64], hint: &str| {
+            let r = self.node("Reshape", &[x, &split], vec![], hint);
+            self.node("Transpose", &[&r], vec![attr_ints("perm", perm)], hint)
+        };
+        let q = heads_first(q, &[0, 2, 1, 3], "q");
+        let k = heads_first(k, &[0, 2, 3, 1], "k");
+        let v = heads_first(v, &[0, 2, 1, 3], "v");
+        let mut s = self.node("MatMul", &[&q, &k], vec![], "scores");
+        if let Some(m) = mask {
+            s = self.node("Add", &[&s, m], vec![], "masked");
+        }
+        let p = self.node("Softmax", &[&s], vec![attr_int("axis", -1)], "attn");
+        self.node("MatMul", &[&p, &v], vec![], "ctx")
+    }
+
     /// Pre-LN residual attention block; `mask`: additive `[T, T]` (causal text) or none.
     #[allow(clippy::too_many_arguments)]
     fn block(
@@ -252,34 +279,7 @@ impl<'a> Builder<'a> {
         let q = self.linear(&h, &format!("{prefix}.self_attn.q_proj"), scale)?;
         let k = self.linear(&h, &format!("{prefix}.self_attn.k_proj"), 1.0)?;
         let v = self.linear(&h, &format!("{prefix}.self_attn.v_proj"), 1.0)?;
-        let split = self.i64_const("split_shape", &[0, 0, heads, hd]);
-        let q = self.node("Reshape", &[&q, &split], vec![], "q");
-        let q = self.node(
-            "Transpose",
-            &[&q],
-            vec![attr_ints("perm", &[0, 2, 1, 3])],
-            "q",
-        );
-        let k = self.node("Reshape", &[&k, &split], vec![], "k");
-        let k = self.node(
-            "Transpose",
-            &[&k],
-            vec![attr_ints("perm", &[0, 2, 3, 1])],
-            "k",
-        );
-        let v = self.node("Reshape", &[&v, &split], vec![], "v");
-        let v = self.node(
-            "Transpose",
-            &[&v],
-            vec![attr_ints("perm", &[0, 2, 1, 3])],
-            "v",
-        );
-        let mut s = self.node("MatMul", &[&q, &k], vec![], "scores");
-        if let Some(m) = mask {
-            s = self.node("Add", &[&s, m], vec![], "masked");
-        }
-        let p = self.node("Softmax", &[&s], vec![attr_int("axis", -1)], "attn");
-        let o = self.node("MatMul", &[&p, &v], vec![], "ctx");
+        let o = self.attention(&q, &k, &v, heads, hd, mask);
         let o = self.node(
             "Transpose",
             &[&o],
@@ -523,31 +523,7 @@ impl Builder<'_> {
         let q = self.linear(&first, "visual.attnpool.q_proj", scale)?;
         let k = self.linear(&t, "visual.attnpool.k_proj", 1.0)?;
         let vv = self.linear(&t, "visual.attnpool.v_proj", 1.0)?;
-        let split = self.i64_const("split_shape", &[0, 0, heads, hd]);
-        let q = self.node("Reshape", &[&q, &split], vec![], "q");
-        let q = self.node(
-            "Transpose",
-            &[&q],
-            vec![attr_ints("perm", &[0, 2, 1, 3])],
-            "q",
-        );
-        let k = self.node("Reshape", &[&k, &split], vec![], "k");
-        let k = self.node(
-            "Transpose",
-            &[&k],
-            vec![attr_ints("perm", &[0, 2, 3, 1])],
-            "k",
-        );
-        let vv = self.node("Reshape", &[&vv, &split], vec![], "v");
-        let vv = self.node(
-            "Transpose",
-            &[&vv],
-            vec![attr_ints("perm", &[0, 2, 1, 3])],
-            "v",
-        );
-        let s = self.node("MatMul", &[&q, &k], vec![], "scores");
-        let p = self.node("Softmax", &[&s], vec![attr_int("axis", -1)], "attn");
-        let o = self.node("MatMul", &[&p, &vv], vec![], "ctx");
+        let o = self.attention(&q, &k, &vv, heads, hd, None);
         let merge = self.i64_const("merge_shape", &[-1, dim]);
         let o = self.node("Reshape", &[&o, &merge], vec![], "ctx");
         self.linear(&o, "visual.attnpool.c_proj", 1.0)
