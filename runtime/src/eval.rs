@@ -292,22 +292,22 @@ pub fn write_reports(ev: &Evaluation, requested: &Path, force: bool) -> Result<P
         }
     }
     crate::fsutil::write_atomic(&out.join("report.md"), md.as_bytes())?;
-    let confusion_path = out.join("confusion.csv");
-    let csv_err =
-        |e: csv::Error| Error::InvalidArgument(format!("{}: {e}", confusion_path.display()));
-    let mut w = csv::Writer::from_writer(Vec::new());
-    w.write_record(
-        std::iter::once("true\\predicted").chain(ev.labels.iter().map(|l| l.name.as_str())),
-    )
-    .map_err(csv_err)?;
-    for (l, row) in ev.labels.iter().zip(&best.report.confusion) {
-        w.write_record(std::iter::once(l.name.clone()).chain(row.iter().map(|v| v.to_string())))
-            .map_err(csv_err)?;
-    }
-    let bytes = w
-        .into_inner()
-        .map_err(|e| Error::InvalidArgument(format!("{}: {e}", confusion_path.display())))?;
-    crate::fsutil::write_atomic(&confusion_path, &bytes)?;
+    let header = std::iter::once("true\\predicted".to_string())
+        .chain(ev.labels.iter().map(|l| l.name.clone()))
+        .collect::<Vec<_>>();
+    let rows = ev
+        .labels
+        .iter()
+        .zip(&best.report.confusion)
+        .map(|(l, row)| {
+            std::iter::once(l.name.clone())
+                .chain(row.iter().map(|v| v.to_string()))
+                .collect::<Vec<_>>()
+        });
+    crate::fsutil::write_csv(
+        &out.join("confusion.csv"),
+        std::iter::once(header).chain(rows),
+    )?;
     let names: Vec<String> = ev.labels.iter().map(|l| l.name.clone()).collect();
     crate::plot::confusion(
         &out.join("confusion.png"),

@@ -12,6 +12,23 @@ use sha2::{Digest, Sha256};
 
 use crate::error::{Error, Result};
 
+/// Writes `rows` (the header first) as a CSV file (the `csv` crate's quoting), atomically.
+pub fn write_csv<R, F>(path: &Path, rows: impl IntoIterator<Item = R>) -> Result<()>
+where
+    R: IntoIterator<Item = F>,
+    F: AsRef<[u8]>,
+{
+    let fail = |e: csv::Error| Error::io(path, std::io::Error::other(e));
+    let mut w = csv::Writer::from_writer(Vec::new());
+    for row in rows {
+        w.write_record(row).map_err(fail)?;
+    }
+    let bytes = w
+        .into_inner()
+        .map_err(|e| Error::io(path, std::io::Error::other(e.to_string())))?;
+    write_atomic(path, &bytes)
+}
+
 /// Writes `bytes` to `path` through a temporary file in the same folder, synced, then renamed, so a
 /// crash leaves either the old file or the new one, never half of one.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {

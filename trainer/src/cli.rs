@@ -306,7 +306,6 @@ struct Settings {
 }
 
 fn settings(a: &FinetuneArgs) -> Settings {
-    let t1 = runtime::labels::REFERENCE_TEMPLATES[0].to_string();
     let mut d = Settings {
         lr: vec![1e-6],
         schedule: LrSchedule::Constant,
@@ -316,7 +315,7 @@ fn settings(a: &FinetuneArgs) -> Settings {
         weight_decay: 0.001,
         optimizer: Optimizer::Adam,
         loss: LossKind::Contrastive,
-        templates: vec![t1.clone()],
+        templates: vec![runtime::labels::REFERENCE_TEMPLATES[0].to_string()],
         train_template: String::new(),
         val: 0.1,
         select: Select::BestVal,
@@ -864,35 +863,32 @@ fn write_sweep(
     results: &[train::RunResult],
     curves: &[(String, Vec<train::EpochMetrics>)],
 ) -> Result<()> {
-    let csv_err = |e: csv::Error| Error::Data(format!("metrics.csv: {e}"));
-    let mut w = csv::Writer::from_writer(Vec::new());
-    w.write_record([
+    let cell = |v: Option<f64>| v.map(|v| v.to_string()).unwrap_or_default();
+    let header = [
         "lr",
         "epoch",
         "train_loss",
         "val_top1",
         "test_top1",
         "seconds",
-    ])
-    .map_err(csv_err)?;
-    let cell = |v: Option<f64>| v.map(|v| v.to_string()).unwrap_or_default();
-    for (lr, r) in lrs.iter().zip(results) {
-        for m in &r.state.metrics {
-            w.write_record([
+    ]
+    .map(String::from);
+    let rows = lrs.iter().zip(results).flat_map(|(lr, r)| {
+        r.state.metrics.iter().map(move |m| {
+            [
                 format!("{lr:e}"),
                 m.epoch.to_string(),
                 m.train_loss.to_string(),
                 cell(m.val_top1),
                 cell(m.test_top1),
                 format!("{:.3}", m.seconds),
-            ])
-            .map_err(csv_err)?;
-        }
-    }
-    let bytes = w
-        .into_inner()
-        .map_err(|e| Error::Data(format!("metrics.csv: {e}")))?;
-    runtime::fsutil::write_atomic(&out.join("metrics.csv"), &bytes)?;
+            ]
+        })
+    });
+    runtime::fsutil::write_csv(
+        &out.join("metrics.csv"),
+        std::iter::once(header).chain(rows),
+    )?;
     // The sweep's root is a run folder too (the output rule recognises runs by run.json).
     runtime::fsutil::write_atomic(
         &out.join("run.json"),

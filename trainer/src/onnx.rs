@@ -435,6 +435,18 @@ impl Builder<'_> {
         })
     }
 
+    /// A feature map `[b, dim, h, w]` as tokens `[b, h w, dim]`.
+    fn tokens(&mut self, x: &str, dim: i64) -> String {
+        let flat = self.i64_const("flat_shape", &[0, dim, -1]);
+        let t = self.node("Reshape", &[x, &flat], vec![], "tokens");
+        self.node(
+            "Transpose",
+            &[&t],
+            vec![attr_ints("perm", &[0, 2, 1])],
+            "tokens",
+        )
+    }
+
     fn avg_pool(&mut self, x: &str, k: i64) -> String {
         self.node(
             "AveragePool",
@@ -497,14 +509,7 @@ impl Builder<'_> {
         let dim = v.hidden_size * 32;
         let heads = v.num_attention_heads;
         let hd = dim / heads;
-        let flat = self.i64_const("flat_shape", &[0, dim, -1]);
-        let t = self.node("Reshape", &[&x, &flat], vec![], "tokens");
-        let t = self.node(
-            "Transpose",
-            &[&t],
-            vec![attr_ints("perm", &[0, 2, 1])],
-            "tokens",
-        );
+        let t = self.tokens(&x, dim);
         let axis1 = self.i64_const("axis1", &[1]);
         // Opset 17: ReduceMean takes its axes as an attribute.
         let mean = self.node(
@@ -580,14 +585,7 @@ impl Builder<'_> {
             ],
             "patches",
         );
-        let flat = b.i64_const("flat_shape", &[0, v.hidden_size, -1]);
-        let x = b.node("Reshape", &[&x, &flat], vec![], "patches");
-        let x = b.node(
-            "Transpose",
-            &[&x],
-            vec![attr_ints("perm", &[0, 2, 1])],
-            "tokens",
-        );
+        let x = b.tokens(&x, v.hidden_size);
         // Class token broadcast to the batch: Expand to [batch, 1, D], batch read from the input's shape.
         let cls_t = b
             .weights

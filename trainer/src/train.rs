@@ -670,10 +670,8 @@ pub fn write_metrics(
     test: Option<&FinalTest>,
     label: &str,
 ) -> Result<()> {
-    let mut w = csv::Writer::from_writer(Vec::new());
     let cell = |v: Option<f64>| v.map(|v| v.to_string()).unwrap_or_default();
-    let csv_err = |e: csv::Error| Error::Data(format!("metrics.csv: {e}"));
-    w.write_record([
+    let header = [
         "epoch",
         "train_loss",
         "lr",
@@ -682,10 +680,10 @@ pub fn write_metrics(
         "seconds",
         "steps",
         "skipped_steps",
-    ])
-    .map_err(csv_err)?;
-    for m in &state.metrics {
-        w.write_record([
+    ]
+    .map(String::from);
+    let rows = state.metrics.iter().map(|m| {
+        [
             m.epoch.to_string(),
             m.train_loss.to_string(),
             m.lr.to_string(),
@@ -694,13 +692,12 @@ pub fn write_metrics(
             format!("{:.3}", m.seconds),
             m.steps.to_string(),
             m.skipped_steps.to_string(),
-        ])
-        .map_err(csv_err)?;
-    }
-    let bytes = w
-        .into_inner()
-        .map_err(|e| Error::Data(format!("metrics.csv: {e}")))?;
-    runtime::fsutil::write_atomic(&run_dir.join("metrics.csv"), &bytes)?;
+        ]
+    });
+    runtime::fsutil::write_csv(
+        &run_dir.join("metrics.csv"),
+        std::iter::once(header).chain(rows),
+    )?;
     runtime::fsutil::write_atomic(
         &run_dir.join("metrics.json"),
         &serde_json::to_vec_pretty(&state.metrics).expect("json"),

@@ -160,9 +160,14 @@ pub fn read_open_clip_safetensors(path: &Path) -> Result<(ClipConfig, Vec<(Strin
     from_openai_state_dict(sd, path)
 }
 
-/// Whether a safetensors file holds OpenAI/open_clip names (rather than HF's).
-pub fn has_openai_names(path: &Path) -> bool {
-    read_safetensors(path).is_ok_and(|t| t.iter().any(|(k, _)| k == "token_embedding.weight"))
+/// Tensor `key` of an OpenAI-named state dict, or an error naming it and the file.
+fn tensor(sd: &BTreeMap<String, Tensor>, key: &str, path: &Path) -> Result<Tensor> {
+    sd.get(key)
+        .map(|t| t.shallow_clone())
+        .ok_or_else(|| Error::Checkpoint {
+            path: path.to_path_buf(),
+            reason: format!("no tensor {key} (not an OpenAI CLIP state dict?)"),
+        })
 }
 
 /// OpenAI-named tensors -> (config, tensors under this crate's names): HF names for the text
@@ -175,11 +180,7 @@ fn from_openai_state_dict(
         path: path.to_path_buf(),
         reason,
     };
-    let get = |sd: &BTreeMap<String, Tensor>, k: &str| -> Result<Tensor> {
-        sd.get(k)
-            .map(|t| t.shallow_clone())
-            .ok_or_else(|| bad(format!("no tensor {k} (not an OpenAI CLIP archive?)")))
-    };
+    let get = |sd: &BTreeMap<String, Tensor>, k: &str| tensor(sd, k, path);
     if sd.contains_key("visual.layer1.0.conv1.weight") {
         return from_openai_resnet(sd, path);
     }
@@ -249,15 +250,7 @@ fn openai_text(
     sd: &BTreeMap<String, Tensor>,
     path: &Path,
 ) -> Result<(TextShape, Vec<(String, Tensor)>)> {
-    let bad = |reason: String| Error::Checkpoint {
-        path: path.to_path_buf(),
-        reason,
-    };
-    let get = |k: &str| -> Result<Tensor> {
-        sd.get(k)
-            .map(|t| t.shallow_clone())
-            .ok_or_else(|| bad(format!("no tensor {k} (not an OpenAI CLIP state dict?)")))
-    };
+    let get = |k: &str| tensor(sd, k, path);
     let width = get("ln_final.weight")?.size()[0];
     let layers = sd
         .keys()
@@ -302,14 +295,7 @@ fn transformer_blocks(
     n: i64,
     path: &Path,
 ) -> Result<Vec<(String, Tensor)>> {
-    let get = |k: &str| -> Result<Tensor> {
-        sd.get(k)
-            .map(|t| t.shallow_clone())
-            .ok_or_else(|| Error::Checkpoint {
-                path: path.to_path_buf(),
-                reason: format!("no tensor {k} (not an OpenAI CLIP state dict?)"),
-            })
-    };
+    let get = |k: &str| tensor(sd, k, path);
     let mut out = Vec::new();
     for i in 0..n {
         let s = format!("{src}.resblocks.{i}");
@@ -377,9 +363,7 @@ fn from_openai_resnet(
             blocks.len() as i64
         })
         .collect();
-    let pos = sd
-        .get("visual.attnpool.positional_embedding")
-        .ok_or_else(|| bad("no visual.attnpool.positional_embedding".into()))?;
+    let pos = tensor(&sd, "visual.attnpool.positional_embedding", path)?;
     let grid = ((pos.size()[0] - 1) as f64).sqrt().round() as i64;
     let mut cfg = ClipConfig {
         vision_config: crate::model::VisionConfig {

@@ -416,43 +416,40 @@ fn main() -> ExitCode {
                 let spec = split_spec
                     .or(recorded)
                     .unwrap_or_else(|| Split::default_for(dataset, 0));
-                let split = split.unwrap_or_else(|| {
+                if split.is_none() {
                     if let Some(r) = recorded {
                         eprintln!(
                             "scoring the test part of split {r}, the one {} was trained with (--split all for every image)",
                             bundle.manifest.name
                         );
-                        "test".into()
-                    } else {
-                        "all".into()
                     }
-                });
-                let (split_name, samples) = match split.as_str() {
-                    "all" => (split.clone(), ds.samples.clone()),
-                    "train" => (
-                        format!("train of {spec}"),
-                        datasets::split(&ds.samples, spec)?.0,
-                    ),
-                    "test" => (
-                        format!("test of {spec}"),
-                        datasets::split(&ds.samples, spec)?.1,
-                    ),
-                    other => {
+                }
+                // (part, split it is a part of): None = every image.
+                let (part, of) = match split.as_deref() {
+                    None if recorded.is_some() => ("test", Some(spec)),
+                    None | Some("all") => ("all", None),
+                    Some(p @ ("train" | "test")) => (p, Some(spec)),
+                    Some(other) => {
                         let s: Split = other.parse().map_err(|e: String| {
                             anyhow::anyhow!("--split: {e}; or all, train, test")
                         })?;
-                        (format!("test of {s}"), datasets::split(&ds.samples, s)?.1)
+                        ("test", Some(s))
                     }
                 };
-                if let Some(r) = recorded {
-                    if split_name == format!("train of {r}") {
-                        eprintln!(
-                            "warning: {} was trained on these images",
-                            bundle.manifest.name
-                        );
+                let (split, samples) = match of {
+                    None => ("all".to_string(), ds.samples.clone()),
+                    Some(s) => {
+                        if part == "train" && Some(s) == recorded {
+                            eprintln!(
+                                "warning: {} was trained on these images",
+                                bundle.manifest.name
+                            );
+                        }
+                        let (train, test) = datasets::split(&ds.samples, s)?;
+                        let samples = if part == "train" { train } else { test };
+                        (format!("{part} of {s}"), samples)
                     }
-                }
-                let split = split_name;
+                };
                 let mut engine = Engine::load(bundle, device.options())?;
                 let opts = runtime::eval::EvalOptions {
                     templates,
