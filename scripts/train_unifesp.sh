@@ -3,9 +3,9 @@
 # train_df.csv, or Kaggle's train.csv + DICOM tree), the reference's split (single-label rows
 # [1, 1200) to train, [1200, 1600) to test), from random weights, on the CPU.
 #
-#   scripts/train_unifesp.sh DATA_DIR OUT_DIR [best|reference]
+#   scripts/train_unifesp.sh DATA_DIR OUT_DIR [best|reference] [TRAINER_FINETUNE_OPTIONS...]
 #
-#   best       `trainer finetune --recipe scratch` on the rn-small ResNet CLIP (160 px): class-aware
+#   best       `trainer finetune --recipe scratch` on the rn-small ResNet CLIP (128 px): class-aware
 #              loss, AdamW, cosine schedule with warm-up, augmentation; the epoch chosen on 10% of
 #              the training rows; the test images scored once, at the end.
 #   reference  `trainer finetune --recipe reference` on the same initialisation: what the reference
@@ -16,14 +16,16 @@
 # OUT_DIR/bundle (the exported bundle), OUT_DIR/eval (runtime eval: report.json, report.md,
 # confusion.csv, confusion.png) and OUT_DIR/summary.json, and prints the table. OUT_DIR must lie
 # outside the repository (the images' licence is unknown: no model trained on them is committed).
-# An existing OUT_DIR is refused unless FORCE=1.
+# An existing OUT_DIR is refused unless FORCE=1. Options after the recipe go to `trainer finetune`
+# and win over the recipe's (e.g. `--val 0 --select last --epochs 80`: all 1199 rows, last epoch).
 set -euo pipefail
-if [ $# -lt 2 ] || [ $# -gt 3 ]; then
-  sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//' >&2
+if [ $# -lt 2 ]; then
+  sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//' >&2
   exit 2
 fi
 DATA="$(cd "$1" && pwd)" || { echo "error: no data folder $1" >&2; exit 2; }
 RECIPE="${3:-best}"
+EXTRA=("${@:4}")
 case "$RECIPE" in
   best) TRAINER_RECIPE=scratch ;;
   reference) TRAINER_RECIPE=reference ;;
@@ -52,7 +54,7 @@ START=$(date +%s)
 /usr/bin/time -v -o "$OUT/time.txt" \
   "$BIN/trainer" finetune --dataset unifesp --data "$DATA" --recipe "$TRAINER_RECIPE" \
     --init "$OUT/init" --out "$OUT/run" --export "$OUT/bundle" --bundle-name "unifesp-$RECIPE" \
-    --device cpu --threads "$THREADS" "${F[@]}" 2>&1 | tee "$OUT/train.log"
+    --device cpu --threads "$THREADS" "${F[@]}" "${EXTRA[@]}" 2>&1 | tee "$OUT/train.log"
 WALL=$(( $(date +%s) - START ))
 PEAK_KB=$(awk -F': ' '/Maximum resident set size/ {print $2}' "$OUT/time.txt")
 

@@ -99,6 +99,10 @@ pub struct InitArgs {
     /// rn-small (the UNIFESP recipe's), tiny, rn-tiny.
     #[arg(long)]
     pub config: Option<String>,
+    /// Input size in pixels of the preset's image tower (a multiple of 32 for ResNets, of the patch
+    /// size for ViTs) [default: the preset's].
+    #[arg(long, requires = "config")]
+    pub image_size: Option<i64>,
     /// Seed of the random weights.
     #[arg(long, default_value_t = 0)]
     pub seed: i64,
@@ -145,8 +149,8 @@ pub struct FinetuneArgs {
     /// A set of defaults for the options below: `reference` (what the reference experiment's code
     /// did: split reference, bare class names as training text, contrastive loss, Adam lr 2e-6,
     /// StepLR(10, 0.1), 50 epochs, the last epoch reported, test scored every epoch) or `scratch`
-    /// (training from random weights: class-aware loss, AdamW lr 1e-3, cosine with warm-up, full
-    /// augmentation, best validation epoch). Options given explicitly win.
+    /// (training from random weights: class-aware loss, AdamW lr 1e-3, cosine with warm-up, 90
+    /// epochs, full augmentation, best validation epoch). Options given explicitly win.
     #[arg(long)]
     pub recipe: Option<Recipe>,
     /// Learning rate(s); several, comma-separated, run a sweep, the best on validation kept
@@ -380,7 +384,7 @@ fn settings(a: &FinetuneArgs) -> Settings {
 }
 
 /// Epochs of `--recipe scratch`: what fits 30 minutes of a 2-core CPU with the rn-small model.
-pub const SCRATCH_EPOCHS: usize = 50;
+pub const SCRATCH_EPOCHS: usize = 90;
 
 pub fn device(name: &str) -> Result<Device> {
     match name {
@@ -416,8 +420,12 @@ pub fn init(a: &InitArgs) -> Result<()> {
             (config, Some(tensors), None)
         }
         (None, Some(name)) => {
-            let config = ClipConfig::preset(name)
+            let mut config = ClipConfig::preset(name)
                 .ok_or_else(|| Error::Config(format!("unknown configuration {name:?}")))?;
+            if let Some(size) = a.image_size {
+                config.vision_config.image_size = size;
+                config.validate().map_err(Error::Config)?;
+            }
             (config, None, None)
         }
         (None, None) => return Err(Error::Config("give --from PATH or --config NAME".into())),

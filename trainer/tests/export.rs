@@ -294,14 +294,24 @@ fn open_clip_resnet_import_and_export_match_open_clip() {
     assert!(max_diff(&train_out, &want_img) > 1e-3);
 }
 
-/// A random-weight ResNet CLIP trains a step, saves, reloads and exports: the checkpoint keeps the
-/// batch-norm statistics the step updated, and the bundle runs in ONNX Runtime as tch.
+/// A random-weight ResNet CLIP (at a non-default input size) trains a step, saves, reloads and
+/// exports: the checkpoint keeps the batch-norm statistics the step updated, and the bundle runs
+/// in ONNX Runtime as tch.
 #[test]
 fn resnet_checkpoint_round_trip_and_export() {
     let dir = tmp("export-resnet");
     let ck = dir.join("init");
     let out = Command::new(env!("CARGO_BIN_EXE_trainer"))
-        .args(["init", "--config", "rn-tiny", "--seed", "3", "--out"])
+        .args([
+            "init",
+            "--config",
+            "rn-tiny",
+            "--image-size",
+            "96",
+            "--seed",
+            "3",
+        ])
+        .arg("--out")
         .arg(&ck)
         .output()
         .unwrap();
@@ -311,7 +321,8 @@ fn resnet_checkpoint_round_trip_and_export() {
         String::from_utf8_lossy(&out.stderr)
     );
     let m = weights::load(&ck, Device::Cpu).unwrap();
-    let px = Tensor::randn([2, 3, 64, 64], (Kind::Float, Device::Cpu));
+    assert_eq!(m.model.config.vision_config.image_size, 96);
+    let px = Tensor::randn([2, 3, 96, 96], (Kind::Float, Device::Cpu));
     let before = m.vs.variables()["visual.bn1.running_mean"].copy();
     let _ = m.model.image_features_t(&px, true);
     let after = m.vs.variables()["visual.bn1.running_mean"].copy();
@@ -333,6 +344,6 @@ fn resnet_checkpoint_round_trip_and_export() {
     )
     .unwrap();
     let flat: Vec<f32> = Vec::<f32>::try_from(px.reshape([-1])).unwrap();
-    let (ours, _) = image.embed_pixels(&[2, 3, 64, 64], &flat).unwrap();
+    let (ours, _) = image.embed_pixels(&[2, 3, 96, 96], &flat).unwrap();
     assert!(max_diff(&ours, &a) <= 1e-4, "{}", max_diff(&ours, &a));
 }

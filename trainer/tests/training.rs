@@ -315,4 +315,23 @@ fn bad_input_is_a_clear_error() {
         &trainer(&["init", "--config", "vit-xxl", "--out", s(&dir.join("x"))]),
         "unknown configuration",
     );
+    for (size, error) in [
+        ("100", "not a multiple of 32"),
+        ("99999968", "over 2048 pixels"),
+    ] {
+        let out = dir.join(format!("size-{size}"));
+        one_error_line(
+            &trainer(&[
+                "init",
+                "--config",
+                "rn-tiny",
+                "--image-size",
+                size,
+                "--out",
+                s(&out),
+            ]),
+            error,
+        );
+        assert!(!out.exists(), "a refused init wrote {out:?}");
+    }
 }
