@@ -348,3 +348,51 @@ impl LrSchedule {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn loss_scaler_halves_on_overflow_and_doubles_after_2000_good_steps() {
+        let mut s = LossScaler::new(true);
+        assert_eq!(s.scale, 65536.0);
+        s.update(false);
+        assert_eq!(s.scale, 32768.0);
+        for _ in 0..1999 {
+            s.update(true);
+        }
+        assert_eq!(s.scale, 32768.0, "grew before 2000 good steps");
+        s.update(true);
+        assert_eq!(s.scale, 65536.0);
+        // An overflow restarts the count of good steps.
+        for _ in 0..1500 {
+            s.update(true);
+        }
+        s.update(false);
+        for _ in 0..1999 {
+            s.update(true);
+        }
+        assert_eq!(s.scale, 32768.0);
+
+        let mut off = LossScaler::new(false);
+        off.update(false);
+        assert_eq!(off.scale, 1.0, "a disabled scaler never changes");
+    }
+
+    #[test]
+    fn a_step_with_non_finite_gradients_is_skipped() {
+        let p = Tensor::from_slice(&[1.0f32, 2.0]).set_requires_grad(true);
+        let mut adam = Adam::new(vec![("p".into(), p.shallow_clone())], AdamConfig::default());
+        let before = Vec::<f32>::try_from(&p.detach()).unwrap();
+        (&p * f64::INFINITY).sum(Kind::Float).backward();
+        assert!(!adam.step(1.0, true), "an infinite gradient was applied");
+        assert_eq!(adam.step, 0);
+        assert_eq!(Vec::<f32>::try_from(&p.detach()).unwrap(), before);
+        adam.zero_grad();
+        (&p * 3.0).sum(Kind::Float).backward();
+        assert!(adam.step(1.0, true));
+        assert_eq!(adam.step, 1);
+        assert_ne!(Vec::<f32>::try_from(&p.detach()).unwrap(), before);
+    }
+}
