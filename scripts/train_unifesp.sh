@@ -17,7 +17,7 @@
 # confusion.csv, confusion.png) and OUT_DIR/summary.json, and prints the table. OUT_DIR must lie
 # outside the repository (the images' licence is unknown: no model trained on them is committed).
 # An existing OUT_DIR is refused unless FORCE=1. Options after the recipe go to `trainer finetune`
-# and win over the recipe's (e.g. `--val 0 --select last --epochs 80`: all 1199 rows, last epoch).
+# and win over the recipe's (e.g. `--val 0`: all 1199 rows, the last epoch).
 set -euo pipefail
 if [ $# -lt 2 ]; then
   sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//' >&2

@@ -25,7 +25,7 @@ where
     }
     let bytes = w
         .into_inner()
-        .map_err(|e| Error::io(path, std::io::Error::other(e.to_string())))?;
+        .map_err(|e| Error::io(path, e.into_error()))?;
     write_atomic(path, &bytes)
 }
 

@@ -416,20 +416,18 @@ fn main() -> ExitCode {
                 let spec = split_spec
                     .or(recorded)
                     .unwrap_or_else(|| Split::default_for(dataset, 0));
-                if split.is_none() {
-                    if let Some(r) = recorded {
+                // (part, split it is a part of): None = every image.
+                let (part, of) = match (split.as_deref(), recorded) {
+                    (None, Some(r)) => {
                         eprintln!(
                             "scoring the test part of split {r}, the one {} was trained with (--split all for every image)",
                             bundle.manifest.name
                         );
+                        ("test", Some(spec))
                     }
-                }
-                // (part, split it is a part of): None = every image.
-                let (part, of) = match split.as_deref() {
-                    None if recorded.is_some() => ("test", Some(spec)),
-                    None | Some("all") => ("all", None),
-                    Some(p @ ("train" | "test")) => (p, Some(spec)),
-                    Some(other) => {
+                    (None | Some("all"), _) => ("all", None),
+                    (Some(p @ ("train" | "test")), _) => (p, Some(spec)),
+                    (Some(other), _) => {
                         let s: Split = other.parse().map_err(|e: String| {
                             anyhow::anyhow!("--split: {e}; or all, train, test")
                         })?;
