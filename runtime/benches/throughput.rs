@@ -9,11 +9,11 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use clap::Parser;
-use runtime::assemble::{assemble, AssembleSpec};
+use runtime::bundle::assemble::{assemble, AssembleSpec};
 use runtime::engine::{encoder_from_file, Device, Engine, EngineOptions};
-use runtime::labels;
+use runtime::image::preprocess::PreprocessConfig;
 use runtime::pipeline::{self, PipelineOptions};
-use runtime::preprocess::PreprocessConfig;
+use runtime::text::labels;
 
 #[derive(Parser)]
 struct Args {
@@ -88,7 +88,7 @@ fn main() -> anyhow::Result<()> {
             text_encoder: None,
             tokenizer: None,
             labels: labels::unifesp(),
-            templates: vec![labels::REFERENCE_TEMPLATES[0].into()],
+            templates: runtime::text::prompts::default_templates(),
             label_embeddings: Some((0..22 * dim).map(|i| (i % 7) as f32).collect()),
             logit_scale: 100.0,
             preprocessing: PreprocessConfig::default(),

@@ -8,8 +8,8 @@ use clap::Args;
 
 use crate::bundle::Bundle;
 use crate::engine::{Device, Engine, EngineOptions};
-use crate::labels::{self, Label};
 use crate::pipeline;
+use crate::text::labels::{self, Label};
 
 /// Runs a binary's body; any error becomes `error: ...` on one line and exit code 1.
 pub fn run_main(body: impl FnOnce() -> anyhow::Result<ExitCode>) -> ExitCode {
@@ -168,28 +168,28 @@ pub struct DataArgs {
     /// IRMA labels: regions (the 15 body regions of the anatomical axis, default) or reference
     /// (exactly as the reference experiment's code derived them, to compare with its figures).
     #[arg(long, default_value = "regions")]
-    pub irma_labels: crate::datasets::IrmaLabels,
+    pub irma_labels: crate::eval::datasets::IrmaLabels,
 }
 
 impl DataArgs {
-    pub fn dir(&self, kind: crate::datasets::DatasetKind) -> crate::Result<PathBuf> {
+    pub fn dir(&self, kind: crate::eval::datasets::DatasetKind) -> crate::Result<PathBuf> {
         match &self.data {
             Some(d) => Ok(d.clone()),
-            None => crate::datasets::default_data_dir(kind),
+            None => crate::eval::datasets::default_data_dir(kind),
         }
     }
 
     /// Loads the data set; rows with problems are reported on stderr (20 at most), not fatal.
     pub fn load(
         &self,
-        kind: crate::datasets::DatasetKind,
-    ) -> crate::Result<crate::datasets::Dataset> {
+        kind: crate::eval::datasets::DatasetKind,
+    ) -> crate::Result<crate::eval::datasets::Dataset> {
         let dir = self.dir(kind)?;
-        let opts = crate::datasets::LoadOptions {
+        let opts = crate::eval::datasets::LoadOptions {
             irma_labels: self.irma_labels,
             codes: self.codes.clone(),
         };
-        let ds = crate::datasets::load_with(kind, &dir, &opts)?;
+        let ds = crate::eval::datasets::load_with(kind, &dir, &opts)?;
         for p in ds.problems.iter().take(20) {
             eprintln!("warning: {p}");
         }

@@ -10,7 +10,7 @@ use ort::value::TensorRef;
 
 use crate::bundle::{self, Bundle, FileEntry};
 use crate::error::{Error, Result};
-use crate::tokenizer::TokenBatch;
+use crate::text::tokenizer::TokenBatch;
 
 /// Where the encoders run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

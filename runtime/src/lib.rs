@@ -1,38 +1,32 @@
 //! `runtime`: everything needed to run an xray-clip model bundle.
 //!
-//! Data flows one way: file -> [`decode`] -> [`preprocess`] -> encoder ([`engine`], feature `onnx`)
-//! -> [`scoring`]. [`bundle`] reads and writes the model folder, [`tokenizer`] and [`labels`] build
-//! prompts. Without the `onnx` feature (the browser build) everything but the engine is available.
+//! Data flows one way, and the modules in that order:
+//! file -> [`image`] (decode PNG/JPEG/DICOM, PIL-exact resize, CLIP normalisation) -> tensor ->
+//! [`engine`] (ONNX Runtime, feature `onnx`) -> embedding -> [`scoring`] -> label probabilities.
+//! [`text`] turns labels and templates into tokens for the text encoder, [`bundle`] reads and
+//! writes the model folder, [`pipeline`] runs the whole flow over many files, [`eval`] scores data
+//! sets, [`fs`] writes every file atomically. Without the `onnx` feature (the browser build)
+//! everything but the engine and what drives it is available.
 #![warn(clippy::unwrap_used)]
 
 pub mod bundle;
-pub mod datasets;
-pub mod decode;
-pub mod dicom;
 pub mod error;
-pub mod files;
-pub mod fsutil;
-pub mod labels;
-pub mod metrics;
-pub mod npy;
-pub mod preprocess;
+pub mod eval;
+pub mod fs;
+pub mod image;
 pub mod scoring;
-pub mod tokenizer;
+pub mod text;
 
-#[cfg(feature = "onnx")]
-pub mod assemble;
-#[cfg(feature = "onnx")]
+#[cfg(feature = "cli")]
 pub mod cli;
 #[cfg(feature = "onnx")]
 pub mod engine;
 #[cfg(feature = "onnx")]
-pub mod eval;
-#[cfg(feature = "onnx")]
-pub mod import;
+pub mod onnx_proto;
 #[cfg(feature = "onnx")]
 pub mod pipeline;
 #[cfg(feature = "onnx")]
-pub mod plot;
+pub mod progress;
 
 pub use error::{Error, Result};
 
@@ -79,8 +73,8 @@ pub const DEFAULT_BUNDLE: bundle::EmbeddedFiles = &[
 
 /// The built-in OpenAI tokenizer.
 #[cfg(feature = "embedded")]
-pub fn default_tokenizer() -> Result<tokenizer::ClipTokenizer> {
-    tokenizer::ClipTokenizer::from_bytes(
+pub fn default_tokenizer() -> Result<text::tokenizer::ClipTokenizer> {
+    text::tokenizer::ClipTokenizer::from_bytes(
         DEFAULT_TOKENIZER,
         std::path::Path::new(DEFAULT_TOKENIZER_NAME),
     )

@@ -4,15 +4,16 @@
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use crate::decode;
 use crate::engine::{Encoder, Engine};
 use crate::error::{Error, Result};
-use crate::labels::{self, Label};
-use crate::preprocess::{self, PreprocessConfig};
+use crate::image::decode;
+use crate::image::preprocess::{self, PreprocessConfig};
 use crate::scoring;
-use crate::tokenizer::{ClipTokenizer, Padding};
+use crate::text::labels::Label;
+use crate::text::prompts;
+use crate::text::tokenizer::{ClipTokenizer, Padding};
 
-pub use crate::files::{collect_files, IMAGE_EXTENSIONS};
+pub use crate::image::files::{collect_files, IMAGE_EXTENSIONS};
 
 /// Decodes and preprocesses one file. A panic inside a decoder (a bug there, met by a hostile file)
 /// becomes this file's error instead of ending the run.
@@ -150,17 +151,11 @@ pub fn embed_files(
 }
 
 fn progress_bar(len: u64, show: bool) -> indicatif::ProgressBar {
-    if !show {
-        return indicatif::ProgressBar::hidden();
+    if show {
+        crate::progress::bar(len, "images")
+    } else {
+        indicatif::ProgressBar::hidden()
     }
-    let bar = indicatif::ProgressBar::new(len);
-    bar.set_style(
-        indicatif::ProgressStyle::with_template(
-            "{bar:40} {pos}/{len} images, {per_sec}, eta {eta}",
-        )
-        .expect("valid template"),
-    );
-    bar
 }
 
 /// Label embeddings (normalised, `[labels x dim]`) from the bundle's text encoder: every template is
@@ -197,17 +192,11 @@ pub fn prompt_embeddings(
     labels: &[Label],
     templates: &[String],
 ) -> Result<(Vec<f32>, usize)> {
-    if templates.is_empty() {
-        return Err(Error::InvalidArgument("no prompt template given".into()));
-    }
+    let texts = prompts::prompts(templates, labels)?;
     let mut per_template = Vec::with_capacity(templates.len());
     let mut dim = 0;
-    for t in templates {
-        let prompts: Vec<String> = labels
-            .iter()
-            .map(|l| labels::fill(t, l))
-            .collect::<Result<_>>()?;
-        let tokens = tokenizer.encode_batch(&prompts, Padding::Longest)?;
+    for one_template in texts.chunks(labels.len().max(1)) {
+        let tokens = tokenizer.encode_batch(one_template, Padding::Longest)?;
         let (emb, d) = encoder.embed_tokens(&tokens)?;
         dim = d;
         per_template.push(emb);

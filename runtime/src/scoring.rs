@@ -4,6 +4,12 @@
 /// Probabilities over labels for one image embedding. `labels` is `[n x dim]`, rows normalised.
 pub fn probabilities(image_embedding: &[f32], labels: &[f32], logit_scale: f32) -> Vec<f32> {
     let dim = image_embedding.len();
+    if dim == 0 {
+        return vec![];
+    }
+    // Dividing the dot products by the norm (rather than normalising first) is the arithmetic the
+    // parity tests and the recorded outputs use; a zero vector gets zero logits, as in
+    // [`normalize_rows`].
     let norm = image_embedding
         .iter()
         .map(|v| v * v)
@@ -43,7 +49,7 @@ pub fn top_k(probs: &[f32], k: usize) -> Vec<usize> {
 pub fn json_line(
     file: &str,
     model: &str,
-    labels: &[crate::labels::Label],
+    labels: &[crate::text::labels::Label],
     probs: &[f32],
     k: usize,
 ) -> serde_json::Value {
@@ -59,11 +65,26 @@ pub fn json_line(
 pub fn ensemble(per_template: &[Vec<f32>], dim: usize) -> Vec<f32> {
     let mut acc = vec![0f32; per_template.first().map_or(0, Vec::len)];
     for t in per_template {
-        for (a, v) in acc.iter_mut().zip(crate::bundle::normalize_rows(t, dim)) {
+        for (a, v) in acc.iter_mut().zip(normalize_rows(t, dim)) {
             *a += v;
         }
     }
-    crate::bundle::normalize_rows(&acc, dim)
+    normalize_rows(&acc, dim)
+}
+
+/// L2-normalises each row of a row-major matrix (zero rows stay zero).
+pub fn normalize_rows(data: &[f32], dim: usize) -> Vec<f32> {
+    let mut out = data.to_vec();
+    if dim == 0 {
+        return out;
+    }
+    for row in out.chunks_exact_mut(dim) {
+        let norm = row.iter().map(|v| v * v).sum::<f32>().sqrt();
+        if norm > 0.0 {
+            row.iter_mut().for_each(|v| *v /= norm);
+        }
+    }
+    out
 }
 
 #[cfg(test)]

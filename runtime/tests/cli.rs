@@ -320,10 +320,10 @@ fn runtime_subcommands() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let (shape, data) = runtime::npy::read(&npy_path).expect("npy");
+    let (shape, data) = runtime::bundle::npy::read(&npy_path).expect("npy");
     assert_eq!(shape, vec![1, 3, 224, 224]);
     let (_, reference) =
-        runtime::npy::read(&fixtures().join("preprocess/gray_300x217.npy")).expect("ref");
+        runtime::bundle::npy::read(&fixtures().join("preprocess/gray_300x217.npy")).expect("ref");
     assert_eq!(data, reference);
 
     // Recomputing the bundle's own labels with its own template reproduces its embeddings.

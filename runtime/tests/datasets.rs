@@ -7,8 +7,8 @@ use std::path::Path;
 use std::process::Command;
 
 use common::*;
-use runtime::datasets::{self, DatasetKind};
-use runtime::metrics;
+use runtime::eval::datasets::{self, DatasetKind};
+use runtime::eval::metrics;
 
 fn write_png(path: &Path, v: u8) {
     let img = image::GrayImage::from_pixel(40, 30, image::Luma([v]));
@@ -44,7 +44,7 @@ fn unifesp_layout_with_multi_label_rows_missing_files_and_bad_targets() {
     assert!(ds.problems[1].contains("bad target \"22\""));
     assert!(ds.problems[2].contains("line 7"), "{:?}", ds.problems);
     // The files decode as DICOM.
-    runtime::decode::decode_file(&ds.samples[0].path).unwrap();
+    runtime::image::decode::decode_file(&ds.samples[0].path).unwrap();
     // Reference split on too few images is a clear error.
     let err = datasets::split(&ds.samples, "head:1200:400".parse().unwrap()).unwrap_err();
     assert!(err

@@ -10,8 +10,11 @@ use common::*;
 use dicom_core::{DataElement, PrimitiveValue, VR};
 use dicom_dictionary_std::tags;
 use dicom_object::InMemDicomObject;
-use runtime::decode::{decode_bytes, Pixels};
-use runtime::{dicom, npy, Error};
+use runtime::bundle::npy;
+use runtime::image::decode::decode_bytes;
+use runtime::image::dicom;
+use runtime::image::Pixels;
+use runtime::Error;
 
 /// Real files: NEMA WG04 radiographs (uncompressed and JPEG 2000) and the compressed syntaxes.
 const FILES: [&str; 8] = [

@@ -11,7 +11,7 @@ use std::process::Command;
 
 use common::*;
 use runtime::engine::Engine;
-use runtime::tokenizer::Padding;
+use runtime::text::tokenizer::Padding;
 
 fn reference() -> serde_json::Value {
     serde_json::from_slice(&std::fs::read(fixtures().join("import/reference.json")).expect("ref"))
@@ -63,7 +63,7 @@ fn rows(v: &serde_json::Value) -> Vec<Vec<f32>> {
 }
 
 fn unit(v: &[f32]) -> Vec<f32> {
-    runtime::bundle::normalize_rows(v, v.len())
+    runtime::scoring::normalize_rows(v, v.len())
 }
 
 /// Embeddings of the reference images and prompts through a bundle, vs HF's (`CLIPModel`'s
@@ -114,7 +114,7 @@ fn compare(bundle_dir: &Path) -> (f32, f32) {
     }
     let emb = engine.embed_texts(&batch).expect("text");
     let dim = engine.bundle.manifest.embedding_dim;
-    let emb = runtime::bundle::normalize_rows(&emb, dim);
+    let emb = runtime::scoring::normalize_rows(&emb, dim);
     let text_diff = max_abs_diff(&emb, &rows(&r["text_embeds"]).concat());
     (image_diff, text_diff)
 }

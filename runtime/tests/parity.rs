@@ -5,11 +5,13 @@
 mod common;
 
 use common::*;
+use runtime::bundle::npy;
 use runtime::engine::Engine;
+use runtime::image::decode;
+use runtime::image::preprocess::{preprocess, PreprocessConfig};
 use runtime::pipeline::{self, PipelineOptions};
-use runtime::preprocess::{preprocess, PreprocessConfig};
-use runtime::tokenizer::{ClipTokenizer, Padding};
-use runtime::{decode, npy, scoring};
+use runtime::scoring;
+use runtime::text::tokenizer::{ClipTokenizer, Padding};
 
 #[test]
 fn preprocessing_matches_clip_image_processor() {
@@ -75,8 +77,8 @@ fn token_ids_equal_openai_for_every_fixture_string() {
         if ours != expected {
             // Known, documented difference: text that spells a special token literally. OpenAI's
             // regex can swallow its "<|" into a punctuation run; `tokenizers` always matches it whole.
-            if text.contains(runtime::tokenizer::END_TOKEN)
-                || text.contains(runtime::tokenizer::START_TOKEN)
+            if text.contains(runtime::text::tokenizer::END_TOKEN)
+                || text.contains(runtime::text::tokenizer::START_TOKEN)
             {
                 continue;
             }
@@ -175,7 +177,7 @@ fn tiny_hf_onnx_gives_reference_embeddings() {
         .remove(0)
         .expect("emb");
     let scale = engine.bundle.manifest.logit_scale;
-    let text_norm = runtime::bundle::normalize_rows(&txt_ref, dim);
+    let text_norm = runtime::scoring::normalize_rows(&txt_ref, dim);
     let probs = scoring::probabilities(&img, &text_norm, scale);
     let ref_probs = scoring::softmax(&logits_ref[..prompts.len()]);
     assert!(

@@ -137,7 +137,7 @@ pub fn tree_digest(dir: &Path) -> Vec<(PathBuf, String)> {
             } else {
                 let bytes = std::fs::read(&p).expect("read");
                 let rel = p.strip_prefix(dir).expect("inside").to_path_buf();
-                out.push((rel, runtime::fsutil::sha256_hex(&bytes)));
+                out.push((rel, runtime::fs::sha256_hex(&bytes)));
             }
         }
     }

@@ -11,7 +11,7 @@ use clap::Parser;
 use tch::{nn, Device, Kind, Tensor};
 use trainer::model::{Clip, ClipConfig};
 use trainer::optim::{Adam, AdamConfig, LossScaler};
-use trainer::train::contrastive_loss;
+use trainer::train::{train_step, LossKind};
 
 #[derive(Parser)]
 struct Args {
@@ -85,6 +85,7 @@ fn main() -> anyhow::Result<()> {
     let ids = Tensor::from_slice(&ids)
         .view([a.batch, 16])
         .to_device(device);
+    let pairs = Tensor::arange(a.batch, (Kind::Int64, device));
     let sync = || {
         if let Device::Cuda(i) = device {
             tch::Cuda::synchronize(i as i64);
@@ -95,14 +96,17 @@ fn main() -> anyhow::Result<()> {
     for step in 0..a.warmup + a.steps {
         sync();
         let t = Instant::now();
-        let loss = tch::autocast(amp, || {
-            contrastive_loss(&model, &model.image_features(&pixels), &ids)
-        });
-        adam.zero_grad();
-        (&loss * scaler.scale).backward();
-        let applied = adam.step(1.0 / scaler.scale, amp);
-        scaler.update(applied);
-        last_loss = loss.double_value(&[]);
+        // The same step as `trainer finetune`: one prompt per image, the contrastive loss.
+        (last_loss, _) = train_step(
+            &model,
+            &mut adam,
+            &mut scaler,
+            LossKind::Contrastive,
+            &pixels,
+            &pairs,
+            &ids,
+            amp,
+        );
         sync();
         if step >= a.warmup {
             times.push(t.elapsed().as_secs_f64());

@@ -3,9 +3,9 @@
 
 use std::path::PathBuf;
 
-use runtime::datasets::Sample;
-use runtime::decode::Image;
-use runtime::preprocess::{normalize_into, resize_crop, PreprocessConfig};
+use runtime::eval::datasets::Sample;
+use runtime::image::preprocess::{normalize_into, resize_crop, PreprocessConfig};
+use runtime::image::Image;
 use tch::{Device, Tensor};
 
 use crate::error::{Error, Result};
@@ -56,7 +56,7 @@ impl ImageSet {
         threads: usize,
         what: &str,
     ) -> Result<ImageSet> {
-        let bar = crate::progress::bar(samples.len() as u64, &format!("loading {what}"));
+        let bar = runtime::progress::bar(samples.len() as u64, &format!("loading {what}"));
         let threads = threads.max(1);
         let chunk = samples.len().div_ceil(threads).max(1);
         let results: Vec<Vec<(usize, std::result::Result<Image, String>)>> =
@@ -72,7 +72,7 @@ impl ImageSet {
                                 .map(|(i, sample)| {
                                     // A decoder panic on a hostile file fails that file only.
                                     let r = std::panic::catch_unwind(|| {
-                                        runtime::decode::decode_file(&sample.path)
+                                        runtime::image::decode::decode_file(&sample.path)
                                             .and_then(|img| resize_crop(&img, cfg))
                                             .map_err(|e| e.to_string())
                                     })
@@ -160,7 +160,7 @@ impl ImageSet {
 
 /// Contrast x0.35..1.0 around the mean and brightness -30..+50, with probability 3/4.
 fn jitter(img: &Image, seed: u64) -> Image {
-    let mut rng = runtime::datasets::SplitMix64::new(seed ^ 0xD1B5_4A32_D192_ED03);
+    let mut rng = runtime::eval::datasets::SplitMix64::new(seed ^ 0xD1B5_4A32_D192_ED03);
     let mut uniform = || rng.next_f64();
     if uniform() < 0.25 {
         return img.clone();
@@ -168,7 +168,7 @@ fn jitter(img: &Image, seed: u64) -> Image {
     let contrast = 0.35 + 0.65 * uniform();
     let brightness = -30.0 + 80.0 * uniform();
     let data = match &img.pixels {
-        runtime::decode::Pixels::Gray(p) | runtime::decode::Pixels::Rgb(p) => p,
+        runtime::image::Pixels::Gray(p) | runtime::image::Pixels::Rgb(p) => p,
     };
     let mean = data.iter().map(|&v| v as f64).sum::<f64>() / data.len().max(1) as f64;
     let map = |v: &u8| {
@@ -177,12 +177,10 @@ fn jitter(img: &Image, seed: u64) -> Image {
             .clamp(0.0, 255.0) as u8
     };
     let pixels = match &img.pixels {
-        runtime::decode::Pixels::Gray(p) => {
-            runtime::decode::Pixels::Gray(p.iter().map(map).collect())
+        runtime::image::Pixels::Gray(p) => {
+            runtime::image::Pixels::Gray(p.iter().map(map).collect())
         }
-        runtime::decode::Pixels::Rgb(p) => {
-            runtime::decode::Pixels::Rgb(p.iter().map(map).collect())
-        }
+        runtime::image::Pixels::Rgb(p) => runtime::image::Pixels::Rgb(p.iter().map(map).collect()),
     };
     Image {
         width: img.width,

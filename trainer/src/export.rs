@@ -7,15 +7,15 @@ use std::path::{Path, PathBuf};
 use runtime::bundle::{
     self, Bundle, BundleLabel, BundleWriter, Manifest, Provenance, FORMAT_VERSION,
 };
-use runtime::labels::Label;
-use runtime::preprocess::PreprocessConfig;
-use runtime::tokenizer::ClipTokenizer;
+use runtime::image::preprocess::PreprocessConfig;
+use runtime::text::labels::Label;
+use runtime::text::tokenizer::ClipTokenizer;
 use tch::{Device, Kind};
 
 use crate::error::{Error, Result};
 use crate::onnx::{self, Precision};
-use crate::train::{label_embeddings, label_tokens};
 use crate::weights;
+use crate::zero_shot::{label_embeddings, label_tokens};
 
 pub struct ExportSpec {
     pub checkpoint: PathBuf,
@@ -53,7 +53,7 @@ pub fn base_weights(checkpoint: &Path) -> String {
         .unwrap_or_else(|| checkpoint.display().to_string())
 }
 
-/// Exports as the bundle folder `out` (by the rule of `runtime::fsutil::resolve_output`: an
+/// Exports as the bundle folder `out` (by the rule of `runtime::fs::resolve_output`: an
 /// existing bundle is replaced only with `force`, any other folder gets the bundle inside it).
 pub fn export(spec: ExportSpec, out: &Path, force: bool) -> Result<Bundle> {
     if spec.labels.is_empty() || spec.templates.is_empty() {

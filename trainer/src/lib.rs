@@ -9,9 +9,9 @@ pub mod export;
 pub mod model;
 pub mod onnx;
 pub mod optim;
-pub mod plot;
-pub mod progress;
+pub mod report;
 pub mod train;
 pub mod weights;
+pub mod zero_shot;
 
 pub use error::{Error, Result};

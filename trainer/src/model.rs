@@ -756,8 +756,10 @@ impl Clip {
     }
 }
 
+/// L2-normalises the last dimension; a zero vector stays zero (as `runtime::scoring::normalize_rows`),
+/// never NaN.
 pub fn normalize(x: &Tensor) -> Tensor {
-    x / x.norm_scalaropt_dim(2, [-1], true)
+    x / x.norm_scalaropt_dim(2, [-1], true).clamp_min(1e-12)
 }
 
 /// Parameter names that HF and open_clip checkpoints may carry but that are buffers, not weights.

@@ -6,17 +6,19 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use runtime::labels::{self, Label};
-use runtime::preprocess::PreprocessConfig;
-use runtime::tokenizer::{ClipTokenizer, Padding};
+use runtime::image::preprocess::PreprocessConfig;
+use runtime::text::labels::Label;
+use runtime::text::tokenizer::ClipTokenizer;
 use serde::{Deserialize, Serialize};
 use tch::{nn, Device, Kind, Tensor};
 
 use crate::data::ImageSet;
 use crate::error::{Error, Result};
-use crate::model::{normalize, Clip};
+use crate::model::Clip;
 use crate::optim::{Adam, AdamConfig, LossScaler, LrSchedule};
+use crate::report::{self, EpochMetrics, FinalTest, RunState, Select};
 use crate::weights;
+use crate::zero_shot::{evaluate, label_embeddings, label_tokens};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -38,16 +40,6 @@ impl std::str::FromStr for LossKind {
             )),
         }
     }
-}
-
-/// Which epoch becomes the run's model.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "kebab-case")]
-pub enum Select {
-    /// The epoch with the best top-1 on the validation rows (needs --val).
-    BestVal,
-    /// The last epoch (the reference experiment's choice).
-    Last,
 }
 
 /// Training-time image augmentation.
@@ -117,8 +109,8 @@ impl Default for TrainOptions {
             loss: LossKind::Contrastive,
             freeze_vision: false,
             freeze_text: false,
-            templates: vec![labels::REFERENCE_TEMPLATES[0].to_string()],
-            train_template: labels::REFERENCE_TEMPLATES[0].to_string(),
+            templates: runtime::text::prompts::default_templates(),
+            train_template: runtime::text::prompts::DEFAULT_TEMPLATE.to_string(),
             mixed_precision: true,
             keep_checkpoints: 2,
             augment: Augment::None,
@@ -129,48 +121,6 @@ impl Default for TrainOptions {
             monitor_test: false,
         }
     }
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct EpochMetrics {
-    pub epoch: usize,
-    pub train_loss: f64,
-    /// Learning rate of the epoch's last step.
-    #[serde(default)]
-    pub lr: f64,
-    /// Top-1 on the validation rows (when there are some).
-    #[serde(default)]
-    pub val_top1: Option<f64>,
-    /// Top-1 on the test images (only with `monitor_test`).
-    #[serde(default)]
-    pub test_top1: Option<f64>,
-    pub seconds: f64,
-    pub steps: usize,
-    /// Steps skipped by the fp16 loss scaler (gradient overflow).
-    pub skipped_steps: usize,
-}
-
-/// What a run directory remembers between epochs (`checkpoints/epoch-NNN/state.json`).
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-pub struct RunState {
-    pub epoch: usize,
-    pub metrics: Vec<EpochMetrics>,
-    /// The epoch with the best validation top-1 so far (the last one without validation rows).
-    pub best_epoch: usize,
-    #[serde(default)]
-    pub best_val_top1: Option<f64>,
-    pub loss_scale: f64,
-}
-
-/// The one scoring of the test images, with the selected model, at the end of a run.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct FinalTest {
-    pub epoch: usize,
-    pub select: Select,
-    pub top1: f64,
-    pub images: usize,
-    /// Predicted label index per test image, in the test set's order.
-    pub predictions: Vec<usize>,
 }
 
 pub struct RunResult {
@@ -222,87 +172,6 @@ pub fn latest_checkpoint(run_dir: &Path) -> Option<(usize, PathBuf)> {
     found.pop()
 }
 
-/// Token ids `[labels, len]` of every label in one template.
-/// Refuses (instead of libtorch panicking) token ids the model has no embedding for.
-pub fn label_tokens(
-    tokenizer: &ClipTokenizer,
-    labels: &[Label],
-    template: &str,
-    text: &crate::model::TextConfig,
-    device: Device,
-) -> Result<Tensor> {
-    let prompts: Vec<String> = labels
-        .iter()
-        .map(|l| labels::fill(template, l))
-        .collect::<runtime::Result<_>>()?;
-    let b = tokenizer.encode_batch(&prompts, Padding::Longest)?;
-    let top = b.ids.iter().copied().max().unwrap_or(0);
-    if top >= text.vocab_size || b.len as i64 > text.max_position_embeddings {
-        return Err(Error::Config(format!(
-            "the tokenizer does not fit the model: token id {top} and {} tokens per prompt, the model has {} token embeddings and {} positions (use the tokenizer the weights came with)",
-            b.len, text.vocab_size, text.max_position_embeddings
-        )));
-    }
-    Ok(Tensor::from_slice(&b.ids)
-        .view([b.batch as i64, b.len as i64])
-        .to_device(device))
-}
-
-/// Normalised label embeddings `[labels, D]`, templates averaged after normalising.
-pub fn label_embeddings(model: &Clip, per_template: &[Tensor]) -> Tensor {
-    tch::no_grad(|| {
-        let sum = per_template
-            .iter()
-            .map(|ids| normalize(&model.text_features(ids)))
-            .reduce(|a, b| a + b)
-            .expect("a template");
-        normalize(&sum)
-    })
-}
-
-/// Zero-shot top-1 on a set: a hit when the best label is any of the image's labels.
-pub fn evaluate(
-    model: &Clip,
-    set: &ImageSet,
-    label_emb: &Tensor,
-    cfg: &PreprocessConfig,
-    device: Device,
-) -> Result<(f64, Vec<usize>)> {
-    let mut predictions = Vec::with_capacity(set.len());
-    tch::no_grad(|| {
-        let idx: Vec<usize> = (0..set.len()).collect();
-        for chunk in idx.chunks(64) {
-            let img = normalize(
-                &model
-                    .image_features(&set.pixels(chunk, cfg, device))
-                    .to_kind(Kind::Float),
-            );
-            let best = img
-                .matmul(&label_emb.to_kind(Kind::Float).tr())
-                .argmax(-1, false)
-                .to_device(Device::Cpu);
-            let best: Vec<i64> = Vec::<i64>::try_from(best).map_err(Error::Torch)?;
-            predictions.extend(best.into_iter().map(|b| b as usize));
-        }
-        Ok::<(), Error>(())
-    })?;
-    let hits = predictions
-        .iter()
-        .zip(&set.all_labels)
-        .filter(|(p, l)| l.contains(p))
-        .count();
-    Ok((hits as f64 / set.len() as f64, predictions))
-}
-
-/// CLIP's symmetric cross-entropy over a batch of (image, text) pairs.
-pub fn contrastive_loss(model: &Clip, image_features: &Tensor, text_ids: &Tensor) -> Tensor {
-    let txt = model.text_features(text_ids);
-    let logits = model.logits(image_features, &txt).to_kind(Kind::Float);
-    let targets = Tensor::arange(logits.size()[0], (Kind::Int64, logits.device()));
-    (logits.cross_entropy_for_logits(&targets) + logits.tr().cross_entropy_for_logits(&targets))
-        / 2.0
-}
-
 fn set_trainable(vs: &nn::VarStore, opts: &TrainOptions) -> Vec<(String, Tensor)> {
     let mut vars: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
     vars.sort_by(|a, b| a.0.cmp(&b.0));
@@ -324,7 +193,7 @@ fn epoch_order(labels: &[usize], seed: u64, balanced: bool) -> Vec<usize> {
     let n = labels.len();
     if !balanced {
         let mut order: Vec<usize> = (0..n).collect();
-        runtime::datasets::shuffle(&mut order, seed);
+        runtime::eval::datasets::shuffle(&mut order, seed);
         return order;
     }
     let mut by_class: std::collections::BTreeMap<usize, Vec<usize>> = Default::default();
@@ -332,7 +201,7 @@ fn epoch_order(labels: &[usize], seed: u64, balanced: bool) -> Vec<usize> {
         by_class.entry(l).or_default().push(i);
     }
     let classes: Vec<&Vec<usize>> = by_class.values().collect();
-    let mut rng = runtime::datasets::SplitMix64::new(seed ^ 0x5851_F42D_4C95_7F2D);
+    let mut rng = runtime::eval::datasets::SplitMix64::new(seed ^ 0x5851_F42D_4C95_7F2D);
     (0..n)
         .map(|_| {
             let members = classes[(rng.next_f64() * classes.len() as f64) as usize % classes.len()];
@@ -345,7 +214,7 @@ fn epoch_order(labels: &[usize], seed: u64, balanced: bool) -> Vec<usize> {
 /// pixels repeated), the same for a given seed.
 pub fn geometric_jitter(pixels: &Tensor, seed: u64) -> Tensor {
     let n = pixels.size()[0];
-    let mut rng = runtime::datasets::SplitMix64::new(seed ^ 0x2545_F491_4F6C_DD1D);
+    let mut rng = runtime::eval::datasets::SplitMix64::new(seed ^ 0x2545_F491_4F6C_DD1D);
     let mut theta = Vec::with_capacity(n as usize * 6);
     for _ in 0..n {
         let mut u = || rng.next_f64() * 2.0 - 1.0;
@@ -455,7 +324,7 @@ pub fn run(
         })
         .collect::<Result<_>>()?;
     let config_json = serde_json::json!({"options": opts, "model": model.config, "init": inputs.init, "device": format!("{device:?}")});
-    runtime::fsutil::write_atomic(
+    runtime::fs::write_atomic(
         &run_dir.join("run.json"),
         &serde_json::to_vec_pretty(&config_json).expect("json"),
     )?;
@@ -463,7 +332,7 @@ pub fn run(
     let n = inputs.train.len();
     let steps_per_epoch = n.div_ceil(opts.batch_size);
     let base_lr = opts.adam.lr;
-    let epochs_bar = crate::progress::bar(opts.epochs as u64, "epochs");
+    let epochs_bar = runtime::progress::bar(opts.epochs as u64, "epochs");
     epochs_bar.set_position(start as u64);
     for epoch in start + 1..=opts.epochs {
         let t0 = Instant::now();
@@ -472,7 +341,7 @@ pub fn run(
             opts.seed.wrapping_mul(1_000_003).wrapping_add(epoch as u64),
             opts.balanced,
         );
-        let batch_bar = crate::progress::bar(steps_per_epoch as u64, &format!("epoch {epoch}"));
+        let batch_bar = runtime::progress::bar(steps_per_epoch as u64, &format!("epoch {epoch}"));
         let (mut loss_sum, mut steps, mut skipped) = (0.0, 0usize, 0usize);
         for (step, idx) in order.chunks(opts.batch_size).enumerate() {
             let global_step = (epoch - 1) * steps_per_epoch + step;
@@ -498,27 +367,16 @@ pub fn run(
             }
             let labels: Vec<i64> = idx.iter().map(|&i| inputs.train.labels[i] as i64).collect();
             let labels = Tensor::from_slice(&labels).to_device(device);
-            let loss = tch::autocast(amp, || {
-                let img = model.image_features_t(&pixels, true);
-                match opts.loss {
-                    LossKind::Contrastive => {
-                        let txt = model.text_features(&train_tokens.index_select(0, &labels));
-                        let logits = model.logits(&img, &txt).to_kind(Kind::Float);
-                        let targets = Tensor::arange(idx.len() as i64, (Kind::Int64, device));
-                        (logits.cross_entropy_for_logits(&targets)
-                            + logits.tr().cross_entropy_for_logits(&targets))
-                            / 2.0
-                    }
-                    LossKind::ClassAware => {
-                        let txt = model.text_features(&train_tokens);
-                        model
-                            .logits(&img, &txt)
-                            .to_kind(Kind::Float)
-                            .cross_entropy_for_logits(&labels)
-                    }
-                }
-            });
-            let value = loss.double_value(&[]);
+            let (value, applied) = train_step(
+                &model,
+                &mut adam,
+                &mut scaler,
+                opts.loss,
+                &pixels,
+                &labels,
+                &train_tokens,
+                amp,
+            );
             if !value.is_finite() {
                 return Err(Error::NonFiniteLoss {
                     epoch,
@@ -526,10 +384,6 @@ pub fn run(
                     value,
                 });
             }
-            adam.zero_grad();
-            (&loss * scaler.scale).backward();
-            let applied = adam.step(1.0 / scaler.scale, amp);
-            scaler.update(applied);
             if !applied {
                 skipped += 1;
             }
@@ -599,13 +453,13 @@ pub fn run(
                 adam.save(&opt)?;
                 weights::sync_file(&opt)?;
                 // state.json last: its presence marks a complete checkpoint (latest_checkpoint).
-                Ok(runtime::fsutil::write_atomic(
+                Ok(runtime::fs::write_atomic(
                     &staging.join("state.json"),
                     &state_json,
                 )?)
             },
         )?;
-        write_metrics(run_dir, &state, None, &format!("lr {base_lr:e}"))?;
+        report::write_metrics(run_dir, &state, None, &format!("lr {base_lr:e}"))?;
         prune_checkpoints(run_dir, &state, opts.keep_checkpoints);
         epochs_bar.inc(1);
     }
@@ -628,7 +482,7 @@ pub fn run(
         images: inputs.test.len(),
         predictions,
     };
-    write_metrics(run_dir, &state, Some(&test), &format!("lr {base_lr:e}"))?;
+    report::write_metrics(run_dir, &state, Some(&test), &format!("lr {base_lr:e}"))?;
     Ok(RunResult {
         state,
         best_checkpoint: selected_dir,
@@ -637,6 +491,53 @@ pub fn run(
 }
 
 /// Loads a checkpoint's weights into the variables of `vs`.
+/// One optimisation step of `finetune` (and of the training-step benchmark): forward under fp16
+/// autocast when `amp`, the loss, the scaled backward pass and the Adam step. `tokens` holds one
+/// prompt per label; `labels` the batch's label indices. Returns the loss and whether the step was
+/// applied (the loss scaler skips steps whose gradients overflowed); a non-finite loss is returned
+/// without a step.
+#[allow(clippy::too_many_arguments)]
+pub fn train_step(
+    model: &Clip,
+    adam: &mut Adam,
+    scaler: &mut LossScaler,
+    loss: LossKind,
+    pixels: &Tensor,
+    labels: &Tensor,
+    tokens: &Tensor,
+    amp: bool,
+) -> (f64, bool) {
+    let loss = tch::autocast(amp, || {
+        let img = model.image_features_t(pixels, true);
+        match loss {
+            LossKind::Contrastive => {
+                let txt = model.text_features(&tokens.index_select(0, labels));
+                let logits = model.logits(&img, &txt).to_kind(Kind::Float);
+                let targets = Tensor::arange(logits.size()[0], (Kind::Int64, logits.device()));
+                (logits.cross_entropy_for_logits(&targets)
+                    + logits.tr().cross_entropy_for_logits(&targets))
+                    / 2.0
+            }
+            LossKind::ClassAware => {
+                let txt = model.text_features(tokens);
+                model
+                    .logits(&img, &txt)
+                    .to_kind(Kind::Float)
+                    .cross_entropy_for_logits(labels)
+            }
+        }
+    });
+    let value = loss.double_value(&[]);
+    if !value.is_finite() {
+        return (value, false);
+    }
+    adam.zero_grad();
+    (&loss * scaler.scale).backward();
+    let applied = adam.step(1.0 / scaler.scale, amp);
+    scaler.update(applied);
+    (value, applied)
+}
+
 fn assign_checkpoint(vs: &nn::VarStore, dir: &Path) -> Result<()> {
     weights::assign(
         vs,
@@ -660,63 +561,4 @@ fn prune_checkpoints(run_dir: &Path, state: &RunState, keep: usize) {
             }
         }
     }
-}
-
-/// `metrics.csv`, `metrics.json`, `best.json` (the selected epoch and, once scored, the test
-/// top-1) and `curves.png` of one run.
-pub fn write_metrics(
-    run_dir: &Path,
-    state: &RunState,
-    test: Option<&FinalTest>,
-    label: &str,
-) -> Result<()> {
-    let cell = |v: Option<f64>| v.map(|v| v.to_string()).unwrap_or_default();
-    let header = [
-        "epoch",
-        "train_loss",
-        "lr",
-        "val_top1",
-        "test_top1",
-        "seconds",
-        "steps",
-        "skipped_steps",
-    ]
-    .map(String::from);
-    let rows = state.metrics.iter().map(|m| {
-        [
-            m.epoch.to_string(),
-            m.train_loss.to_string(),
-            m.lr.to_string(),
-            cell(m.val_top1),
-            cell(m.test_top1),
-            format!("{:.3}", m.seconds),
-            m.steps.to_string(),
-            m.skipped_steps.to_string(),
-        ]
-    });
-    runtime::fsutil::write_csv(
-        &run_dir.join("metrics.csv"),
-        std::iter::once(header).chain(rows),
-    )?;
-    runtime::fsutil::write_atomic(
-        &run_dir.join("metrics.json"),
-        &serde_json::to_vec_pretty(&state.metrics).expect("json"),
-    )?;
-    let best = serde_json::json!({
-        "epoch": test.map_or(state.best_epoch, |t| t.epoch),
-        "select": test.map(|t| t.select),
-        "val_top1": state.best_val_top1,
-        "test_top1": test.map(|t| t.top1),
-        "test_images": test.map(|t| t.images),
-        "checkpoint": format!("checkpoints/epoch-{:03}", test.map_or(state.best_epoch, |t| t.epoch)),
-    });
-    runtime::fsutil::write_atomic(
-        &run_dir.join("best.json"),
-        &serde_json::to_vec_pretty(&best).expect("json"),
-    )?;
-    crate::plot::curves(
-        &run_dir.join("curves.png"),
-        &[(label.to_string(), state.metrics.clone())],
-    )?;
-    Ok(())
 }

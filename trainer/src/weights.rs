@@ -396,10 +396,10 @@ pub fn save_checkpoint(
     write_extra: impl FnOnce(&Path) -> Result<()>,
 ) -> Result<()> {
     // Built beside the target and renamed into place (runtime's StagedDir; removed on error).
-    let staged = runtime::fsutil::StagedDir::new(dir)?;
+    let staged = runtime::fs::StagedDir::new(dir)?;
     let staging = staged.path();
     let json = serde_json::to_vec_pretty(config).expect("config serialises");
-    runtime::fsutil::write_atomic(&staging.join(CONFIG), &json)?;
+    runtime::fs::write_atomic(&staging.join(CONFIG), &json)?;
     vs.save(staging.join(WEIGHTS)).map_err(Error::Torch)?;
     sync_file(&staging.join(WEIGHTS))?;
     write_extra(staging)?;
@@ -444,4 +444,63 @@ pub fn sync_file(path: &Path) -> Result<()> {
     std::fs::File::open(path)
         .and_then(|f| f.sync_all())
         .map_err(|e| Error::io(path, e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn leftovers(dir: &Path) -> Vec<String> {
+        std::fs::read_dir(dir)
+            .expect("listing")
+            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with('.'))
+            .collect()
+    }
+
+    /// The checkpoint writer fails after `config.json` and `model.safetensors` are staged: the
+    /// previous checkpoint stays as it was and no staging folder is left.
+    #[test]
+    fn a_failure_mid_write_keeps_the_old_checkpoint_and_leaves_no_staging() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let target = dir.path().join("epoch-001");
+        let config = ClipConfig::preset("tiny").expect("preset");
+        let vs = nn::VarStore::new(Device::Cpu);
+        let _model = crate::model::Clip::new(&vs.root(), &config);
+        save_checkpoint(&target, &config, &vs, |_| Ok(())).expect("first checkpoint");
+        let weights_before = std::fs::read(target.join(WEIGHTS)).expect("weights");
+
+        tch::no_grad(|| {
+            for (_, mut t) in vs.variables() {
+                let _ = t.fill_(0.5);
+            }
+        });
+        let err = save_checkpoint(&target, &config, &vs, |staging| {
+            assert!(staging.join(CONFIG).is_file() && staging.join(WEIGHTS).is_file());
+            Err(Error::Config("injected failure".into()))
+        })
+        .expect_err("the injected failure must surface");
+        assert!(err.to_string().contains("injected failure"), "{err}");
+        assert_eq!(
+            std::fs::read(target.join(WEIGHTS)).expect("weights"),
+            weights_before
+        );
+        assert!(
+            leftovers(dir.path()).is_empty(),
+            "{:?}",
+            leftovers(dir.path())
+        );
+
+        let fresh = dir.path().join("epoch-002");
+        save_checkpoint(&fresh, &config, &vs, |_| {
+            Err(Error::Config("injected failure".into()))
+        })
+        .expect_err("fails");
+        assert!(!fresh.exists());
+        assert!(
+            leftovers(dir.path()).is_empty(),
+            "{:?}",
+            leftovers(dir.path())
+        );
+    }
 }

@@ -5,7 +5,7 @@ use std::path::Path;
 use std::process::Command;
 
 use runtime::engine::{Device as OrtDevice, Encoder, EngineOptions};
-use runtime::tokenizer::Padding;
+use runtime::text::tokenizer::Padding;
 use tch::{Device, Kind, Tensor};
 use tests::tmp;
 use trainer::onnx::{self, Precision};
@@ -228,7 +228,7 @@ fn full_vit_b32_export_matches_tch() {
 }
 
 fn npy_f32(path: &Path) -> (Vec<usize>, Vec<f32>) {
-    runtime::npy::read(path).unwrap()
+    runtime::bundle::npy::read(path).unwrap()
 }
 
 /// OpenAI's ModifiedResNet tower (the RN50 family) against open_clip's own implementation

@@ -4,8 +4,8 @@
 
 use std::path::{Path, PathBuf};
 
-use runtime::npy;
-use runtime::tokenizer::{ClipTokenizer, Padding};
+use runtime::bundle::npy;
+use runtime::text::tokenizer::{ClipTokenizer, Padding};
 use tch::{nn, Device, Kind, Tensor};
 use trainer::model::Clip;
 use trainer::weights;

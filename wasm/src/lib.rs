@@ -5,10 +5,10 @@
 use std::path::Path;
 
 use runtime::bundle::Manifest;
-use runtime::decode::decode_bytes;
-use runtime::preprocess::{normalize_into, resize_crop, PreprocessConfig};
+use runtime::image::decode::decode_bytes;
+use runtime::image::preprocess::{normalize_into, resize_crop, PreprocessConfig};
 use runtime::scoring;
-use runtime::tokenizer::{ClipTokenizer, Padding};
+use runtime::text::tokenizer::{ClipTokenizer, Padding};
 use wasm_bindgen::prelude::*;
 
 /// A decoded file: the model input and a preview of the picture as the model sees it.
@@ -203,18 +203,11 @@ impl Prompts {
         let err = |e: runtime::Error| JsError::new(&e.to_string());
         let tokenizer =
             ClipTokenizer::from_bytes(tokenizer_json, Path::new("tokenizer.json")).map_err(err)?;
-        let labels = runtime::labels::from_list(labels_text.split([',', '\n'])).map_err(err)?;
+        let labels =
+            runtime::text::labels::from_list(labels_text.split([',', '\n'])).map_err(err)?;
         let templates: Vec<String> = serde_json::from_str(templates_json)
             .map_err(|e| JsError::new(&format!("templates: {e}")))?;
-        if templates.is_empty() {
-            return Err(JsError::new("no prompt template"));
-        }
-        let mut texts = Vec::new();
-        for t in &templates {
-            for l in &labels {
-                texts.push(runtime::labels::fill(t, l).map_err(err)?);
-            }
-        }
+        let texts = runtime::text::prompts::prompts(&templates, &labels).map_err(err)?;
         let batch = tokenizer
             .encode_batch(&texts, Padding::Longest)
             .map_err(err)?;

@@ -63,7 +63,7 @@ fn main() -> ExitCode {
             anyhow::bail!(
                 "no image files found in {} (searched for {})",
                 shown.join(", "),
-                runtime::files::SEARCHED
+                runtime::image::files::SEARCHED
             );
         }
         let bundle = cli.model.load()?;

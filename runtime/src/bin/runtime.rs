@@ -4,13 +4,15 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use runtime::assemble::{assemble, AssembleSpec};
+use runtime::bundle::assemble::{assemble, AssembleSpec};
+use runtime::bundle::npy;
 use runtime::bundle::{Bundle, BundleLabel, BundleWriter, Provenance, LABEL_EMBEDDINGS, MANIFEST};
 use runtime::cli::{run_main, DeviceArgs, LabelArgs, ModelArgs};
 use runtime::engine::Engine;
-use runtime::preprocess::{self, PreprocessConfig};
-use runtime::tokenizer::{ClipTokenizer, Padding};
-use runtime::{decode, labels, npy};
+use runtime::image::decode;
+use runtime::image::preprocess::{self, PreprocessConfig};
+use runtime::text::tokenizer::{ClipTokenizer, Padding};
+use runtime::text::{labels, prompts};
 
 #[derive(Parser)]
 #[command(version, about = "Inspect, check and adjust xray-clip model bundles")]
@@ -135,7 +137,7 @@ enum Command {
     Eval {
         /// folder (ROOT/<label>/images), unifesp (train.csv + DICOM tree) or irma (codes CSV + PNGs).
         #[arg(long)]
-        dataset: runtime::datasets::DatasetKind,
+        dataset: runtime::eval::datasets::DatasetKind,
         #[command(flatten)]
         data: runtime::cli::DataArgs,
         #[command(flatten)]
@@ -149,7 +151,7 @@ enum Command {
         /// How train/test are divided for --split train|test [default: the model's recorded
         /// split for this data set, else head:1200:400 for unifesp and random:0.2:0 otherwise].
         #[arg(long)]
-        split_spec: Option<runtime::datasets::Split>,
+        split_spec: Option<runtime::eval::datasets::Split>,
         /// Prompt template(s) to score with the text encoder (`{}` = label); none: the bundle's labels.
         #[arg(long = "template")]
         templates: Vec<String>,
@@ -256,8 +258,7 @@ fn main() -> ExitCode {
                     .file_name()
                     .map(|n| n.to_string_lossy().to_string())
                     .unwrap_or_else(|| "image".into());
-                let out =
-                    runtime::fsutil::resolve_output_file(&out, &format!("{stem}.npy"), force)?;
+                let out = runtime::fs::resolve_output_file(&out, &format!("{stem}.npy"), force)?;
                 let cfg = match model {
                     Some(dir) => Bundle::load(&dir)?.manifest.preprocessing,
                     None => PreprocessConfig::default(),
@@ -291,7 +292,7 @@ fn main() -> ExitCode {
             } => {
                 let labels = labels::parse_spec(&label_list)?;
                 let preprocessing = match preprocessor_config {
-                    Some(p) => runtime::import::preprocessing_of(
+                    Some(p) => runtime::bundle::import::preprocessing_of(
                         &std::fs::read(&p).map_err(|e| runtime::Error::io(&p, e))?,
                         &p,
                     )?,
@@ -302,7 +303,7 @@ fn main() -> ExitCode {
                     None => None,
                 };
                 let templates = if templates.is_empty() {
-                    vec![labels::REFERENCE_TEMPLATES[0].to_string()]
+                    prompts::default_templates()
                 } else {
                     templates
                 };
@@ -343,10 +344,10 @@ fn main() -> ExitCode {
                         .map(|n| n.to_string_lossy().to_string())
                         .unwrap_or_else(|| "imported".into())
                 });
-                let opts = runtime::import::ImportOptions {
+                let opts = runtime::bundle::import::ImportOptions {
                     labels: labels::parse_spec(&label_list)?,
                     templates: if templates.is_empty() {
-                        vec![labels::REFERENCE_TEMPLATES[0].to_string()]
+                        prompts::default_templates()
                     } else {
                         templates
                     },
@@ -355,7 +356,7 @@ fn main() -> ExitCode {
                     name,
                 };
                 let (b, found) =
-                    runtime::import::import(&dir, opts, &out, force, &device.options())?;
+                    runtime::bundle::import::import(&dir, opts, &out, force, &device.options())?;
                 eprintln!("layout      {}", found.layout);
                 eprintln!("image       {}", found.image_encoder);
                 eprintln!("text        {}", found.text_encoder);
@@ -384,11 +385,11 @@ fn main() -> ExitCode {
                 out,
                 force,
             } => {
-                use runtime::datasets::{self, Split};
+                use runtime::eval::datasets::{self, Split};
                 let ds = data.load(dataset)?;
                 let mut templates = templates;
                 if reference_templates {
-                    templates.extend(labels::REFERENCE_TEMPLATES.iter().map(|t| t.to_string()));
+                    templates.extend(prompts::REFERENCE_TEMPLATES.iter().map(|t| t.to_string()));
                 }
                 if let Some(f) = templates_file {
                     let text =
@@ -469,18 +470,18 @@ fn main() -> ExitCode {
                     ev.images_per_second,
                     ev.unreadable.len()
                 );
-                print!("{}", runtime::eval::template_table(&ev));
+                print!("{}", runtime::eval::report::template_table(&ev));
                 let best = ev.best();
                 println!(
                     "\nper class (`{}`):\n{}",
                     best.template,
-                    runtime::eval::class_table(&ev, &best.report)
+                    runtime::eval::report::class_table(&ev, &best.report)
                 );
                 for (p, e) in ev.unreadable.iter().take(20) {
                     eprintln!("unreadable: {}: {e}", p.display());
                 }
                 if let Some(out) = out {
-                    let written = runtime::eval::write_reports(&ev, &out, force)?;
+                    let written = runtime::eval::report::write_reports(&ev, &out, force)?;
                     println!("reports in {}", written.display());
                 }
             }

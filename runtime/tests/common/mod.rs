@@ -7,11 +7,11 @@ use std::sync::OnceLock;
 use dicom_core::{DataElement, PrimitiveValue, VR};
 use dicom_dictionary_std::tags;
 use dicom_object::{FileMetaTableBuilder, InMemDicomObject};
-use runtime::assemble::{assemble, AssembleSpec};
+use runtime::bundle::assemble::{assemble, AssembleSpec};
 use runtime::bundle::{Bundle, Provenance};
 use runtime::engine::{Device, EngineOptions};
-use runtime::labels;
-use runtime::preprocess::PreprocessConfig;
+use runtime::image::preprocess::PreprocessConfig;
+use runtime::text::labels;
 
 pub fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
@@ -92,7 +92,7 @@ pub fn tiny_bundle() -> &'static Path {
             text_encoder: Some(f.join("tiny/text_encoder.onnx")),
             tokenizer: Some(root().join("models/tokenizer/tokenizer.json")),
             labels: labels::unifesp(),
-            templates: vec![labels::REFERENCE_TEMPLATES[0].to_string()],
+            templates: runtime::text::prompts::default_templates(),
             label_embeddings: None,
             logit_scale: scale,
             preprocessing: PreprocessConfig::default(),

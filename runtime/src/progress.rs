@@ -1,7 +1,9 @@
-//! Progress bars (hidden when stderr is not a terminal, e.g. in tests and CI logs).
+//! Progress bars, one style for every long job of the toolkit (indicatif hides them when stderr is
+//! not a terminal, e.g. in tests and CI logs).
 
 use indicatif::{ProgressBar, ProgressStyle};
 
+/// A bar of `len` steps named `message` ("images", "epoch 3", ...).
 pub fn bar(len: u64, message: &str) -> ProgressBar {
     let bar = ProgressBar::new(len);
     bar.set_style(

@@ -1,19 +1,18 @@
-//! `runtime eval`: encodes every image of a data set once, scores one or more prompt templates (or
-//! the bundle's own label embeddings) against those embeddings, and reports top-1/top-5, per-class
-//! figures, macro-F1 and the confusion matrix.
+//! One pass over a data set: encode every image once, score each template (or the bundle's own
+//! label embeddings), collect the figures.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 
-use crate::datasets::Sample;
 use crate::engine::Engine;
 use crate::error::{Error, Result};
-use crate::labels::Label;
-use crate::metrics::{self, Report};
+use crate::eval::datasets::Sample;
+use crate::eval::metrics::{self, Report};
 use crate::pipeline::{self, PipelineOptions};
 use crate::scoring;
+use crate::text::labels::Label;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -84,7 +83,7 @@ pub struct EvalOptions {
 fn bundle_embeddings(engine: &Engine, labels: &[Label]) -> Result<Vec<f32>> {
     let dim = engine.bundle.manifest.embedding_dim;
     let mine = engine.bundle.labels();
-    let Some(index) = crate::labels::match_labels(&mine, labels) else {
+    let Some(index) = crate::text::labels::match_labels(&mine, labels) else {
         return Err(Error::InvalidArgument(missing_labels_hint(
             &engine.bundle,
             labels,
@@ -102,7 +101,7 @@ pub fn missing_labels_hint(bundle: &crate::bundle::Bundle, labels: &[Label]) -> 
     let mine = bundle.labels();
     let missing: Vec<&str> = labels
         .iter()
-        .filter(|l| crate::labels::match_labels(&mine, std::slice::from_ref(l)).is_none())
+        .filter(|l| crate::text::labels::match_labels(&mine, std::slice::from_ref(l)).is_none())
         .map(|l| l.name.as_str())
         .collect();
     let fix = if bundle.has_text_encoder() {
@@ -211,109 +210,4 @@ pub fn evaluate(
         images_per_second: samples.len() as f64 / encode_seconds.max(1e-9),
         results,
     })
-}
-
-/// The per-template table (as the reference's prompt table), for the terminal and report.md.
-pub fn template_table(ev: &Evaluation) -> String {
-    let mut s = String::from(
-        "| # | template | top-1 | top-5 | macro-F1 |\n| --- | --- | --- | --- | --- |\n",
-    );
-    for (i, r) in ev.results.iter().enumerate() {
-        s.push_str(&format!(
-            "| {} | `{}` | {:.4} | {:.4} | {:.4} |\n",
-            i + 1,
-            r.template,
-            r.report.top1,
-            r.report.top5,
-            r.report.macro_f1
-        ));
-    }
-    s
-}
-
-pub fn class_table(ev: &Evaluation, r: &Report) -> String {
-    let mut s = String::from(
-        "| label | precision | recall | F1 | support |\n| --- | ---: | ---: | ---: | ---: |\n",
-    );
-    for (l, m) in ev.labels.iter().zip(&r.per_class) {
-        s.push_str(&format!(
-            "| {} | {:.4} | {:.4} | {:.4} | {} |\n",
-            l.name, m.precision, m.recall, m.f1, m.support
-        ));
-    }
-    s
-}
-
-/// Writes report.json, report.md, confusion.csv and confusion.png (best template) as the report
-/// folder `requested` (see [`crate::fsutil::resolve_output`]); returns where it went.
-pub fn write_reports(ev: &Evaluation, requested: &Path, force: bool) -> Result<PathBuf> {
-    let target = crate::fsutil::resolve_output(
-        requested,
-        crate::fsutil::OutputKind::Report,
-        || {
-            crate::bundle::folder_name(&format!(
-                "{}-{}-{}",
-                ev.dataset.rsplit([':', '/']).next().unwrap_or("data"),
-                ev.split,
-                ev.bundle
-            ))
-        },
-        force,
-    )?;
-    let staged = crate::fsutil::StagedDir::new(&target)?;
-    let out = staged.path();
-    let json = serde_json::to_vec_pretty(ev).expect("evaluation serialises");
-    crate::fsutil::write_atomic(&out.join("report.json"), &json)?;
-    let best = ev.best();
-    let mut md = format!(
-        "# Evaluation of `{}` on {} ({} split)\n\n{} images ({} with several labels, policy: {:?}), {} unreadable; \
-         encoding {:.1} s ({:.1} images/s), scoring {:.2} s.\n\n## Templates\n\n{}\n## Per class (best: `{}`)\n\n{}\n",
-        ev.bundle,
-        ev.dataset,
-        ev.split,
-        ev.images,
-        ev.multi_label_images,
-        ev.multi_label,
-        ev.unreadable.len(),
-        ev.encode_seconds,
-        ev.images_per_second,
-        ev.score_seconds,
-        template_table(ev),
-        best.template,
-        class_table(ev, &best.report),
-    );
-    md.push_str(
-        "## Confusion matrix (rows: true, columns: predicted)\n\n![confusion](confusion.png)\n",
-    );
-    if !ev.unreadable.is_empty() {
-        md.push_str("\n## Unreadable images\n\n");
-        for (p, e) in &ev.unreadable {
-            md.push_str(&format!("- `{}`: {e}\n", p.display()));
-        }
-    }
-    crate::fsutil::write_atomic(&out.join("report.md"), md.as_bytes())?;
-    let header = std::iter::once("true\\predicted".to_string())
-        .chain(ev.labels.iter().map(|l| l.name.clone()))
-        .collect::<Vec<_>>();
-    let rows = ev
-        .labels
-        .iter()
-        .zip(&best.report.confusion)
-        .map(|(l, row)| {
-            std::iter::once(l.name.clone())
-                .chain(row.iter().map(|v| v.to_string()))
-                .collect::<Vec<_>>()
-        });
-    crate::fsutil::write_csv(
-        &out.join("confusion.csv"),
-        std::iter::once(header).chain(rows),
-    )?;
-    let names: Vec<String> = ev.labels.iter().map(|l| l.name.clone()).collect();
-    crate::plot::confusion(
-        &out.join("confusion.png"),
-        &names,
-        &best.report.confusion,
-        &best.template,
-    )?;
-    staged.commit()
 }

@@ -8,10 +8,10 @@ use crate::bundle::{
 };
 use crate::engine::{Encoder, EngineOptions};
 use crate::error::{Error, Result};
-use crate::labels::Label;
+use crate::image::preprocess::PreprocessConfig;
 use crate::pipeline;
-use crate::preprocess::PreprocessConfig;
-use crate::tokenizer::ClipTokenizer;
+use crate::text::labels::Label;
+use crate::text::tokenizer::ClipTokenizer;
 
 pub struct AssembleSpec {
     pub name: String,

@@ -5,15 +5,24 @@
 //! the bundle folder, sha256 of every file, embedding shapes and label counts.
 
 use std::collections::BTreeMap;
-use std::path::{Component, Path, PathBuf};
+use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::fsutil;
-use crate::labels::Label;
-use crate::npy;
-use crate::preprocess::PreprocessConfig;
+use crate::fs::{self, is_contained};
+use crate::image::preprocess::PreprocessConfig;
+use crate::scoring::normalize_rows;
+use crate::text::labels::Label;
+
+#[cfg(feature = "onnx")]
+pub mod assemble;
+#[cfg(feature = "onnx")]
+pub mod import;
+pub mod npy;
+mod write;
+
+pub use write::{folder_name, hf_preprocessor_config, BundleWriter};
 
 pub const FORMAT_VERSION: u32 = 1;
 pub const MANIFEST: &str = "manifest.json";
@@ -55,7 +64,7 @@ impl BundleLabel {
             .map(|l| {
                 let prompts = templates
                     .iter()
-                    .map(|t| crate::labels::fill(t, l))
+                    .map(|t| crate::text::prompts::fill(t, l))
                     .collect::<Result<_>>()?;
                 Ok(BundleLabel {
                     label: l.clone(),
@@ -274,7 +283,7 @@ pub fn verify_bytes(dir: &Path, name: &str, entry: &FileEntry, bytes: &[u8]) -> 
             ),
         ));
     }
-    let actual = fsutil::sha256_hex(bytes);
+    let actual = fs::sha256_hex(bytes);
     if actual != entry.sha256 {
         return Err(Error::HashMismatch {
             bundle: dir.to_path_buf(),
@@ -284,15 +293,6 @@ pub fn verify_bytes(dir: &Path, name: &str, entry: &FileEntry, bytes: &[u8]) -> 
         });
     }
     Ok(())
-}
-
-/// A relative path that stays inside the bundle: no `..`, no root, no drive, not empty.
-pub fn is_contained(path: &str) -> bool {
-    let p = Path::new(path);
-    !path.is_empty()
-        && !path.contains('\\')
-        && p.components()
-            .all(|c| matches!(c, Component::Normal(_) | Component::CurDir))
 }
 
 impl Manifest {
@@ -347,151 +347,12 @@ impl Manifest {
             role.to_string(),
             FileEntry {
                 path: path.to_string(),
-                sha256: fsutil::sha256_hex(bytes),
+                sha256: fs::sha256_hex(bytes),
                 bytes: bytes.len() as u64,
                 input: io.map(|(i, _)| i.to_string()),
                 output: io.map(|(_, o)| o.to_string()),
             },
         );
-    }
-}
-
-/// L2-normalises each row of a row-major matrix (zero rows stay zero).
-pub fn normalize_rows(data: &[f32], dim: usize) -> Vec<f32> {
-    let mut out = data.to_vec();
-    for row in out.chunks_exact_mut(dim) {
-        let norm = row.iter().map(|v| v * v).sum::<f32>().sqrt();
-        if norm > 0.0 {
-            row.iter_mut().for_each(|v| *v /= norm);
-        }
-    }
-    out
-}
-
-/// HF `preprocessor_config.json` for the same preprocessing, so HF tools read the bundle too.
-pub fn hf_preprocessor_config(cfg: &PreprocessConfig) -> serde_json::Value {
-    serde_json::json!({
-        "image_processor_type": "CLIPImageProcessor",
-        "do_resize": true,
-        "size": {"shortest_edge": cfg.resize_shortest_edge},
-        "resample": 3,
-        "do_center_crop": true,
-        "crop_size": {"height": cfg.image_size, "width": cfg.image_size},
-        "do_rescale": true,
-        "rescale_factor": 1.0 / 255.0,
-        "do_normalize": true,
-        "image_mean": cfg.mean,
-        "image_std": cfg.std,
-        "do_convert_rgb": true
-    })
-}
-
-/// Writes a bundle folder atomically: everything goes to a hidden sibling folder that is verified
-/// and then renamed into place, so a crash never leaves a bundle that loads but is wrong.
-pub struct BundleWriter {
-    staged: fsutil::StagedDir,
-    pub manifest: Manifest,
-}
-
-/// A bundle name usable as a folder name (letters, digits, `.`, `-`, `_`; others become `-`).
-pub fn folder_name(name: &str) -> String {
-    let s: String = name
-        .trim()
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_') {
-                c
-            } else {
-                '-'
-            }
-        })
-        .collect();
-    let s = s.trim_matches(['-', '.']).to_string();
-    if s.is_empty() {
-        "bundle".into()
-    } else {
-        s
-    }
-}
-
-impl BundleWriter {
-    /// Starts a bundle for `--out requested` by the rule of [`fsutil::resolve_output`]: a missing
-    /// or empty folder becomes the bundle, an existing bundle is replaced only with `force`, any
-    /// other folder gets the bundle as a sub-folder named after the manifest's name.
-    pub fn create(requested: &Path, manifest: Manifest, force: bool) -> Result<BundleWriter> {
-        let target = fsutil::resolve_output(
-            requested,
-            fsutil::OutputKind::Bundle,
-            || folder_name(&manifest.name),
-            force,
-        )?;
-        Ok(BundleWriter {
-            staged: fsutil::StagedDir::new(&target)?,
-            manifest,
-        })
-    }
-
-    /// The folder the bundle will have once finished.
-    pub fn target(&self) -> &Path {
-        self.staged.target()
-    }
-
-    /// Writes one file of the bundle and records it in the manifest.
-    pub fn add_file(
-        &mut self,
-        role: &str,
-        name: &str,
-        bytes: &[u8],
-        io: Option<(&str, &str)>,
-    ) -> Result<()> {
-        if !is_contained(name) {
-            return Err(Error::InvalidArgument(format!(
-                "bundle file name {name:?} leaves the bundle folder"
-            )));
-        }
-        let path = self.staged.path().join(name);
-        std::fs::create_dir_all(fsutil::parent_of(&path))
-            .map_err(|e| Error::io(self.staged.path(), e))?;
-        fsutil::write_atomic(&path, bytes)?;
-        self.manifest.set_file(role, name, bytes, io);
-        Ok(())
-    }
-
-    pub fn add_label_embeddings(&mut self, embeddings: &[f32]) -> Result<()> {
-        let dim = self.manifest.embedding_dim;
-        let rows = self.manifest.labels.len();
-        if embeddings.len() != rows * dim {
-            return Err(Error::Shape {
-                what: "label embeddings".into(),
-                expected: format!("{rows} x {dim}"),
-                actual: format!("{} values", embeddings.len()),
-            });
-        }
-        let normalized = normalize_rows(embeddings, dim);
-        self.add_file(
-            LABEL_EMBEDDINGS,
-            "label_embeddings.npy",
-            &npy::to_bytes(&[rows, dim], &normalized),
-            None,
-        )
-    }
-
-    /// Validates, writes the manifest, verifies the staged folder and moves it into place
-    /// (replacing an older bundle only where `create` allowed it).
-    pub fn finish(mut self) -> Result<Bundle> {
-        if !self.manifest.files.contains_key(PREPROCESSOR_CONFIG) {
-            let cfg =
-                serde_json::to_vec_pretty(&hf_preprocessor_config(&self.manifest.preprocessing))
-                    .expect("JSON value serialises");
-            self.add_file(PREPROCESSOR_CONFIG, "preprocessor_config.json", &cfg, None)?;
-        }
-        self.manifest.validate(self.staged.target())?;
-        let text = serde_json::to_vec_pretty(&self.manifest).expect("manifest serialises");
-        fsutil::write_atomic(&self.staged.path().join(MANIFEST), &text)?;
-        // Verify what was written before it replaces anything.
-        Bundle::load(self.staged.path())?;
-        let target = self.staged.commit()?;
-        Bundle::load(&target)
     }
 }
 

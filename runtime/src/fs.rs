@@ -6,7 +6,7 @@
 //! output goes to a new sub-folder of it. Nothing a command did not create is deleted or replaced.
 
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::{Component, Path, PathBuf};
 
 use sha2::{Digest, Sha256};
 
@@ -148,7 +148,7 @@ pub fn resolve_output(
         // Any other folder is a parent: the output goes into a sub-folder of its own.
         Ok(_) => {
             let name = name();
-            if name.is_empty() || !crate::bundle::is_contained(&name) || name.contains('/') {
+            if name.is_empty() || !is_contained(&name) || name.contains('/') {
                 return Err(Error::OutputConflict {
                     path: requested.to_path_buf(),
                     reason: format!("{name:?} is not a usable folder name"),
@@ -283,6 +283,15 @@ pub fn resolve_output_file(requested: &Path, name: &str, force: bool) -> Result<
         });
     }
     Ok(path)
+}
+
+/// A relative path that stays inside its folder (a bundle, a data set): no `..`, no root, no drive, not empty.
+pub fn is_contained(path: &str) -> bool {
+    let p = Path::new(path);
+    !path.is_empty()
+        && !path.contains('\\')
+        && p.components()
+            .all(|c| matches!(c, Component::Normal(_) | Component::CurDir))
 }
 
 #[cfg(test)]

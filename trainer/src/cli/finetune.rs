@@ -1,122 +1,21 @@
-//! The `trainer` command line: `init`, `finetune` (and `export`).
+//! `trainer finetune`: recipes, splits, the run folder, sweeps over learning rates, export.
 
 use std::path::{Path, PathBuf};
 
-use clap::{Args, Parser, Subcommand};
-use runtime::datasets::{self, DatasetKind, Split};
-use runtime::preprocess::PreprocessConfig;
-use runtime::tokenizer::ClipTokenizer;
-use tch::Device;
+use clap::Args;
+use runtime::eval::datasets::{self, DatasetKind, Split};
+use runtime::image::preprocess::PreprocessConfig;
+use runtime::text::tokenizer::ClipTokenizer;
 
+use super::device;
 use crate::data::{BadImages, ImageSet};
 use crate::error::{Error, Result};
 use crate::export::{self, ExportSpec};
-use crate::model::ClipConfig;
 use crate::onnx::Precision;
 use crate::optim::{AdamConfig, LrSchedule};
-use crate::train::{self, Augment, LossKind, RunInputs, Select, TrainOptions};
+use crate::report::{self, EpochMetrics, Select};
+use crate::train::{self, Augment, LossKind, RunInputs, TrainOptions};
 use crate::weights;
-
-#[derive(Parser)]
-#[command(
-    version,
-    about = "Fine-tune CLIP on labelled X-rays and export xray-clip bundles"
-)]
-pub struct Cli {
-    #[command(subcommand)]
-    pub command: Command,
-}
-
-#[derive(Subcommand)]
-pub enum Command {
-    /// Make a checkpoint folder: from HF weights, OpenAI's TorchScript archive, or random weights.
-    Init(InitArgs),
-    /// Fine-tune a checkpoint on a data set (image and text encoders jointly).
-    Finetune(Box<FinetuneArgs>),
-    /// Export a checkpoint as a model bundle (ONNX encoders, label embeddings, tokenizer, manifest).
-    Export(ExportArgs),
-    /// Classify images with a checkpoint in libtorch (JSON lines, as `classify --json`).
-    Predict(PredictArgs),
-}
-
-#[derive(Args)]
-pub struct ExportArgs {
-    /// Checkpoint folder (`trainer init`, or a run's checkpoints/epoch-N).
-    #[arg(long)]
-    pub checkpoint: PathBuf,
-    /// Labels: a built-in set (unifesp, irma, irma-reference), a file with one label per line, or
-    /// a comma-separated list.
-    #[arg(long)]
-    pub labels: String,
-    /// Prompt template(s), `{}` = label; several are averaged.
-    #[arg(long = "template")]
-    pub templates: Vec<String>,
-    /// Bundle folder to write (a folder of other things: the bundle goes inside it, named --name).
-    #[arg(long)]
-    pub out: PathBuf,
-    /// Replace an existing bundle at --out.
-    #[arg(long)]
-    pub force: bool,
-    /// fp32 (CPU default) or fp16 (for GPUs).
-    #[arg(long, default_value = "fp32")]
-    pub precision: Precision,
-    /// Name of the bundle (default: the --out folder's name, or the checkpoint's when --out is a
-    /// folder of other things).
-    #[arg(long)]
-    pub name: Option<String>,
-    /// Leave out the text encoder and tokenizer (fixed labels only).
-    #[arg(long)]
-    pub no_text_encoder: bool,
-}
-
-#[derive(Args)]
-pub struct PredictArgs {
-    /// Checkpoint folder (`trainer init`, or a run's checkpoints/epoch-N).
-    #[arg(long)]
-    pub checkpoint: PathBuf,
-    /// Labels: a built-in set (unifesp, irma, irma-reference), a file with one label per line, or
-    /// a comma-separated list.
-    #[arg(long)]
-    pub labels: String,
-    /// Prompt template(s), `{}` = label; several are averaged.
-    #[arg(long = "template")]
-    pub templates: Vec<String>,
-    /// How many labels to show per image.
-    #[arg(long, short = 'k', default_value_t = 3)]
-    pub top_k: usize,
-    /// Image files or folders.
-    #[arg(required = true)]
-    pub paths: Vec<PathBuf>,
-}
-
-#[derive(Args)]
-pub struct InitArgs {
-    /// HF model folder (config.json + model.safetensors [+ tokenizer.json]), OpenAI's `.pt` archive
-    /// (ViT), or open_clip's `open_clip_model.safetensors` (ViT or ResNet, e.g. RN50).
-    #[arg(long, conflicts_with = "config")]
-    pub from: Option<PathBuf>,
-    /// Random weights with a preset configuration: vit-b-32, vit-b-16, vit-l-14, rn50, small,
-    /// rn-small (the UNIFESP recipe's), tiny, rn-tiny.
-    #[arg(long)]
-    pub config: Option<String>,
-    /// Input size in pixels of the preset's image tower (a multiple of 32 for ResNets, of the patch
-    /// size for ViTs) [default: the preset's].
-    #[arg(long, requires = "config")]
-    pub image_size: Option<i64>,
-    /// Seed of the random weights.
-    #[arg(long, default_value_t = 0)]
-    pub seed: i64,
-    /// tokenizer.json to store with the checkpoint (default: the HF folder's, else OpenAI's BPE
-    /// vocabulary, built in).
-    #[arg(long)]
-    pub tokenizer: Option<PathBuf>,
-    /// Checkpoint folder to write (a folder of other things: the checkpoint goes inside it).
-    #[arg(long)]
-    pub out: PathBuf,
-    /// Replace an existing checkpoint at --out.
-    #[arg(long)]
-    pub force: bool,
-}
 
 #[derive(Args)]
 pub struct FinetuneArgs {
@@ -319,7 +218,7 @@ fn settings(a: &FinetuneArgs) -> Settings {
         weight_decay: 0.001,
         optimizer: Optimizer::Adam,
         loss: LossKind::Contrastive,
-        templates: vec![runtime::labels::REFERENCE_TEMPLATES[0].to_string()],
+        templates: runtime::text::prompts::default_templates(),
         train_template: String::new(),
         val: 0.1,
         select: Select::BestVal,
@@ -385,109 +284,6 @@ fn settings(a: &FinetuneArgs) -> Settings {
 
 /// Epochs of `--recipe scratch`: what fits 30 minutes of a 2-core CPU with the rn-small model.
 pub const SCRATCH_EPOCHS: usize = 90;
-
-pub fn device(name: &str) -> Result<Device> {
-    match name {
-        "cpu" => Ok(Device::Cpu),
-        "cuda" if tch::Cuda::is_available() => Ok(Device::Cuda(0)),
-        "cuda" => Err(Error::Config(
-            "CUDA is not available (build with --features cuda on a GPU machine)".into(),
-        )),
-        "auto" if tch::Cuda::is_available() => Ok(Device::Cuda(0)),
-        "auto" => Ok(Device::Cpu),
-        other => Err(Error::Config(format!(
-            "unknown device {other:?} (cpu, cuda or auto)"
-        ))),
-    }
-}
-
-pub fn init(a: &InitArgs) -> Result<()> {
-    let (config, tensors, hf_tokenizer) = match (&a.from, &a.config) {
-        (Some(from), _) if from.is_dir() => {
-            let config = weights::read_config(&from.join(weights::CONFIG))?;
-            (
-                config,
-                Some(weights::read_safetensors(from)?),
-                Some(from.join("tokenizer.json")).filter(|p| p.exists()),
-            )
-        }
-        (Some(from), _) if from.extension().is_some_and(|e| e == "safetensors") => {
-            let (config, tensors) = weights::read_open_clip_safetensors(from)?;
-            (config, Some(tensors), None)
-        }
-        (Some(from), _) => {
-            let (config, tensors) = weights::read_openai_torchscript(from)?;
-            (config, Some(tensors), None)
-        }
-        (None, Some(name)) => {
-            let mut config = ClipConfig::preset(name)
-                .ok_or_else(|| Error::Config(format!("unknown configuration {name:?}")))?;
-            if let Some(size) = a.image_size {
-                config.vision_config.image_size = size;
-                config.validate().map_err(Error::Config)?;
-            }
-            (config, None, None)
-        }
-        (None, None) => return Err(Error::Config("give --from PATH or --config NAME".into())),
-    };
-    tch::manual_seed(a.seed);
-    let vs = tch::nn::VarStore::new(Device::Cpu);
-    let _model = crate::model::Clip::new(&vs.root(), &config);
-    let source = a
-        .from
-        .clone()
-        .unwrap_or_else(|| PathBuf::from("random init"));
-    if let Some(t) = tensors {
-        weights::assign(&vs, t, &source)?;
-    }
-    let (tok_bytes, tok_path) = match a.tokenizer.clone().or(hf_tokenizer) {
-        Some(p) => (std::fs::read(&p).map_err(|e| Error::io(&p, e))?, p),
-        None => (
-            runtime::DEFAULT_TOKENIZER.to_vec(),
-            PathBuf::from(runtime::DEFAULT_TOKENIZER_NAME),
-        ),
-    };
-    let tok = ClipTokenizer::from_bytes(&tok_bytes, &tok_path)?;
-    if tok.vocab_size() as i64 > config.text_config.vocab_size {
-        eprintln!(
-            "notice: the tokenizer has {} tokens, the model's vocabulary {}",
-            tok.vocab_size(),
-            config.text_config.vocab_size
-        );
-    }
-    let provenance = serde_json::json!({"source": source, "seed": a.seed});
-    let out = runtime::fsutil::resolve_output(
-        &a.out,
-        runtime::fsutil::OutputKind::Checkpoint,
-        || {
-            a.config.clone().unwrap_or_else(|| {
-                runtime::bundle::folder_name(
-                    &source
-                        .file_stem()
-                        .map(|s| s.to_string_lossy().to_string())
-                        .unwrap_or_default(),
-                )
-            })
-        },
-        a.force,
-    )?;
-    weights::save_checkpoint(&out, &config, &vs, |staging| {
-        runtime::fsutil::write_atomic(&staging.join("tokenizer.json"), &tok_bytes)?;
-        let json = serde_json::to_vec_pretty(&provenance).expect("json");
-        Ok(runtime::fsutil::write_atomic(
-            &staging.join("provenance.json"),
-            &json,
-        )?)
-    })?;
-    let params: i64 = vs.variables().values().map(|t| t.numel() as i64).sum();
-    println!(
-        "wrote {} ({:.1} M parameters, from {})",
-        out.display(),
-        params as f64 / 1e6,
-        source.display()
-    );
-    Ok(())
-}
 
 fn limit(mut v: Vec<datasets::Sample>, n: Option<usize>) -> Vec<datasets::Sample> {
     if let Some(n) = n {
@@ -570,8 +366,8 @@ fn run_folder(a: &FinetuneArgs, dataset: &str) -> Result<PathBuf> {
     let Some(out) = &a.out else {
         return Ok(PathBuf::from("runs").join(name));
     };
-    let kind = runtime::fsutil::OutputKind::Run;
-    let dir = match runtime::fsutil::resolve_output(out, kind, || name.clone(), true)? {
+    let kind = runtime::fs::OutputKind::Run;
+    let dir = match runtime::fs::resolve_output(out, kind, || name.clone(), true)? {
         dir if kind.is_in(&dir) && !a.resume && !a.force => {
             return Err(Error::Config(format!(
                 "{} is an existing training run; pass --resume to continue it (from its newest checkpoint) or --force to start over",
@@ -588,7 +384,7 @@ fn run_folder(a: &FinetuneArgs, dataset: &str) -> Result<PathBuf> {
     }
     if a.force && !a.resume && kind.is_in(&dir) {
         // Start over: the old run (made by this tool, recognised by its run.json) goes as a whole.
-        let aside = runtime::fsutil::parent_of(&dir).join(format!(
+        let aside = runtime::fs::parent_of(&dir).join(format!(
             ".{}.replaced-{}",
             dir.file_name().unwrap_or_default().to_string_lossy(),
             std::process::id()
@@ -633,9 +429,9 @@ pub fn finetune(a: &FinetuneArgs) -> Result<Vec<train::RunResult>> {
     // Every output place is settled before the long part, so a conflict costs nothing.
     let bundle_name = a.bundle_name.clone().unwrap_or_else(|| short_name.clone());
     let export_dir = match &a.export {
-        Some(dir) => Some(runtime::fsutil::resolve_output(
+        Some(dir) => Some(runtime::fs::resolve_output(
             dir,
-            runtime::fsutil::OutputKind::Bundle,
+            runtime::fs::OutputKind::Bundle,
             || runtime::bundle::folder_name(&bundle_name),
             a.force,
         )?),
@@ -869,7 +665,7 @@ fn write_sweep(
     out: &Path,
     lrs: &[f64],
     results: &[train::RunResult],
-    curves: &[(String, Vec<train::EpochMetrics>)],
+    curves: &[(String, Vec<EpochMetrics>)],
 ) -> Result<()> {
     let cell = |v: Option<f64>| v.map(|v| v.to_string()).unwrap_or_default();
     let header = [
@@ -893,12 +689,12 @@ fn write_sweep(
             ]
         })
     });
-    runtime::fsutil::write_csv(
+    runtime::fs::write_csv(
         &out.join("metrics.csv"),
         std::iter::once(header).chain(rows),
     )?;
     // The sweep's root is a run folder too (the output rule recognises runs by run.json).
-    runtime::fsutil::write_atomic(
+    runtime::fs::write_atomic(
         &out.join("run.json"),
         &serde_json::to_vec_pretty(&serde_json::json!({"sweep": lrs})).expect("json"),
     )?;
@@ -907,116 +703,19 @@ fn write_sweep(
         .zip(results)
         .map(|(lr, r)| serde_json::json!({"lr": lr, "selected_epoch": r.test.epoch, "val_top1": r.state.best_val_top1, "test_top1": r.test.top1, "epochs": r.state.metrics}))
         .collect();
-    runtime::fsutil::write_atomic(
+    runtime::fs::write_atomic(
         &out.join("metrics.json"),
         &serde_json::to_vec_pretty(&json).expect("json"),
     )?;
-    crate::plot::curves(&out.join("curves.png"), curves)?;
+    report::curves(&out.join("curves.png"), curves)?;
     Ok(())
-}
-
-fn templates_or_default(t: &[String]) -> Vec<String> {
-    if t.is_empty() {
-        vec![runtime::labels::REFERENCE_TEMPLATES[0].to_string()]
-    } else {
-        t.to_vec()
-    }
-}
-
-pub fn export_cmd(a: &ExportArgs) -> Result<()> {
-    let labels = runtime::labels::parse_spec(&a.labels)?;
-    // The name: --name, else the --out folder's own name when the bundle goes there, else the
-    // checkpoint's (when --out is a folder of other things and the bundle goes inside it).
-    let becomes_out = !a.out.is_dir()
-        || runtime::fsutil::OutputKind::Bundle.is_in(&a.out)
-        || std::fs::read_dir(&a.out).is_ok_and(|mut d| d.next().is_none());
-    let from = if becomes_out { &a.out } else { &a.checkpoint };
-    let name = a.name.clone().unwrap_or_else(|| {
-        std::fs::canonicalize(from)
-            .unwrap_or_else(|_| from.clone())
-            .file_name()
-            .map(|n| n.to_string_lossy().to_string())
-            .unwrap_or_else(|| "bundle".into())
-    });
-    let spec = ExportSpec {
-        checkpoint: a.checkpoint.clone(),
-        labels,
-        templates: templates_or_default(&a.templates),
-        precision: a.precision,
-        name,
-        description: String::new(),
-        without_text_encoder: a.no_text_encoder,
-        provenance: Default::default(),
-    };
-    let b = export::export(spec, &a.out, a.force)?;
-    println!(
-        "wrote {} ({} labels, {} dims, {:?})",
-        b.dir.display(),
-        b.manifest.labels.len(),
-        b.manifest.embedding_dim,
-        a.precision
-    );
-    Ok(())
-}
-
-pub fn predict(a: &PredictArgs) -> Result<bool> {
-    let labels = runtime::labels::parse_spec(&a.labels)?;
-    let loaded = weights::load(&a.checkpoint, Device::Cpu)?;
-    let (tok_bytes, tok_path) = export::checkpoint_tokenizer(&a.checkpoint)?;
-    let tokenizer = ClipTokenizer::from_bytes(&tok_bytes, &tok_path)?;
-    let per_template = templates_or_default(&a.templates)
-        .iter()
-        .map(|t| {
-            train::label_tokens(
-                &tokenizer,
-                &labels,
-                t,
-                &loaded.model.config.text_config,
-                Device::Cpu,
-            )
-        })
-        .collect::<Result<Vec<_>>>()?;
-    let emb = train::label_embeddings(&loaded.model, &per_template);
-    let scale = loaded.model.logit_scale.exp().double_value(&[]);
-    let s = loaded.model.config.vision_config.image_size as u32;
-    let cfg = PreprocessConfig {
-        image_size: s,
-        resize_shortest_edge: s,
-        ..PreprocessConfig::default()
-    };
-    let (files, problems) = runtime::pipeline::collect_files(&a.paths);
-    let mut ok = problems.is_empty();
-    for e in &problems {
-        eprintln!("error: {e}");
-    }
-    let model_name = a.checkpoint.display().to_string();
-    for f in &files {
-        let pixels = match runtime::pipeline::load_tensor(f, &cfg) {
-            Ok(p) => p,
-            Err(e) => {
-                ok = false;
-                eprintln!("error: {e}");
-                continue;
-            }
-        };
-        let x = tch::Tensor::from_slice(&pixels).view([1, 3, s as i64, s as i64]);
-        let probs = tch::no_grad(|| {
-            let img = crate::model::normalize(&loaded.model.image_features(&x));
-            (img.matmul(&emb.tr()) * scale).softmax(-1, tch::Kind::Float)
-        });
-        let probs: Vec<f32> = Vec::<f32>::try_from(probs.reshape([-1])).map_err(Error::Torch)?;
-        let k = a.top_k.clamp(1, labels.len());
-        println!(
-            "{}",
-            runtime::scoring::json_line(&f.display().to_string(), &model_name, &labels, &probs, k)
-        );
-    }
-    Ok(ok)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cli::{Cli, Command};
+    use clap::Parser;
 
     fn args(extra: &[&str]) -> FinetuneArgs {
         let mut argv = vec!["trainer", "finetune"];

@@ -26,15 +26,6 @@ impl Label {
     }
 }
 
-/// The five zero-shot templates of the reference experiment, in its order (`{}` = label).
-pub const REFERENCE_TEMPLATES: [&str; 5] = [
-    "a X-Ray image of {} part",
-    "This is a X-ray image of {} part.",
-    "a X-ray of a {}",
-    "a X-ray image of {} of human",
-    "a image of {}",
-];
-
 /// UNIFESP body parts, indices 0..21 as in the competition's `train.csv`.
 pub const UNIFESP_NAMES: [&str; 22] = [
     "Abdomen",
@@ -189,16 +180,6 @@ pub fn match_labels(have: &[&Label], wanted: &[Label]) -> Option<Vec<usize>> {
         .collect()
 }
 
-/// Fills a template: every `{}` becomes the label's prompt name.
-pub fn fill(template: &str, label: &Label) -> Result<String> {
-    if !template.contains("{}") {
-        return Err(Error::InvalidArgument(format!(
-            "template {template:?} has no {{}} placeholder"
-        )));
-    }
-    Ok(template.replace("{}", &label.prompt_name))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -218,10 +199,7 @@ mod tests {
     }
 
     #[test]
-    fn fill_and_list_errors() {
-        let l = Label::new("3", "Chest");
-        assert_eq!(fill("a X-ray of a {}", &l).unwrap(), "a X-ray of a chest");
-        assert!(fill("no placeholder", &l).is_err());
+    fn list_errors() {
         assert!(from_list(["a", " ", "A"]).is_err());
         assert!(from_list([" ", "# x"]).is_err());
         assert_eq!(from_list(["chest x-ray", "hand x-ray"]).unwrap().len(), 2);

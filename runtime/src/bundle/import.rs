@@ -14,15 +14,15 @@
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 
+use crate::onnx_proto::{ModelProto, TensorProto};
 use prost::Message;
-use tract_onnx::pb::{ModelProto, TensorProto};
 
-use crate::assemble::{assemble_from, AssembleInput, AssembleSpec};
+use crate::bundle::assemble::{assemble_from, AssembleInput, AssembleSpec};
 use crate::bundle::{Bundle, Provenance};
 use crate::engine::EngineOptions;
 use crate::error::{Error, Result};
-use crate::labels::Label;
-use crate::preprocess::PreprocessConfig;
+use crate::image::preprocess::PreprocessConfig;
+use crate::text::labels::Label;
 
 /// What the user asked for besides the export folder.
 pub struct ImportOptions {
@@ -350,8 +350,8 @@ pub fn preprocessing_of(bytes: &[u8], path: &Path) -> Result<PreprocessConfig> {
     let cfg = PreprocessConfig {
         image_size: w,
         resize_shortest_edge: shortest,
-        mean: triple("image_mean", crate::preprocess::CLIP_MEAN)?,
-        std: triple("image_std", crate::preprocess::CLIP_STD)?,
+        mean: triple("image_mean", crate::image::preprocess::CLIP_MEAN)?,
+        std: triple("image_std", crate::image::preprocess::CLIP_STD)?,
         ..PreprocessConfig::default()
     };
     cfg.validate().map_err(refuse)?;

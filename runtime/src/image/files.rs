@@ -54,7 +54,7 @@ fn looks_like_image(p: &Path) -> bool {
     std::fs::File::open(p)
         .and_then(|f| f.take(132).read_to_end(&mut head))
         .is_ok()
-        && crate::decode::sniff(&head).is_some()
+        && crate::image::decode::sniff(&head).is_some()
 }
 
 pub(crate) fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {

@@ -90,7 +90,7 @@ pub fn from_bytes(bytes: &[u8], name: &Path) -> Result<(Vec<usize>, Vec<f32>)> {
 }
 
 pub fn write(path: &Path, shape: &[usize], data: &[f32]) -> Result<()> {
-    crate::fsutil::write_atomic(path, &to_bytes(shape, data))
+    crate::fs::write_atomic(path, &to_bytes(shape, data))
 }
 
 pub fn read(path: &Path) -> Result<(Vec<usize>, Vec<f32>)> {

@@ -11,7 +11,7 @@ use dicom_object::{file::ReadPreamble, meta::FileMetaTable, OpenFileOptions};
 use dicom_pixeldata::{ConvertOptions, ModalityLutOption, PixelDecoder};
 use dicom_transfer_syntax_registry::TransferSyntaxRegistry;
 
-use crate::decode::{check_size, Image, Pixels};
+use super::{check_size, Image, Pixels};
 use crate::error::{Error, Result};
 
 const PREAMBLE: usize = 128;

@@ -13,8 +13,8 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
-use crate::files::collect_images;
-use crate::labels::{self, Label};
+use crate::image::files::collect_images;
+use crate::text::labels::{self, Label};
 
 /// One image and its label indices (several for UNIFESP's multi-label rows).
 #[derive(Debug, Clone, PartialEq)]
@@ -164,7 +164,7 @@ pub fn image_folder(root: &Path) -> Result<Dataset> {
     let mut dirs: Vec<PathBuf> = std::fs::read_dir(root)
         .map_err(|e| Error::io(root, e))?
         .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.is_dir() && !crate::files::is_hidden(p))
+        .filter(|p| p.is_dir() && !crate::image::files::is_hidden(p))
         .collect();
     dirs.sort();
     let mut labels = Vec::new();
@@ -222,7 +222,7 @@ pub fn unifesp(root: &Path) -> Result<Dataset> {
         unifesp_rows(&repack, |row| {
             let rel = row.get("image_path")?;
             let rel = rel.trim().trim_start_matches("./");
-            crate::bundle::is_contained(rel).then(|| root.join(rel))
+            crate::fs::is_contained(rel).then(|| root.join(rel))
         })
     } else if kaggle.is_file() {
         // SOPInstanceUID -> file, from the DICOM tree.
@@ -455,17 +455,14 @@ fn find_irma_csv(root: &Path, codes: Option<&Path>) -> Result<(PathBuf, PathBuf)
             )));
         }
         let images = if root.is_file() {
-            crate::fsutil::parent_of(root).to_path_buf()
+            crate::fs::parent_of(root).to_path_buf()
         } else {
             root.to_path_buf()
         };
         return Ok((c.to_path_buf(), images));
     }
     if root.is_file() {
-        return Ok((
-            root.to_path_buf(),
-            crate::fsutil::parent_of(root).to_path_buf(),
-        ));
+        return Ok((root.to_path_buf(), crate::fs::parent_of(root).to_path_buf()));
     }
     let mut csvs: Vec<PathBuf> = std::fs::read_dir(root)
         .map_err(|e| Error::io(root, e))?

@@ -1,0 +1,204 @@
+//! Writing a bundle: staged in a hidden sibling folder, verified, renamed into place.
+
+use std::path::Path;
+
+use super::{npy, Bundle, Manifest, LABEL_EMBEDDINGS, MANIFEST, PREPROCESSOR_CONFIG};
+use crate::error::{Error, Result};
+use crate::fs::{self, is_contained};
+use crate::image::preprocess::PreprocessConfig;
+use crate::scoring::normalize_rows;
+
+/// HF `preprocessor_config.json` for the same preprocessing, so HF tools read the bundle too.
+pub fn hf_preprocessor_config(cfg: &PreprocessConfig) -> serde_json::Value {
+    serde_json::json!({
+        "image_processor_type": "CLIPImageProcessor",
+        "do_resize": true,
+        "size": {"shortest_edge": cfg.resize_shortest_edge},
+        "resample": 3,
+        "do_center_crop": true,
+        "crop_size": {"height": cfg.image_size, "width": cfg.image_size},
+        "do_rescale": true,
+        "rescale_factor": 1.0 / 255.0,
+        "do_normalize": true,
+        "image_mean": cfg.mean,
+        "image_std": cfg.std,
+        "do_convert_rgb": true
+    })
+}
+
+/// Writes a bundle folder atomically: everything goes to a hidden sibling folder that is verified
+/// and then renamed into place, so a crash never leaves a bundle that loads but is wrong.
+pub struct BundleWriter {
+    staged: fs::StagedDir,
+    pub manifest: Manifest,
+}
+
+/// A bundle name usable as a folder name (letters, digits, `.`, `-`, `_`; others become `-`).
+pub fn folder_name(name: &str) -> String {
+    let s: String = name
+        .trim()
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_') {
+                c
+            } else {
+                '-'
+            }
+        })
+        .collect();
+    let s = s.trim_matches(['-', '.']).to_string();
+    if s.is_empty() {
+        "bundle".into()
+    } else {
+        s
+    }
+}
+
+impl BundleWriter {
+    /// Starts a bundle for `--out requested` by the rule of [`fs::resolve_output`]: a missing
+    /// or empty folder becomes the bundle, an existing bundle is replaced only with `force`, any
+    /// other folder gets the bundle as a sub-folder named after the manifest's name.
+    pub fn create(requested: &Path, manifest: Manifest, force: bool) -> Result<BundleWriter> {
+        let target = fs::resolve_output(
+            requested,
+            fs::OutputKind::Bundle,
+            || folder_name(&manifest.name),
+            force,
+        )?;
+        Ok(BundleWriter {
+            staged: fs::StagedDir::new(&target)?,
+            manifest,
+        })
+    }
+
+    /// The folder the bundle will have once finished.
+    pub fn target(&self) -> &Path {
+        self.staged.target()
+    }
+
+    /// Writes one file of the bundle and records it in the manifest.
+    pub fn add_file(
+        &mut self,
+        role: &str,
+        name: &str,
+        bytes: &[u8],
+        io: Option<(&str, &str)>,
+    ) -> Result<()> {
+        if !is_contained(name) {
+            return Err(Error::InvalidArgument(format!(
+                "bundle file name {name:?} leaves the bundle folder"
+            )));
+        }
+        let path = self.staged.path().join(name);
+        std::fs::create_dir_all(fs::parent_of(&path))
+            .map_err(|e| Error::io(self.staged.path(), e))?;
+        fs::write_atomic(&path, bytes)?;
+        self.manifest.set_file(role, name, bytes, io);
+        Ok(())
+    }
+
+    pub fn add_label_embeddings(&mut self, embeddings: &[f32]) -> Result<()> {
+        let dim = self.manifest.embedding_dim;
+        let rows = self.manifest.labels.len();
+        if embeddings.len() != rows * dim {
+            return Err(Error::Shape {
+                what: "label embeddings".into(),
+                expected: format!("{rows} x {dim}"),
+                actual: format!("{} values", embeddings.len()),
+            });
+        }
+        let normalized = normalize_rows(embeddings, dim);
+        self.add_file(
+            LABEL_EMBEDDINGS,
+            "label_embeddings.npy",
+            &npy::to_bytes(&[rows, dim], &normalized),
+            None,
+        )
+    }
+
+    /// Validates, writes the manifest, verifies the staged folder and moves it into place
+    /// (replacing an older bundle only where `create` allowed it).
+    pub fn finish(mut self) -> Result<Bundle> {
+        if !self.manifest.files.contains_key(PREPROCESSOR_CONFIG) {
+            let cfg =
+                serde_json::to_vec_pretty(&hf_preprocessor_config(&self.manifest.preprocessing))
+                    .expect("JSON value serialises");
+            self.add_file(PREPROCESSOR_CONFIG, "preprocessor_config.json", &cfg, None)?;
+        }
+        self.manifest.validate(self.staged.target())?;
+        let text = serde_json::to_vec_pretty(&self.manifest).expect("manifest serialises");
+        fs::write_atomic(&self.staged.path().join(MANIFEST), &text)?;
+        // Verify what was written before it replaces anything.
+        Bundle::load(self.staged.path())?;
+        let target = self.staged.commit()?;
+        Bundle::load(&target)
+    }
+}
+
+#[cfg(all(test, feature = "embedded"))]
+mod tests {
+    use super::*;
+
+    /// Copies the built-in bundle through a writer into `requested`; `fail_after` files in, the
+    /// next file gets a name that leaves the folder, so the write fails with files already staged.
+    fn copy_default(requested: &Path, force: bool, fail_after: Option<usize>) -> Result<Bundle> {
+        let source = Bundle::from_embedded(crate::DEFAULT_BUNDLE)?;
+        let mut manifest = source.manifest.clone();
+        manifest.files.clear();
+        let mut writer = BundleWriter::create(requested, manifest, force)?;
+        for (i, (role, entry)) in source.manifest.files.iter().enumerate() {
+            let name = if fail_after == Some(i) {
+                "../escape"
+            } else {
+                entry.path.as_str()
+            };
+            let io = entry.input.as_deref().zip(entry.output.as_deref());
+            writer.add_file(role, name, &source.read_verified(role)?, io)?;
+        }
+        writer.finish()
+    }
+
+    fn leftovers(dir: &Path) -> Vec<String> {
+        std::fs::read_dir(dir)
+            .expect("listing")
+            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with('.'))
+            .collect()
+    }
+
+    #[test]
+    fn a_failure_mid_write_keeps_the_old_bundle_and_leaves_no_staging() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let target = dir.path().join("bundle");
+        let first = copy_default(&target, false, None).expect("first bundle");
+        let manifest_before = std::fs::read(target.join(MANIFEST)).expect("manifest");
+
+        // Two files staged, then the third fails: no new bundle, the old one untouched.
+        let err = copy_default(&target, true, Some(2)).expect_err("the escape must fail");
+        assert!(
+            err.to_string().contains("leaves the bundle folder"),
+            "{err}"
+        );
+        assert_eq!(
+            std::fs::read(target.join(MANIFEST)).expect("manifest"),
+            manifest_before
+        );
+        Bundle::load(&target).expect("the old bundle still loads");
+        assert_eq!(first.manifest.files.len(), 3);
+        assert!(
+            leftovers(dir.path()).is_empty(),
+            "{:?}",
+            leftovers(dir.path())
+        );
+
+        // Into a fresh folder: nothing at all is left.
+        let fresh = dir.path().join("fresh");
+        copy_default(&fresh, false, Some(1)).expect_err("the escape must fail");
+        assert!(!fresh.exists());
+        assert!(
+            leftovers(dir.path()).is_empty(),
+            "{:?}",
+            leftovers(dir.path())
+        );
+    }
+}

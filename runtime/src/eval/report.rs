@@ -1,0 +1,115 @@
+//! The evaluation report: report.json, report.md (tables), confusion.csv and confusion.png.
+
+use std::path::{Path, PathBuf};
+
+use super::metrics::Report;
+use super::Evaluation;
+use crate::error::Result;
+
+/// The per-template table (as the reference's prompt table), for the terminal and report.md.
+pub fn template_table(ev: &Evaluation) -> String {
+    let mut s = String::from(
+        "| # | template | top-1 | top-5 | macro-F1 |\n| --- | --- | --- | --- | --- |\n",
+    );
+    for (i, r) in ev.results.iter().enumerate() {
+        s.push_str(&format!(
+            "| {} | `{}` | {:.4} | {:.4} | {:.4} |\n",
+            i + 1,
+            r.template,
+            r.report.top1,
+            r.report.top5,
+            r.report.macro_f1
+        ));
+    }
+    s
+}
+
+pub fn class_table(ev: &Evaluation, r: &Report) -> String {
+    let mut s = String::from(
+        "| label | precision | recall | F1 | support |\n| --- | ---: | ---: | ---: | ---: |\n",
+    );
+    for (l, m) in ev.labels.iter().zip(&r.per_class) {
+        s.push_str(&format!(
+            "| {} | {:.4} | {:.4} | {:.4} | {} |\n",
+            l.name, m.precision, m.recall, m.f1, m.support
+        ));
+    }
+    s
+}
+
+/// Writes report.json, report.md, confusion.csv and confusion.png (best template) as the report
+/// folder `requested` (see [`crate::fs::resolve_output`]); returns where it went.
+pub fn write_reports(ev: &Evaluation, requested: &Path, force: bool) -> Result<PathBuf> {
+    let target = crate::fs::resolve_output(
+        requested,
+        crate::fs::OutputKind::Report,
+        || {
+            crate::bundle::folder_name(&format!(
+                "{}-{}-{}",
+                ev.dataset.rsplit([':', '/']).next().unwrap_or("data"),
+                ev.split,
+                ev.bundle
+            ))
+        },
+        force,
+    )?;
+    let staged = crate::fs::StagedDir::new(&target)?;
+    let out = staged.path();
+    let json = serde_json::to_vec_pretty(ev).expect("evaluation serialises");
+    crate::fs::write_atomic(&out.join("report.json"), &json)?;
+    let best = ev.best();
+    let mut md = format!(
+        "# Evaluation of `{}` on {} ({} split)\n\n{} images ({} with several labels, policy: {:?}), {} unreadable; \
+         encoding {:.1} s ({:.1} images/s), scoring {:.2} s.\n\n## Templates\n\n{}\n## Per class (best: `{}`)\n\n{}\n",
+        ev.bundle,
+        ev.dataset,
+        ev.split,
+        ev.images,
+        ev.multi_label_images,
+        ev.multi_label,
+        ev.unreadable.len(),
+        ev.encode_seconds,
+        ev.images_per_second,
+        ev.score_seconds,
+        template_table(ev),
+        best.template,
+        class_table(ev, &best.report),
+    );
+    md.push_str(
+        "## Confusion matrix (rows: true, columns: predicted)\n\n![confusion](confusion.png)\n",
+    );
+    if !ev.unreadable.is_empty() {
+        md.push_str("\n## Unreadable images\n\n");
+        for (p, e) in &ev.unreadable {
+            md.push_str(&format!("- `{}`: {e}\n", p.display()));
+        }
+    }
+    crate::fs::write_atomic(&out.join("report.md"), md.as_bytes())?;
+    let header = std::iter::once("true\\predicted".to_string())
+        .chain(ev.labels.iter().map(|l| l.name.clone()))
+        .collect::<Vec<_>>();
+    let rows = ev
+        .labels
+        .iter()
+        .zip(&best.report.confusion)
+        .map(|(l, row)| {
+            std::iter::once(l.name.clone())
+                .chain(row.iter().map(|v| v.to_string()))
+                .collect::<Vec<_>>()
+        });
+    crate::fs::write_csv(
+        &out.join("confusion.csv"),
+        std::iter::once(header).chain(rows),
+    )?;
+    #[cfg(feature = "plot")]
+    {
+        let names: Vec<String> = ev.labels.iter().map(|l| l.name.clone()).collect();
+        super::plot::confusion(
+            &out.join("confusion.png"),
+            &names,
+            &best.report.confusion,
+            &best.template,
+        )?;
+    }
+    staged.commit()
+}
