@@ -78,8 +78,8 @@ fn main() -> anyhow::Result<()> {
     if let Some(folder) = &args.folder {
         let mut files = pipeline::collect_files(std::slice::from_ref(folder)).0;
         files.truncate(args.max_files);
-        let dir =
-            std::env::temp_dir().join(format!("xray-clip-bench-bundle-{}", std::process::id()));
+        let dir_tmp = tempfile::tempdir()?;
+        let dir = dir_tmp.path().join("bundle");
         let dim = enc.embed_pixels(&[1, 3, 224, 224], &image)?.1;
         let spec = AssembleSpec {
             name: "bench".into(),
@@ -116,7 +116,6 @@ fn main() -> anyhow::Result<()> {
             (t.elapsed().as_secs_f64() * 1e3 / files.len() as f64).into();
         report["folder_files"] = ok.into();
         report["folder_files_per_s"] = (ok as f64 / secs).into();
-        let _ = std::fs::remove_dir_all(&dir);
     }
     println!("{report}");
     Ok(())

@@ -23,17 +23,13 @@ pub fn run_main(body: impl FnOnce() -> anyhow::Result<ExitCode>) -> ExitCode {
     match body() {
         Ok(code) => code,
         Err(e) => {
-            let chain: Vec<String> = e.chain().map(|c| c.to_string()).collect();
-            let mut line = String::new();
-            for part in chain {
-                // Error sources often repeat the outer message; print each new part once.
-                if !line.contains(&part) {
-                    if !line.is_empty() {
-                        line.push_str(": ");
-                    }
-                    line.push_str(&part);
-                }
-            }
+            // The toolkit's errors end their message with their cause and do not repeat it as a
+            // `source()`, so the chain has each part once.
+            let line = e
+                .chain()
+                .map(|c| c.to_string())
+                .collect::<Vec<_>>()
+                .join(": ");
             eprintln!("error: {}", line.replace('\n', " "));
             ExitCode::FAILURE
         }
@@ -153,6 +149,82 @@ impl LabelArgs {
 /// Display form of a path for tables: relative paths stay as given.
 pub fn show_path(p: &Path) -> String {
     p.display().to_string()
+}
+
+/// How many labels to show per image: `-k` above the number of labels is said once, then all are
+/// shown (`classify`, `trainer predict`).
+pub fn top_k(requested: usize, labels: usize) -> usize {
+    if requested > labels {
+        eprintln!("note: -k {requested} is more than the {labels} labels; showing {labels}");
+    }
+    requested.min(labels)
+}
+
+/// Prints one line per image, as `classify` does: a table (file, then the `k` best labels and
+/// their probabilities), or JSON lines with `--json` (a file that failed gets `"error"`).
+pub struct ResultPrinter {
+    pub json: bool,
+    pub k: usize,
+    /// Width of the file column.
+    pub width: usize,
+}
+
+impl ResultPrinter {
+    pub fn new(json: bool, k: usize, files: &[PathBuf]) -> ResultPrinter {
+        let width = files
+            .iter()
+            .map(|f| show_path(f).chars().count())
+            .max()
+            .unwrap_or(0)
+            .max(4);
+        ResultPrinter { json, k, width }
+    }
+
+    /// The table's header line (nothing for JSON).
+    pub fn header(&self) {
+        if !self.json {
+            println!(
+                "{:<width$}  {}",
+                "file",
+                (1..=self.k)
+                    .map(|i| format!("{:<28}", format!("top-{i}")))
+                    .collect::<String>()
+                    .trim_end(),
+                width = self.width
+            );
+        }
+    }
+
+    pub fn scores(&self, file: &Path, model: &str, labels: &[Label], probs: &[f32]) {
+        if self.json {
+            println!(
+                "{}",
+                crate::scoring::json_line(&show_path(file), model, labels, probs, self.k)
+            );
+        } else {
+            let cells: String = crate::scoring::top_k(probs, self.k)
+                .iter()
+                .map(|&i| format!("{:<28}", format!("{} {:.4}", labels[i].name, probs[i])))
+                .collect();
+            println!(
+                "{:<width$}  {}",
+                show_path(file),
+                cells.trim_end(),
+                width = self.width
+            );
+        }
+    }
+
+    /// A file that could not be classified: on stderr, and as a JSON line with `--json`.
+    pub fn error(&self, file: &str, e: &dyn std::fmt::Display) {
+        if self.json {
+            println!(
+                "{}",
+                serde_json::json!({"file": file, "error": e.to_string()})
+            );
+        }
+        eprintln!("error: {e}");
+    }
 }
 
 /// Where a data set comes from (`runtime eval`, `trainer finetune`).

@@ -1,7 +1,6 @@
 //! ONNX Runtime inference (feature `onnx`): the bundle's image and text encoders on CPU or CUDA.
 
 use std::path::{Path, PathBuf};
-use std::str::FromStr;
 use std::sync::OnceLock;
 
 use ort::session::builder::GraphOptimizationLevel;
@@ -14,24 +13,15 @@ use crate::text::tokenizer::TokenBatch;
 
 /// Where the encoders run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "cli", derive(clap::ValueEnum))]
 pub enum Device {
+    /// ONNX Runtime's CPU provider.
     Cpu,
+    /// ONNX Runtime's CUDA provider (an error when it cannot start).
     Cuda,
     /// CUDA when it is available, else CPU (with a one-line notice on stderr).
     #[default]
     Auto,
-}
-
-impl FromStr for Device {
-    type Err = String;
-    fn from_str(s: &str) -> std::result::Result<Self, String> {
-        match s {
-            "cpu" => Ok(Device::Cpu),
-            "cuda" => Ok(Device::Cuda),
-            "auto" => Ok(Device::Auto),
-            other => Err(format!("unknown device {other:?} (cpu, cuda or auto)")),
-        }
-    }
 }
 
 #[derive(Debug, Clone, Default)]
@@ -64,10 +54,7 @@ pub fn onnxruntime_library() -> Result<PathBuf> {
 
 fn ort_err(context: impl Into<String>) -> impl FnOnce(ort::Error) -> Error {
     let context = context.into();
-    move |e| Error::Inference {
-        context,
-        reason: e.to_string(),
-    }
+    move |cause| Error::Ort { context, cause }
 }
 
 fn environment() -> Result<&'static ort::environment::Environment> {
@@ -127,23 +114,20 @@ impl Encoder {
     ) -> Result<Encoder> {
         let env = environment()?;
         let build = |cuda: bool| -> Result<Session> {
-            let mut b = Session::builder(env)
-                .map_err(ort_err(what))?
-                .with_optimization_level(GraphOptimizationLevel::All)
-                .map_err(|e| ort_err(what)(e.into()))?
-                .with_intra_op_spinning(false)
-                .map_err(|e| ort_err(what)(e.into()))?
-                .with_inter_op_spinning(false)
-                .map_err(|e| ort_err(what)(e.into()))?;
-            if opts.threads > 0 {
-                b = b
-                    .with_intra_threads(opts.threads)
-                    .map_err(|e| ort_err(what)(e.into()))?;
-            }
-            if cuda {
-                b = with_cuda(b).map_err(|e| ort_err(what)(e))?;
-            }
-            b.commit_from_memory(bytes).map_err(ort_err(what))
+            let session = || -> ort::Result<Session> {
+                let mut b = Session::builder(env)?
+                    .with_optimization_level(GraphOptimizationLevel::All)?
+                    .with_intra_op_spinning(false)?
+                    .with_inter_op_spinning(false)?;
+                if opts.threads > 0 {
+                    b = b.with_intra_threads(opts.threads)?;
+                }
+                if cuda {
+                    b = with_cuda(b)?;
+                }
+                b.commit_from_memory(bytes)
+            };
+            session().map_err(ort_err(what))
         };
         let (session, device) = match opts.device {
             Device::Cpu => (build(false)?, Device::Cpu),
@@ -163,7 +147,10 @@ impl Encoder {
                 Some(w) if have.iter().any(|h| h == w) => Ok(w.to_string()),
                 Some(w) => Err(Error::Inference {
                     context: what.to_string(),
-                    reason: format!("graph has no {kind} named {w:?} (it has {have:?})"),
+                    reason: format!(
+                        "graph has no {kind} named {w:?} (it has {})",
+                        have.join(", ")
+                    ),
                 }),
                 // Without a name: the tensor CLIP exports call it, else the first.
                 None => have
@@ -198,7 +185,8 @@ impl Encoder {
             return Err(Error::Inference {
                 context: what.to_string(),
                 reason: format!(
-                    "graph needs inputs {others:?} besides {input:?}; give one encoder per graph (vision and text exported separately)"
+                    "graph needs inputs {} besides {input:?}; give one encoder per graph (vision and text exported separately)",
+                    others.iter().map(|o| o.as_str()).collect::<Vec<_>>().join(", ")
                 ),
             });
         }
@@ -335,10 +323,10 @@ impl Engine {
     pub fn text_encoder(&mut self) -> Result<&mut Encoder> {
         if self.text.is_none() {
             if !self.bundle.has_text_encoder() {
-                return Err(Error::InvalidArgument(format!(
-                    "bundle {} has no text encoder, so it cannot score custom labels or templates",
-                    self.bundle.dir.display()
-                )));
+                return Err(Error::bundle(
+                    &self.bundle.dir,
+                    "has no text encoder, so it cannot score custom labels or templates",
+                ));
             }
             self.text = Some(Encoder::from_entry(
                 &self.bundle,

@@ -5,15 +5,16 @@ use std::path::{Path, PathBuf};
 /// Everything that can go wrong while reading inputs, bundles or running a model.
 ///
 /// Every variant names the file (when there is one) and what was expected, so that the one-line
-/// message a binary prints is enough to fix the problem.
+/// message a binary prints is enough to fix the problem. A variant that wraps another library's
+/// error keeps it, typed, in its `cause` field and ends its message with it; it is not also
+/// returned by `source()`, so a printer of the error chain never shows it twice.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     // --- files -------------------------------------------------------------------------------
-    #[error("{path}: {source}")]
+    #[error("{path}: {cause}")]
     Io {
         path: PathBuf,
-        #[source]
-        source: std::io::Error,
+        cause: std::io::Error,
     },
 
     #[error("{path}: {reason}")]
@@ -24,6 +25,17 @@ pub enum Error {
     EmptyFile { path: PathBuf },
     #[error("{path}: not a PNG, JPEG or DICOM file")]
     UnknownFormat { path: PathBuf },
+    #[error("{path}: cannot decode {format} image: {cause}")]
+    Image {
+        path: PathBuf,
+        format: &'static str,
+        cause: image::ImageError,
+    },
+    #[error("{path}: cannot decode DICOM image: {cause}")]
+    Dicom {
+        path: PathBuf,
+        cause: Box<dyn std::error::Error + Send + Sync>,
+    },
     #[error("{path}: cannot decode {format} image: {reason}")]
     Decode {
         path: PathBuf,
@@ -69,24 +81,40 @@ pub enum Error {
         expected: String,
         actual: String,
     },
-    #[error("{path}: invalid JSON: {source}")]
+    #[error("{path}: invalid JSON: {cause}")]
     Json {
         path: PathBuf,
-        #[source]
-        source: serde_json::Error,
+        cause: serde_json::Error,
     },
 
     // --- text ----------------------------------------------------------------------------------
     #[error("tokenizer {path}: {reason}")]
     Tokenizer { path: PathBuf, reason: String },
 
-    // --- labels and arguments ------------------------------------------------------------------
+    // --- labels, data sets, paths ----------------------------------------------------------------
+    /// A label list, label set or prompt template that cannot be used.
     #[error("{0}")]
-    InvalidArgument(String),
+    Labels(String),
+    /// A data set that cannot be read or split as asked.
+    #[error("{0}")]
+    Dataset(String),
+    /// A path that cannot be used as given (a folder where a file is wanted, a name that leaves
+    /// its folder).
+    #[error("{0}")]
+    BadPath(String),
+    /// An export that `runtime import` / `assemble` cannot turn into a bundle.
+    #[error("{0}")]
+    Import(String),
+    /// A chart that could not be drawn.
+    #[error("{0}")]
+    Plot(String),
 
     // --- inference -----------------------------------------------------------------------------
     #[error("{context}: {reason}")]
     Inference { context: String, reason: String },
+    #[cfg(feature = "onnx")]
+    #[error("{context}: {cause}")]
+    Ort { context: String, cause: ort::Error },
     #[error("shape mismatch in {what}: expected {expected}, got {actual}")]
     Shape {
         what: String,
@@ -98,10 +126,10 @@ pub enum Error {
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl Error {
-    pub fn io(path: impl AsRef<Path>, source: std::io::Error) -> Self {
+    pub fn io(path: impl AsRef<Path>, cause: std::io::Error) -> Self {
         Error::Io {
             path: path.as_ref().to_path_buf(),
-            source,
+            cause,
         }
     }
 

@@ -35,7 +35,7 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let dir = parent_of(path);
     let name = path
         .file_name()
-        .ok_or_else(|| Error::InvalidArgument(format!("{}: not a file path", path.display())))?;
+        .ok_or_else(|| Error::BadPath(format!("{}: not a file path", path.display())))?;
     let tmp = dir.join(format!(
         ".{}.tmp-{}",
         name.to_string_lossy(),
@@ -200,9 +200,9 @@ impl StagedDir {
     pub fn new(target: &Path) -> Result<StagedDir> {
         let parent = parent_of(target);
         std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
-        let name = target.file_name().ok_or_else(|| {
-            Error::InvalidArgument(format!("{}: not a folder path", target.display()))
-        })?;
+        let name = target
+            .file_name()
+            .ok_or_else(|| Error::BadPath(format!("{}: not a folder path", target.display())))?;
         let staging = parent.join(format!(
             ".{}.staging-{}",
             name.to_string_lossy(),
@@ -283,6 +283,21 @@ pub fn resolve_output_file(requested: &Path, name: &str, force: bool) -> Result<
         });
     }
     Ok(path)
+}
+
+/// The staging and replaced-aside folders (`.NAME.staging-PID`, `.NAME.replaced-PID`) that writers
+/// of this module leave in `dir` only when a process dies mid-write: what a test of "nothing left
+/// behind" looks for.
+pub fn leftovers(dir: &Path) -> Result<Vec<String>> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))? {
+        let name = entry.map_err(|e| Error::io(dir, e))?.file_name();
+        let name = name.to_string_lossy();
+        if name.starts_with('.') && (name.contains(".staging-") || name.contains(".replaced-")) {
+            found.push(name.into_owned());
+        }
+    }
+    Ok(found)
 }
 
 /// A relative path that stays inside its folder (a bundle, a data set): no `..`, no root, no drive, not empty.

@@ -2,7 +2,7 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output};
 
 use common::*;
@@ -40,10 +40,8 @@ fn assert_one_line_error(out: &Output, needle: &str) {
     );
 }
 
-fn tmp(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("xray-clip-cli-{name}-{}", std::process::id()));
-    std::fs::create_dir_all(&d).expect("mkdir");
-    d
+fn tmp(name: &str) -> tempfile::TempDir {
+    common::tmpdir(&format!("cli-{name}"))
 }
 
 fn s(p: &Path) -> &str {
@@ -177,7 +175,8 @@ fn custom_labels_use_the_text_encoder() {
 #[test]
 fn bad_images_get_one_clear_line() {
     let bundle = tiny_bundle();
-    let dir = tmp("bad-images");
+    let dir_tmp = tmp("bad-images");
+    let dir = dir_tmp.path().to_path_buf();
     let good = std::fs::read(fixtures().join("images/gray_300x217.png")).expect("png");
     let cases: Vec<(&str, Vec<u8>, &str)> = vec![
         ("empty.png", vec![], "empty file"),
@@ -217,7 +216,8 @@ fn bad_images_get_one_clear_line() {
 #[test]
 fn a_bad_file_in_a_folder_does_not_stop_the_others() {
     let bundle = tiny_bundle();
-    let dir = tmp("mixed");
+    let dir_tmp = tmp("mixed");
+    let dir = dir_tmp.path().to_path_buf();
     std::fs::copy(
         fixtures().join("images/gray_300x217.png"),
         dir.join("a.png"),
@@ -245,18 +245,21 @@ fn broken_bundles_are_refused() {
     let img = fixtures().join("images/small_64x64.png");
     let run = |dir: &Path| classify(&["--model", s(dir), "--device", "cpu", s(&img)]);
 
-    let missing = copy_bundle(tiny_bundle(), "missing");
+    let missing_tmp = copy_bundle(tiny_bundle(), "missing");
+    let missing = missing_tmp.path().to_path_buf();
     std::fs::remove_file(missing.join("image_encoder.onnx")).expect("rm");
     assert_one_line_error(&run(&missing), "image_encoder.onnx");
 
-    let hash = copy_bundle(tiny_bundle(), "hash");
+    let hash_tmp = copy_bundle(tiny_bundle(), "hash");
+    let hash = hash_tmp.path().to_path_buf();
     let mut bytes = std::fs::read(hash.join("image_encoder.onnx")).expect("read");
     let n = bytes.len();
     bytes[n - 10] ^= 0xFF;
     std::fs::write(hash.join("image_encoder.onnx"), bytes).expect("write");
     assert_one_line_error(&run(&hash), "sha256");
 
-    let count = copy_bundle(tiny_bundle(), "count");
+    let count_tmp = copy_bundle(tiny_bundle(), "count");
+    let count = count_tmp.path().to_path_buf();
     edit_manifest(&count, |m| {
         m.labels.pop();
     });
@@ -265,23 +268,27 @@ fn broken_bundles_are_refused() {
         "label embeddings have shape [22, 16], manifest has 21 labels",
     );
 
-    let escape = copy_bundle(tiny_bundle(), "escape");
+    let escape_tmp = copy_bundle(tiny_bundle(), "escape");
+    let escape = escape_tmp.path().to_path_buf();
     edit_manifest(&escape, |m| {
         m.files.get_mut("tokenizer").expect("tokenizer").path = "../tokenizer.json".into();
     });
     assert_one_line_error(&run(&escape), "leaves the bundle folder");
 
-    let absolute = copy_bundle(tiny_bundle(), "absolute");
+    let absolute_tmp = copy_bundle(tiny_bundle(), "absolute");
+    let absolute = absolute_tmp.path().to_path_buf();
     edit_manifest(&absolute, |m| {
         m.files.get_mut("image_encoder").expect("enc").path = "/etc/passwd".into();
     });
     assert_one_line_error(&run(&absolute), "leaves the bundle folder");
 
-    let garbage = copy_bundle(tiny_bundle(), "garbage");
+    let garbage_tmp = copy_bundle(tiny_bundle(), "garbage");
+    let garbage = garbage_tmp.path().to_path_buf();
     std::fs::write(garbage.join(MANIFEST), b"{ not json").expect("write");
     assert_one_line_error(&run(&garbage), "invalid JSON");
 
-    let no_text = copy_bundle(tiny_bundle(), "no-text");
+    let no_text_tmp = copy_bundle(tiny_bundle(), "no-text");
+    let no_text = no_text_tmp.path().to_path_buf();
     edit_manifest(&no_text, |m| {
         m.files.remove("text_encoder");
     });
@@ -311,7 +318,9 @@ fn runtime_subcommands() {
         "[49406,320,343,268,3077,539,320,10563,49407]"
     );
 
-    let dir = tmp("preprocess");
+    let dir_tmp = tmp("preprocess");
+
+    let dir = dir_tmp.path().to_path_buf();
     let npy_path = dir.join("x.npy");
     let img = fixtures().join("images/gray_300x217.png");
     let out = runtime_cli(&["preprocess", s(&img), "--out", s(&npy_path)]);
@@ -385,7 +394,8 @@ fn runtime_subcommands() {
 #[test]
 fn hostile_shapes_fail_alone_and_the_rest_goes_on() {
     let bundle = tiny_bundle();
-    let dir = tmp("hostile");
+    let dir_tmp = tmp("hostile");
+    let dir = dir_tmp.path().to_path_buf();
     let good = dir.join("good.png");
     std::fs::copy(fixtures().join("images/gray_300x217.png"), &good).expect("copy");
     let tall = dir.join("tall_1x65535.png");
@@ -498,7 +508,8 @@ fn first_hour_on_the_builtin_bundle() {
         stderr.contains("has no text encoder") && stderr.contains("runtime assemble"),
         "{stderr}"
     );
-    let dir = tmp("first-hour");
+    let dir_tmp = tmp("first-hour");
+    let dir = dir_tmp.path().to_path_buf();
     let out = runtime_cli(&[
         "prompts",
         "--model",
@@ -566,7 +577,8 @@ fn first_hour_on_the_builtin_bundle() {
 #[test]
 fn writing_commands_never_replace_what_they_did_not_create() {
     let bundle = tiny_bundle();
-    let dir = tmp("output-rule");
+    let dir_tmp = tmp("output-rule");
+    let dir = dir_tmp.path().to_path_buf();
     let user = dir.join("models");
     std::fs::create_dir_all(&user).expect("mkdir");
     std::fs::write(user.join("README.md"), "my notes").expect("write");

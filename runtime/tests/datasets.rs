@@ -17,7 +17,8 @@ fn write_png(path: &Path, v: u8) {
 
 #[test]
 fn unifesp_layout_with_multi_label_rows_missing_files_and_bad_targets() {
-    let root = tmpdir("unifesp");
+    let root_tmp = tmpdir("unifesp");
+    let root = root_tmp.path().to_path_buf();
     let uids = ["1.2.3.1", "1.2.3.2", "1.2.3.3", "1.2.3.4"];
     for (i, uid) in uids.iter().enumerate() {
         let dir = root.join("train").join(format!("1.9.{i}")).join("1.8.0");
@@ -54,7 +55,8 @@ fn unifesp_layout_with_multi_label_rows_missing_files_and_bad_targets() {
 
 #[test]
 fn irma_layout_with_codes_bad_codes_and_missing_images() {
-    let root = tmpdir("irma");
+    let root_tmp = tmpdir("irma");
+    let root = root_tmp.path().to_path_buf();
     let img = root.join("ImageCLEFmed2009_train.02");
     std::fs::create_dir_all(&img).unwrap();
     for id in ["1880", "1881", "1882", "1883"] {
@@ -147,7 +149,8 @@ fn metrics_equal_scikit_learn() {
 
 #[test]
 fn eval_on_a_folder_writes_reports() {
-    let root = tmpdir("eval-folder");
+    let root_tmp = tmpdir("eval-folder");
+    let root = root_tmp.path().to_path_buf();
     for (label, v) in [("bright", 230u8), ("dark", 20u8)] {
         std::fs::create_dir_all(root.join(label)).unwrap();
         for i in 0..3 {
@@ -268,7 +271,8 @@ fn eval_on_a_folder_writes_reports() {
 
 #[test]
 fn hidden_and_empty_folders_are_not_labels() {
-    let root = tmpdir("folder-hidden");
+    let root_tmp = tmpdir("folder-hidden");
+    let root = root_tmp.path().to_path_buf();
     for label in ["chest", "hand", ".ipynb_checkpoints"] {
         std::fs::create_dir_all(root.join(label)).unwrap();
         write_png(&root.join(label).join("0.png"), 100);
@@ -287,7 +291,8 @@ fn hidden_and_empty_folders_are_not_labels() {
 
 #[test]
 fn irma_codes_file_choice() {
-    let root = tmpdir("irma-choice");
+    let root_tmp = tmpdir("irma-choice");
+    let root = root_tmp.path().to_path_buf();
     write_png(&root.join("1.png"), 10);
     write_png(&root.join("2.png"), 20);
     let header = "image_id;irma_code\n";
@@ -331,7 +336,8 @@ fn irma_codes_file_choice() {
 /// [1, 1200) to train and [1200, 1600) to test.
 #[test]
 fn reference_split_on_a_repack_with_multi_label_rows() {
-    let root = tmpdir("unifesp-repack-split");
+    let root_tmp = tmpdir("unifesp-repack-split");
+    let root = root_tmp.path().to_path_buf();
     std::fs::create_dir_all(root.join("images/train")).unwrap();
     let mut csv = String::from("SOPInstanceUID,Target,Modality,image_path\r\n");
     let mut single = Vec::new();

@@ -31,7 +31,8 @@ const FILES: [&str; 8] = [
 #[test]
 fn real_dicoms_decode_as_pydicom() {
     let data = pydicom_data();
-    let out = std::env::temp_dir().join(format!("xray-clip-dicom-ref-{}", std::process::id()));
+    let out_tmp = tmpdir("dicom-ref");
+    let out = out_tmp.path().to_path_buf();
     let files: Vec<PathBuf> = FILES.iter().map(|f| data.join(f)).collect();
     let status = Command::new(test_python())
         .arg(root().join("scripts/dicom_reference.py"))
@@ -51,14 +52,16 @@ fn real_dicoms_decode_as_pydicom() {
             let Pixels::Rgb(rgb) = img.pixels else {
                 panic!("{name}: expected RGB")
             };
-            // Colour JPEG: different JPEG decoders (libjpeg vs jpeg-decoder) differ by a few levels.
+            // Colour JPEG: different JPEG decoders (libjpeg vs jpeg-decoder) differ by a few
+            // levels; the README reports max 0.02 (5 levels of 255).
             (
                 rgb.iter().map(|&v| v as f32 / 255.0).collect::<Vec<f32>>(),
-                0.1,
+                0.02,
             )
         } else {
             let g = dicom::decode_grayscale(&bytes, f).expect("decode grayscale");
-            (g.values, 1e-5)
+            // The README reports 6e-8: float rounding of the LUTs, below 1e-7.
+            (g.values, 1e-7)
         };
         assert_eq!(ours.len(), reference.len(), "{name}: size");
         let (max, mean) = (
@@ -72,7 +75,6 @@ fn real_dicoms_decode_as_pydicom() {
         );
     }
     eprintln!("DICOM vs pydicom (values in [0,1]): {}", report.join("; "));
-    let _ = std::fs::remove_dir_all(&out);
 }
 
 #[test]
@@ -95,7 +97,8 @@ fn monochrome1_chest_is_inverted_and_windowed() {
 
 #[test]
 fn rescale_and_window_from_written_dicom() {
-    let dir = tmpdir("dcm-window");
+    let dir_tmp = tmpdir("dcm-window");
+    let dir = dir_tmp.path().to_path_buf();
     // Stored 0..4095 ramp; rescale 2x - 1000; window centre 0, width 2001 -> stored 250..749 ramps.
     let pixels: Vec<u16> = (0..64u16).map(|i| i * 64).collect();
     let mut obj = image_object(8, 8, pixels.clone(), "MONOCHROME2");
@@ -141,7 +144,8 @@ fn rescale_and_window_from_written_dicom() {
 
 #[test]
 fn dicom_without_pixel_data_is_a_clear_error() {
-    let dir = tmpdir("dcm-nopixels");
+    let dir_tmp = tmpdir("dcm-nopixels");
+    let dir = dir_tmp.path().to_path_buf();
     let mut obj = InMemDicomObject::new_empty();
     obj.put(DataElement::new(
         tags::SOP_CLASS_UID,
@@ -161,7 +165,8 @@ fn dicom_without_pixel_data_is_a_clear_error() {
 
 #[test]
 fn unknown_transfer_syntax_is_a_clear_error() {
-    let dir = tmpdir("dcm-ts");
+    let dir_tmp = tmpdir("dcm-ts");
+    let dir = dir_tmp.path().to_path_buf();
     let obj = image_object(4, 4, vec![0; 16], "MONOCHROME2");
     let path = write_dicom(&dir, "ts.dcm", obj, "1.2.840.10008.1.2.1");
     // Rewrite the transfer syntax UID in the meta group to one nobody knows (same length).
@@ -182,7 +187,8 @@ fn unknown_transfer_syntax_is_a_clear_error() {
 
 #[test]
 fn absurd_dicom_size_is_refused_before_decoding() {
-    let dir = tmpdir("dcm-size");
+    let dir_tmp = tmpdir("dcm-size");
+    let dir = dir_tmp.path().to_path_buf();
     let mut obj = image_object(4, 4, vec![0; 16], "MONOCHROME2");
     obj.put(DataElement::new(
         tags::ROWS,

@@ -20,8 +20,9 @@ fn reference() -> serde_json::Value {
 
 /// A copy of one layout with the tokenizer put back (the fixtures leave out the 3.6 MB copies of
 /// models/tokenizer/tokenizer.json that the exporters wrote).
-fn layout(name: &str) -> PathBuf {
-    let dir = tmpdir(&format!("import-src-{name}"));
+fn layout(name: &str) -> tempfile::TempDir {
+    let dir_tmp = tmpdir(&format!("import-src-{name}"));
+    let dir = dir_tmp.path().to_path_buf();
     let src = fixtures().join("import").join(name);
     for entry in walk(&src) {
         let to = dir.join(entry.strip_prefix(&src).expect("inside"));
@@ -33,7 +34,7 @@ fn layout(name: &str) -> PathBuf {
         dir.join("tokenizer.json"),
     )
     .expect("tokenizer");
-    dir
+    dir_tmp
 }
 
 fn walk(dir: &Path) -> Vec<PathBuf> {
@@ -119,7 +120,9 @@ fn compare(bundle_dir: &Path) -> (f32, f32) {
     (image_diff, text_diff)
 }
 
-fn import(src: &Path, extra: &[&str]) -> (PathBuf, String) {
+/// Imports `src` into a fresh folder; returns that folder (the bundle is its `bundle/`) and the
+/// import's report.
+fn import(src: &Path, extra: &[&str]) -> (tempfile::TempDir, String) {
     let tag = format!(
         "import-out-{}{}",
         src.file_name().expect("n").to_string_lossy(),
@@ -129,7 +132,8 @@ fn import(src: &Path, extra: &[&str]) -> (PathBuf, String) {
             ""
         }
     );
-    let out = tmpdir(&tag).join("bundle");
+    let out_tmp = tmpdir(&tag);
+    let out = out_tmp.path().join("bundle");
     let o = Command::new(env!("CARGO_BIN_EXE_runtime"))
         .args([
             "import", "--device", "cpu", "--labels", "unifesp", "--force", "--out",
@@ -140,12 +144,13 @@ fn import(src: &Path, extra: &[&str]) -> (PathBuf, String) {
         .output()
         .expect("runtime import");
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    (out, String::from_utf8_lossy(&o.stderr).to_string())
+    (out_tmp, String::from_utf8_lossy(&o.stderr).to_string())
 }
 
 #[test]
 fn optimum_single_model_is_split_and_its_logit_scale_read() {
-    let (out, report) = import(&layout("optimum"), &[]);
+    let (out_tmp, report) = import(layout("optimum").path(), &[]);
+    let out = out_tmp.path().join("bundle");
     assert!(report.contains("layout      optimum"), "{report}");
     let b = runtime::bundle::Bundle::load(&out).expect("bundle");
     assert!(
@@ -168,15 +173,18 @@ fn optimum_single_model_is_split_and_its_logit_scale_read() {
 
 #[test]
 fn torch_onnx_encoders_with_attention_mask() {
-    let (out, report) = import(&layout("torch-onnx"), &["--logit-scale", "50"]);
+    let (out_tmp, report) = import(layout("torch-onnx").path(), &["--logit-scale", "50"]);
+    let out = out_tmp.path().join("bundle");
     assert!(report.contains("separate encoders"), "{report}");
     let (img, txt) = compare(&out);
     eprintln!("torch.onnx: image max |diff| {img:.1e}, text {txt:.1e}");
     assert!(img < 1e-4 && txt < 1e-4, "image {img}, text {txt}");
     // The same files through `runtime assemble` (its text encoder takes attention_mask too; the
     // 112 px preprocessing from the HF file).
-    let src = layout("torch-onnx");
-    let dir = tmpdir("assemble-torch-onnx").join("bundle");
+    let src_tmp = layout("torch-onnx");
+    let src = src_tmp.path().to_path_buf();
+    let dir_tmp = tmpdir("assemble-torch-onnx");
+    let dir = dir_tmp.path().join("bundle");
     let o = Command::new(env!("CARGO_BIN_EXE_runtime"))
         .args([
             "assemble",
@@ -208,14 +216,17 @@ fn torch_onnx_encoders_with_attention_mask() {
 
 #[test]
 fn transformers_js_layout_fp32_and_quantized() {
-    let src = layout("transformers-js");
-    let (out, report) = import(&src, &["--logit-scale", "50"]);
+    let src_tmp = layout("transformers-js");
+    let src = src_tmp.path().to_path_buf();
+    let (out_tmp, report) = import(&src, &["--logit-scale", "50"]);
+    let out = out_tmp.path().join("bundle");
     assert!(report.contains("transformers.js"), "{report}");
     let (img, txt) = compare(&out);
     eprintln!("transformers.js fp32: image max |diff| {img:.1e}, text {txt:.1e}");
     assert!(img < 1e-4 && txt < 1e-4, "image {img}, text {txt}");
     // The int8 copies: close to the fp32 ones (cosine), not equal.
-    let (q, _) = import(&src, &["--logit-scale", "50", "--quantized"]);
+    let (q_tmp, _) = import(&src, &["--logit-scale", "50", "--quantized"]);
+    let q = q_tmp.path().join("bundle");
     let fp = Engine::load(runtime::bundle::Bundle::load(&out).expect("fp"), cpu());
     let qb = runtime::bundle::Bundle::load(&q).expect("q");
     assert!(
@@ -244,7 +255,8 @@ fn transformers_js_layout_fp32_and_quantized() {
 
 #[test]
 fn folders_without_an_export_are_a_clear_error() {
-    let empty = tmpdir("import-empty");
+    let empty_tmp = tmpdir("import-empty");
+    let empty = empty_tmp.path().to_path_buf();
     let o = Command::new(env!("CARGO_BIN_EXE_runtime"))
         .args(["import", "--labels", "unifesp", "--out"])
         .arg(empty.join("out"))

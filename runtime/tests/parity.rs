@@ -37,10 +37,14 @@ fn preprocessing_matches_clip_image_processor() {
         if path.extension().is_some_and(|e| e == "jpg") {
             // JPEG: PIL's libjpeg and the `image` crate's decoder differ by a few 8-bit levels
             // (IDCT and chroma upsampling); one level is 1/255/std = 0.0146 after normalisation.
-            // The lossless copy of PIL's decoding (`*_pil.png`) must match exactly.
-            assert!(max <= 0.06 && mean < 0.01, "{stem}: max {max} mean {mean}");
+            // The README reports max 0.044, mean 0.0057 for this file.
+            assert!(
+                max <= 0.045 && mean < 0.006,
+                "{stem}: max {max} mean {mean}"
+            );
         } else {
-            assert!(max < 1e-5, "{stem}: max {max} mean {mean}");
+            // PNGs (and the lossless copy of PIL's JPEG decoding, `*_pil.png`): bit-exact.
+            assert!(max == 0.0, "{stem}: max {max} mean {mean}");
         }
     }
     eprintln!(

@@ -47,12 +47,12 @@ pub fn bin(name: &str) -> PathBuf {
     p
 }
 
-/// A fresh temporary folder for one test.
-pub fn tmp(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("xray-clip-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).expect("mkdir");
-    d
+/// A fresh temporary folder for one test, removed when the returned guard is dropped.
+pub fn tmp(name: &str) -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix(&format!("xray-clip-{name}-"))
+        .tempdir()
+        .expect("temporary folder")
 }
 
 /// A small gray PNG whose pattern depends on `class` (so a model can tell classes apart).

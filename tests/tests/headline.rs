@@ -17,9 +17,9 @@ fn repo() -> PathBuf {
 }
 
 /// A project folder as a user has it: models/ with its README, the default bundle, the tokenizer.
-fn project(name: &str) -> PathBuf {
+fn project(name: &str) -> tempfile::TempDir {
     let p = tmp(name);
-    copy_tree(&repo().join("models"), &p.join("models"));
+    copy_tree(&repo().join("models"), &p.path().join("models"));
     p
 }
 
@@ -52,7 +52,8 @@ fn sh(dir: &Path, env: &[(&str, &Path)], line: &str) -> Output {
 
 #[test]
 fn finetune_export_into_models_keeps_everything_else() {
-    let p = project("headline-finetune");
+    let p_tmp = project("headline-finetune");
+    let p = p_tmp.path().to_path_buf();
     let data = p.join("data-root");
     unifesp_repack(&data.join("unifesp"), 1610);
     let init = p.join("tiny-init");
@@ -144,7 +145,8 @@ fn finetune_export_into_models_keeps_everything_else() {
 
 #[test]
 fn eval_irma_as_written() {
-    let p = project("headline-eval");
+    let p_tmp = project("headline-eval");
+    let p = p_tmp.path().to_path_buf();
     let data = p.join("data-root");
     let rows = irma_kaggle(&data.join("irma"), 20);
     let env = [("XRAY_CLIP_DATA", data.as_path())];
@@ -196,7 +198,8 @@ fn eval_irma_as_written() {
 
 #[test]
 fn classify_xray_png_as_written_and_from_an_installed_copy() {
-    let p = project("headline-classify");
+    let p_tmp = project("headline-classify");
+    let p = p_tmp.path().to_path_buf();
     pattern_png(&p.join("xray.png"), 3, 1, 300);
     let o = sh(&p, &[], "classify xray.png");
     let out = ok(&o, "classify xray.png");
@@ -209,7 +212,8 @@ fn classify_xray_png_as_written_and_from_an_installed_copy() {
 
     // A copy of the binary in a folder of its own, run with the source tree hidden (a tmpfs
     // mounted over it in a private mount namespace): the bundle and tokenizer are built in.
-    let alone = tmp("installed-classify");
+    let alone_tmp = tmp("installed-classify");
+    let alone = alone_tmp.path().to_path_buf();
     std::fs::copy(bin("classify"), alone.join("classify")).expect("copy");
     std::fs::copy(p.join("xray.png"), alone.join("xray.png")).expect("copy");
     let workspace = std::fs::canonicalize(repo()).expect("workspace");
@@ -243,7 +247,8 @@ fn classify_xray_png_as_written_and_from_an_installed_copy() {
 /// existing folder of another kind is never touched.
 #[test]
 fn trainer_outputs_follow_the_rule() {
-    let p = project("trainer-outputs");
+    let p_tmp = project("trainer-outputs");
+    let p = p_tmp.path().to_path_buf();
     let before = tree_digest(&p.join("models"));
     let trainer = |args: &[&str]| {
         Command::new(bin("trainer"))

@@ -26,7 +26,8 @@ fn pydicom_file(name: &str) -> PathBuf {
 
 #[test]
 fn assemble_then_classify_a_real_chest_dicom() {
-    let out = std::env::temp_dir().join(format!("xray-clip-e2e-{}", std::process::id()));
+    let out_tmp = tests::tmp("e2e");
+    let out = out_tmp.path().join("bundle");
     let f = root().join("fixtures");
     let status = Command::new(bin("runtime"))
         .args([
@@ -70,7 +71,6 @@ fn assemble_then_classify_a_real_chest_dicom() {
         j2k["top"][0]["probability"].as_f64().expect("p"),
     );
     assert!((a - b).abs() < 0.05, "{a} vs {b}");
-    let _ = std::fs::remove_dir_all(&out);
 }
 
 /// The README's first command: the embedded default bundle (models/default) on the real PA chest
@@ -97,7 +97,8 @@ fn default_bundle_says_chest_xray_for_the_real_chest_dicom() {
 /// here a bundle with its labels stands in for its result.
 #[test]
 fn every_readme_command_runs_as_printed() {
-    let sandbox = tests::tmp("readme");
+    let sandbox_tmp = tests::tmp("readme");
+    let sandbox = sandbox_tmp.path().to_path_buf();
     let repo = root();
     tests::copy_tree(&repo.join("models"), &sandbox.join("models"));
     // The user's files, under the README's names.

@@ -25,7 +25,8 @@ fn lines(text: &str) -> Vec<serde_json::Value> {
 
 #[test]
 fn finetune_export_classify_agree() {
-    let dir = tmp("e2e");
+    let dir_tmp = tmp("e2e");
+    let dir = dir_tmp.path().to_path_buf();
     let (train, test) = (dir.join("train"), dir.join("test"));
     synthetic_folder(&train, 12, 1);
     synthetic_folder(&test, 4, 2);
@@ -80,6 +81,9 @@ fn finetune_export_classify_agree() {
     let theirs = lines(&run(Command::new(bin("trainer"))
         .args([
             "predict",
+            "--json",
+            "--device",
+            "cpu",
             "--labels",
             labels,
             "--template",
@@ -159,7 +163,8 @@ fn finetune_export_classify_agree() {
 /// default) scores the same 400 images with the trainer's final top-1.
 #[test]
 fn reference_recipe_then_eval_scores_the_same_test_images() {
-    let dir = tmp("reference-recipe");
+    let dir_tmp = tmp("reference-recipe");
+    let dir = dir_tmp.path().to_path_buf();
     let data = dir.join("unifesp");
     tests::unifesp_repack(&data, 1780);
     let init = dir.join("init");

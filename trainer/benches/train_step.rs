@@ -23,8 +23,9 @@ struct Args {
     steps: usize,
     #[arg(long, default_value_t = 2)]
     warmup: usize,
-    #[arg(long, default_value = "cpu")]
-    device: String,
+    /// cpu, cuda or auto.
+    #[arg(long, value_enum, default_value_t = runtime::engine::Device::Cpu)]
+    device: runtime::engine::Device,
     #[arg(long, default_value_t = 2)]
     threads: i32,
     /// fp16 autocast with loss scaling (CUDA).
@@ -54,7 +55,7 @@ fn main() -> anyhow::Result<()> {
     let a = Args::parse();
     tch::set_num_threads(a.threads);
     tch::manual_seed(0);
-    let device = trainer::cli::device(&a.device)?;
+    let device = trainer::device::resolve(a.device)?;
     let config = ClipConfig::preset(&a.config)
         .ok_or_else(|| anyhow::anyhow!("unknown config {}", a.config))?;
     let vs = nn::VarStore::new(device);
@@ -121,7 +122,7 @@ fn main() -> anyhow::Result<()> {
             "engine": "rust-tch",
             "config": a.config,
             "parameters_m": params as f64 / 1e6,
-            "device": format!("{device:?}"),
+            "device": trainer::device::name(device),
             "amp": amp,
             "threads": a.threads,
             "batch": a.batch,

@@ -11,23 +11,12 @@ use tch::{Device, Tensor};
 use crate::error::{Error, Result};
 
 /// What to do with an image that cannot be read.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum BadImages {
     /// Leave it out, count it and list it.
     Skip,
     /// Stop with an error naming it.
     Fail,
-}
-
-impl std::str::FromStr for BadImages {
-    type Err = String;
-    fn from_str(s: &str) -> std::result::Result<Self, String> {
-        match s {
-            "skip" => Ok(BadImages::Skip),
-            "fail" => Ok(BadImages::Fail),
-            other => Err(format!("unknown policy {other:?} (skip or fail)")),
-        }
-    }
 }
 
 pub struct ImageSet {
@@ -105,7 +94,7 @@ impl ImageSet {
                 }
                 Err(e) => match bad {
                     BadImages::Fail => {
-                        return Err(Error::Data(format!(
+                        return Err(Error::Dataset(format!(
                             "{e} (use --bad-images skip to leave such files out)"
                         )))
                     }
@@ -114,7 +103,7 @@ impl ImageSet {
             }
         }
         if set.is_empty() {
-            return Err(Error::Data(format!(
+            return Err(Error::Dataset(format!(
                 "the {what} split has no readable images"
             )));
         }

@@ -1,4 +1,5 @@
-//! The one error type of the `trainer` crate.
+//! The one error type of the `trainer` crate. As in `runtime`, a wrapped library error ends the
+//! message and is not also returned by `source()`.
 
 use std::path::PathBuf;
 
@@ -6,11 +7,10 @@ use std::path::PathBuf;
 pub enum Error {
     #[error(transparent)]
     Runtime(#[from] runtime::Error),
-    #[error("{path}: {source}")]
+    #[error("{path}: {cause}")]
     Io {
         path: PathBuf,
-        #[source]
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     #[error("{path}: {reason}")]
     Checkpoint { path: PathBuf, reason: String },
@@ -20,11 +20,16 @@ pub enum Error {
         problems: Vec<String>,
     },
     #[error("libtorch: {0}")]
-    Torch(#[from] tch::TchError),
+    Torch(tch::TchError),
+    /// Options or a model configuration that do not fit together.
     #[error("{0}")]
     Config(String),
+    /// Training data that cannot be used as asked (unreadable images, empty splits).
     #[error("data: {0}")]
-    Data(String),
+    Dataset(String),
+    /// A chart that could not be drawn.
+    #[error("{0}")]
+    Plot(String),
     #[error("training diverged: the loss is {value} at epoch {epoch}, step {step}")]
     NonFiniteLoss {
         epoch: usize,
@@ -35,11 +40,19 @@ pub enum Error {
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
+// By hand rather than `#[from]`, which would also return the libtorch error from `source()` while
+// the message already ends with it.
+impl From<tch::TchError> for Error {
+    fn from(cause: tch::TchError) -> Self {
+        Error::Torch(cause)
+    }
+}
+
 impl Error {
-    pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+    pub(crate) fn io(path: impl Into<PathBuf>, cause: std::io::Error) -> Self {
         Error::Io {
             path: path.into(),
-            source,
+            cause,
         }
     }
 }

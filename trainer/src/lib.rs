@@ -4,6 +4,7 @@
 
 pub mod cli;
 pub mod data;
+pub mod device;
 pub mod error;
 pub mod export;
 pub mod model;

@@ -125,7 +125,7 @@ pub fn curves(path: &Path, runs: &[(String, Vec<EpochMetrics>)]) -> Result<bool>
     if !runtime::eval::plot::ensure_font() {
         return Ok(false);
     }
-    let err = |e: String| Error::Data(format!("{}: drawing failed: {e}", path.display()));
+    let err = |e: String| Error::Plot(format!("{}: drawing failed: {e}", path.display()));
     let root = BitMapBackend::new(path, (1200, 480)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| err(e.to_string()))?;
     let (left, right) = root.split_horizontally(600);

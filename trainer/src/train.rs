@@ -20,26 +20,13 @@ use crate::report::{self, EpochMetrics, FinalTest, RunState, Select};
 use crate::weights;
 use crate::zero_shot::{evaluate, label_embeddings, label_tokens};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
 pub enum LossKind {
     /// (CE(logits_per_image, arange) + CE(logits_per_text, arange)) / 2, as the reference.
     Contrastive,
     /// CE of each image against all label prompts.
     ClassAware,
-}
-
-impl std::str::FromStr for LossKind {
-    type Err = String;
-    fn from_str(s: &str) -> std::result::Result<Self, String> {
-        match s {
-            "contrastive" => Ok(LossKind::Contrastive),
-            "class-aware" => Ok(LossKind::ClassAware),
-            other => Err(format!(
-                "unknown loss {other:?} (contrastive or class-aware)"
-            )),
-        }
-    }
 }
 
 /// Training-time image augmentation.
@@ -268,6 +255,14 @@ pub fn run(
         Some((epoch, dir)) => (epoch, dir),
         None => (0, inputs.init.to_path_buf()),
     };
+    if start > 0 {
+        eprintln!(
+            "resuming {} after epoch {start} (checkpoint {}), to epoch {}",
+            run_dir.display(),
+            source.display(),
+            opts.epochs
+        );
+    }
     let loaded = weights::load(&source, device)?;
     let (vs, model) = (loaded.vs, loaded.model);
     let mut state = if start > 0 {
@@ -323,7 +318,7 @@ pub fn run(
             )
         })
         .collect::<Result<_>>()?;
-    let config_json = serde_json::json!({"options": opts, "model": model.config, "init": inputs.init, "device": format!("{device:?}")});
+    let config_json = serde_json::json!({"options": opts, "model": model.config, "init": inputs.init, "device": crate::device::name(device)});
     runtime::fs::write_atomic(
         &run_dir.join("run.json"),
         &serde_json::to_vec_pretty(&config_json).expect("json"),

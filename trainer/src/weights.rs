@@ -407,6 +407,33 @@ pub fn save_checkpoint(
     Ok(())
 }
 
+/// A checkpoint folder for a path a user hands over: a checkpoint itself, or a training run
+/// folder (`run.json`), which means the run's selected checkpoint (its `best.json`).
+pub fn resolve_checkpoint(path: &Path) -> Result<PathBuf> {
+    if path.join(CONFIG).is_file() || !path.join("run.json").is_file() {
+        return Ok(path.to_path_buf());
+    }
+    let best = path.join("best.json");
+    let text = std::fs::read(&best).map_err(|e| Error::io(&best, e))?;
+    let value: serde_json::Value =
+        serde_json::from_slice(&text).map_err(|e| Error::Checkpoint {
+            path: best.clone(),
+            reason: e.to_string(),
+        })?;
+    let Some(rel) = value["checkpoint"]
+        .as_str()
+        .filter(|r| runtime::fs::is_contained(r))
+    else {
+        return Err(Error::Checkpoint {
+            path: best,
+            reason: "names no checkpoint of the run (a run of several learning rates: pick one of its lr-* folders)".into(),
+        });
+    };
+    let dir = path.join(rel);
+    eprintln!("using the run's selected checkpoint {}", dir.display());
+    Ok(dir)
+}
+
 /// The configuration of a checkpoint / HF folder (an error naming it when it is not one).
 pub fn checkpoint_config(dir: &Path) -> Result<ClipConfig> {
     if !dir.is_dir() {
@@ -451,11 +478,7 @@ mod tests {
     use super::*;
 
     fn leftovers(dir: &Path) -> Vec<String> {
-        std::fs::read_dir(dir)
-            .expect("listing")
-            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
-            .filter(|n| n.starts_with('.'))
-            .collect()
+        runtime::fs::leftovers(dir).expect("listing")
     }
 
     /// The checkpoint writer fails after `config.json` and `model.safetensors` are staged: the

@@ -42,7 +42,8 @@ fn max_diff(a: &[f32], b: &[f32]) -> f32 {
 
 #[test]
 fn exported_graphs_match_the_tch_forward_pass() {
-    let dir = tmp("export-parity");
+    let dir_tmp = tmp("export-parity");
+    let dir = dir_tmp.path().to_path_buf();
     let m = weights::load(&init_tiny(&dir, "11"), Device::Cpu).unwrap();
     tch::manual_seed(5);
     let pixels = Tensor::randn([3, 3, 224, 224], (Kind::Float, Device::Cpu));
@@ -99,7 +100,8 @@ fn exported_graphs_match_the_tch_forward_pass() {
 
 #[test]
 fn bundle_passes_onnx_checker_and_python_onnxruntime() {
-    let dir = tmp("export-checker");
+    let dir_tmp = tmp("export-checker");
+    let dir = dir_tmp.path().to_path_buf();
     let ck = init_tiny(&dir, "12");
     for precision in ["fp32", "fp16"] {
         let out_dir = dir.join(format!("bundle-{precision}"));
@@ -153,7 +155,8 @@ fn bundle_passes_onnx_checker_and_python_onnxruntime() {
 
 #[test]
 fn export_errors_are_clear_and_leave_nothing_behind() {
-    let dir = tmp("export-errors");
+    let dir_tmp = tmp("export-errors");
+    let dir = dir_tmp.path().to_path_buf();
     let ck = init_tiny(&dir, "13");
     let out_dir = dir.join("bundle");
     let out = Command::new(env!("CARGO_BIN_EXE_trainer"))
@@ -299,7 +302,8 @@ fn open_clip_resnet_import_and_export_match_open_clip() {
 /// in ONNX Runtime as tch.
 #[test]
 fn resnet_checkpoint_round_trip_and_export() {
-    let dir = tmp("export-resnet");
+    let dir_tmp = tmp("export-resnet");
+    let dir = dir_tmp.path().to_path_buf();
     let ck = dir.join("init");
     let out = Command::new(env!("CARGO_BIN_EXE_trainer"))
         .args([

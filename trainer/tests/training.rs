@@ -75,7 +75,8 @@ fn tensors(dir: &Path) -> Vec<(String, tch::Tensor)> {
 
 #[test]
 fn learns_checkpoints_and_resumes_exactly() {
-    let dir = tmp("loop");
+    let dir_tmp = tmp("loop");
+    let dir = dir_tmp.path().to_path_buf();
     let (data, test) = (dir.join("train"), dir.join("test"));
     make_folder(&data, 16, 1);
     make_folder(&test, 6, 2);
@@ -124,9 +125,21 @@ fn learns_checkpoints_and_resumes_exactly() {
     assert!(finetune(&data, &test, &init, &part, "2", &["--augment"])
         .status
         .success());
+    let again = finetune(&data, &test, &init, &part, "4", &["--augment"]);
+    assert!(
+        !again.status.success()
+            && String::from_utf8_lossy(&again.stderr).contains("is an existing training run"),
+        "{}",
+        String::from_utf8_lossy(&again.stderr)
+    );
     let out = finetune(&data, &test, &init, &part, "4", &["--resume", "--augment"]);
     assert!(
         out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("after epoch 2"),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
@@ -146,11 +159,47 @@ fn learns_checkpoints_and_resumes_exactly() {
         assert_eq!(x["train_loss"], y["train_loss"]);
         assert_eq!(x["test_top1"], y["test_top1"]);
     }
+
+    // A run folder handed over where a checkpoint is expected means its selected checkpoint;
+    // where a bundle is expected, it says to export it.
+    let image = std::fs::read_dir(&test)
+        .unwrap()
+        .flat_map(|d| std::fs::read_dir(d.unwrap().path()).unwrap())
+        .map(|e| e.unwrap().path())
+        .next()
+        .unwrap();
+    let predicted = Command::new(env!("CARGO_BIN_EXE_trainer"))
+        .args([
+            "predict",
+            "--json",
+            "--device",
+            "cpu",
+            "--labels",
+            "a,b",
+            "--checkpoint",
+        ])
+        .arg(&part)
+        .arg(&image)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&predicted.stderr);
+    assert!(
+        predicted.status.success() && err.contains("checkpoints/epoch-"),
+        "{err}"
+    );
+    let err = runtime::bundle::Bundle::load(&part)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("is a training run") && err.contains("trainer export"),
+        "{err}"
+    );
 }
 
 #[test]
 fn class_aware_loss_and_frozen_encoders_train() {
-    let dir = tmp("variants");
+    let dir_tmp = tmp("variants");
+    let dir = dir_tmp.path().to_path_buf();
     let (data, test) = (dir.join("train"), dir.join("test"));
     make_folder(&data, 8, 3);
     make_folder(&test, 3, 4);
@@ -229,7 +278,8 @@ fn one_error_line(out: &Output, needle: &str) {
 
 #[test]
 fn bad_input_is_a_clear_error() {
-    let dir = tmp("bad");
+    let dir_tmp = tmp("bad");
+    let dir = dir_tmp.path().to_path_buf();
     let (data, test) = (dir.join("train"), dir.join("test"));
     make_folder(&data, 4, 5);
     make_folder(&test, 2, 6);

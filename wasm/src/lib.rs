@@ -1,6 +1,6 @@
 //! Browser bindings over `runtime` without its ONNX Runtime feature: the same decoding (PNG, JPEG,
 //! DICOM), CLIP preprocessing, manifest checks and scoring as the native binaries.
-//! The in-browser model execution and the demo page are tracked separately.
+//! The encoders themselves run in ONNX Runtime Web on the demo page (`wasm/www/`), tested in Chromium.
 
 use std::path::Path;
 

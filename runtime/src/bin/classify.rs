@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
-use runtime::cli::{run_main, show_path, DeviceArgs, LabelArgs, ModelArgs};
+use runtime::cli::{run_main, show_path, DeviceArgs, LabelArgs, ModelArgs, ResultPrinter};
 use runtime::engine::Engine;
 use runtime::pipeline::{self, PipelineOptions};
 use runtime::scoring;
@@ -39,21 +39,14 @@ fn main() -> ExitCode {
         let cli = Cli::parse();
         let (files, problems) = pipeline::collect_files(&cli.paths);
         let mut failed = problems.len();
-        let report_error = |file: &str, e: &dyn std::fmt::Display| {
-            if cli.json {
-                println!(
-                    "{}",
-                    serde_json::json!({"file": file, "error": e.to_string()})
-                );
-            }
-            eprintln!("error: {e}");
-        };
+        // The width and k are only known once the labels are; errors before that need neither.
+        let early = ResultPrinter::new(cli.json, 0, &[]);
         for e in &problems {
             let file = match e {
                 runtime::Error::Io { path, .. } => show_path(path),
                 _ => String::new(),
             };
-            report_error(&file, e);
+            early.error(&file, e);
         }
         if files.is_empty() {
             if failed > 0 {
@@ -72,59 +65,24 @@ fn main() -> ExitCode {
         let (labels, label_emb) = cli.labels.resolve(&mut engine)?;
         let model_name = engine.bundle.manifest.name.clone();
         let scale = engine.bundle.manifest.logit_scale;
-        let k = (cli.top_k as usize).min(labels.len());
-        if (cli.top_k as usize) > labels.len() {
-            eprintln!(
-                "note: -k {} is more than the {} labels; showing {k}",
-                cli.top_k,
-                labels.len()
-            );
-        }
+        let k = runtime::cli::top_k(cli.top_k as usize, labels.len());
         let opts = PipelineOptions {
             batch_size: cli.batch_size as usize,
             workers: 1,
             progress: files.len() > 32 && !cli.json,
         };
         let results = pipeline::embed_files(&mut engine, &files, &opts);
-        let width = files
-            .iter()
-            .map(|f| show_path(f).chars().count())
-            .max()
-            .unwrap_or(0)
-            .max(4);
-        if !cli.json {
-            println!(
-                "{:<width$}  {}",
-                "file",
-                (1..=k)
-                    .map(|i| format!("{:<28}", format!("top-{i}")))
-                    .collect::<String>()
-                    .trim_end()
-            );
-        }
+        let printer = ResultPrinter::new(cli.json, k, &files);
+        printer.header();
         for (path, result) in files.iter().zip(results) {
             match result {
                 Ok(emb) => {
                     let probs = scoring::probabilities(&emb, &label_emb, scale);
-                    if cli.json {
-                        println!(
-                            "{}",
-                            scoring::json_line(&show_path(path), &model_name, &labels, &probs, k)
-                        );
-                    } else {
-                        let top = scoring::top_k(&probs, k);
-                        let cells: String = top
-                            .iter()
-                            .map(|&i| {
-                                format!("{:<28}", format!("{} {:.4}", labels[i].name, probs[i]))
-                            })
-                            .collect();
-                        println!("{:<width$}  {}", show_path(path), cells.trim_end());
-                    }
+                    printer.scores(path, &model_name, &labels, &probs);
                 }
                 Err(e) => {
                     failed += 1;
-                    report_error(&show_path(path), &e);
+                    printer.error(&show_path(path), &e);
                 }
             }
         }

@@ -1,4 +1,5 @@
-//! `runtime info | tokenize | preprocess | prompts`: inspect and adjust model bundles.
+//! `runtime info | tokenize | preprocess | assemble | import | eval | prompts`: inspect, build, evaluate
+//! and adjust model bundles.
 
 use std::path::PathBuf;
 use std::process::ExitCode;

@@ -99,7 +99,7 @@ pub fn assemble_from(
         }
         (None, Some(emb)) => (emb.clone(), image_dim, None),
         (None, None) => {
-            return Err(Error::InvalidArgument(
+            return Err(Error::Import(
                 "give a text encoder or precomputed label embeddings".into(),
             ))
         }

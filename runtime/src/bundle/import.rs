@@ -66,7 +66,7 @@ pub fn import(
     engine: &EngineOptions,
 ) -> Result<(Bundle, Found)> {
     if !dir.is_dir() {
-        return Err(Error::InvalidArgument(format!(
+        return Err(Error::Import(format!(
             "{}: not a folder (give the folder of the export)",
             dir.display()
         )));
@@ -97,7 +97,7 @@ pub fn import(
             (text, format!("{} (text tower)", m.display())),
         )
     } else {
-        return Err(Error::InvalidArgument(format!(
+        return Err(Error::Import(format!(
             "{}: no CLIP export found (looked for onnx/vision_model{suffix}.onnx + onnx/text_model{suffix}.onnx, vision_model.onnx + text_model.onnx, model.onnx)",
             dir.display()
         )));
@@ -292,12 +292,12 @@ pub fn logit_scale_of(model: &ModelProto) -> Option<f32> {
 /// Our preprocessing from HF's `preprocessor_config.json` (`CLIPImageProcessor`): resize of the
 /// shorter side, centre crop, mean and std; anything else is refused rather than guessed.
 pub fn preprocessing_of(bytes: &[u8], path: &Path) -> Result<PreprocessConfig> {
-    let v: serde_json::Value = serde_json::from_slice(bytes).map_err(|source| Error::Json {
+    let v: serde_json::Value = serde_json::from_slice(bytes).map_err(|cause| Error::Json {
         path: path.to_path_buf(),
-        source,
+        cause,
     })?;
     let refuse = |what: String| {
-        Error::InvalidArgument(format!(
+        Error::Import(format!(
             "{}: {what}; only CLIP's resize-shorter-side + centre-crop preprocessing is supported",
             path.display()
         ))

@@ -139,10 +139,19 @@ impl Bundle {
         if !dir.is_dir() {
             return Err(Error::bundle(dir, "is not a folder"));
         }
+        if !manifest_path.exists() && dir.join("run.json").is_file() {
+            return Err(Error::bundle(
+                dir,
+                format!(
+                    "is a training run, not a bundle: export it first (trainer export --checkpoint {} --labels SET --out models/NAME)",
+                    dir.display()
+                ),
+            ));
+        }
         let text = std::fs::read(&manifest_path).map_err(|e| Error::io(&manifest_path, e))?;
-        let manifest: Manifest = serde_json::from_slice(&text).map_err(|source| Error::Json {
+        let manifest: Manifest = serde_json::from_slice(&text).map_err(|cause| Error::Json {
             path: manifest_path.clone(),
-            source,
+            cause,
         })?;
         Self::from_manifest(dir, manifest, |path| std::fs::read(path))
     }
@@ -159,9 +168,9 @@ impl Bundle {
         let manifest_bytes =
             embedded_file(files, MANIFEST).ok_or_else(|| not_built_in(MANIFEST))?;
         let manifest: Manifest =
-            serde_json::from_slice(manifest_bytes).map_err(|source| Error::Json {
+            serde_json::from_slice(manifest_bytes).map_err(|cause| Error::Json {
                 path: PathBuf::from("<built-in>").join(MANIFEST),
-                source,
+                cause,
             })?;
         let dir = PathBuf::from(format!("<built-in {}>", manifest.name));
         let mut b = Self::from_manifest(&dir, manifest, |path| {

@@ -85,7 +85,7 @@ impl BundleWriter {
         io: Option<(&str, &str)>,
     ) -> Result<()> {
         if !is_contained(name) {
-            return Err(Error::InvalidArgument(format!(
+            return Err(Error::BadPath(format!(
                 "bundle file name {name:?} leaves the bundle folder"
             )));
         }
@@ -159,11 +159,7 @@ mod tests {
     }
 
     fn leftovers(dir: &Path) -> Vec<String> {
-        std::fs::read_dir(dir)
-            .expect("listing")
-            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
-            .filter(|n| n.starts_with('.'))
-            .collect()
+        fs::leftovers(dir).expect("listing")
     }
 
     #[test]

@@ -40,24 +40,14 @@ pub struct Dataset {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "cli", derive(clap::ValueEnum))]
 pub enum DatasetKind {
+    /// ROOT/<label>/<images>: one folder per label (MedNIST's layout).
     Folder,
+    /// UNIFESP: train.csv + DICOM tree (Kaggle), or train_df.csv + PNGs (the reference's repack).
     Unifesp,
+    /// IRMA: a codes CSV and the PNGs beside it.
     Irma,
-}
-
-impl std::str::FromStr for DatasetKind {
-    type Err = String;
-    fn from_str(s: &str) -> std::result::Result<Self, String> {
-        match s {
-            "folder" => Ok(DatasetKind::Folder),
-            "unifesp" => Ok(DatasetKind::Unifesp),
-            "irma" => Ok(DatasetKind::Irma),
-            other => Err(format!(
-                "unknown dataset {other:?} (folder, unifesp or irma)"
-            )),
-        }
-    }
 }
 
 impl DatasetKind {
@@ -72,6 +62,7 @@ impl DatasetKind {
 
 /// How IRMA codes become labels.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "cli", derive(clap::ValueEnum))]
 pub enum IrmaLabels {
     /// The body region of the anatomical axis: its first digit (1-9), and for the chest (5) its
     /// second digit (51-56 -> 10-15). What the IRMA code means.
@@ -82,19 +73,6 @@ pub enum IrmaLabels {
     /// whose anatomical digit is 5 is "chest/heart", any other is named by the directional digit,
     /// and rows where that digit is 0 are dropped. Only for comparing with its published figures.
     Reference,
-}
-
-impl std::str::FromStr for IrmaLabels {
-    type Err = String;
-    fn from_str(s: &str) -> std::result::Result<Self, String> {
-        match s {
-            "regions" => Ok(IrmaLabels::Regions),
-            "reference" => Ok(IrmaLabels::Reference),
-            other => Err(format!(
-                "unknown IRMA labelling {other:?} (regions or reference)"
-            )),
-        }
-    }
 }
 
 /// Options of the data set loaders.
@@ -113,7 +91,7 @@ pub const DATA_ENV: &str = "XRAY_CLIP_DATA";
 pub fn default_data_dir(kind: DatasetKind) -> Result<PathBuf> {
     let name = kind.name();
     if kind == DatasetKind::Folder {
-        return Err(Error::InvalidArgument(
+        return Err(Error::Dataset(
             "--dataset folder needs --data DIR (a folder with one sub-folder of images per label)"
                 .into(),
         ));
@@ -133,7 +111,7 @@ pub fn default_data_dir(kind: DatasetKind) -> Result<PathBuf> {
         return Ok(local);
     }
     looked.push(local.display().to_string());
-    Err(Error::InvalidArgument(format!(
+    Err(Error::Dataset(format!(
         "no {name} data found (looked at {}): pass --data DIR, or set {DATA_ENV} to a folder holding {name}/ (layouts: README, \"Data sets\")",
         looked.join(", ")
     )))
@@ -150,7 +128,7 @@ pub fn load_with(kind: DatasetKind, root: &Path, opts: &LoadOptions) -> Result<D
         DatasetKind::Irma => irma(root, opts)?,
     };
     if ds.samples.is_empty() {
-        return Err(Error::InvalidArgument(format!(
+        return Err(Error::Dataset(format!(
             "{}: the data set has no images",
             root.display()
         )));
@@ -188,7 +166,7 @@ pub fn image_folder(root: &Path) -> Result<Dataset> {
         }));
     }
     if labels.is_empty() {
-        return Err(Error::InvalidArgument(format!(
+        return Err(Error::Dataset(format!(
             "{}: no label folders with images (expected ROOT/<label>/<images>)",
             root.display()
         )));
@@ -236,7 +214,7 @@ pub fn unifesp(root: &Path) -> Result<Dataset> {
             files.get(row.get("SOPInstanceUID")?.trim()).cloned()
         })
     } else {
-        Err(Error::InvalidArgument(format!(
+        Err(Error::Dataset(format!(
             "{}: not a UNIFESP folder (expected train_df.csv + images/ as the PNG repack, or train.csv + train/ as Kaggle's)",
             root.display()
         )))
@@ -269,7 +247,7 @@ fn unifesp_rows(csv_path: &Path, file: impl Fn(&Row) -> Option<PathBuf>) -> Resu
         .clone();
     for needed in ["SOPInstanceUID", "Target"] {
         if !header.iter().any(|h| h.trim() == needed) {
-            return Err(Error::InvalidArgument(format!(
+            return Err(Error::Dataset(format!(
                 "{}: no {needed} column",
                 csv_path.display()
             )));
@@ -449,7 +427,7 @@ pub fn irma(root: &Path, opts: &LoadOptions) -> Result<Dataset> {
 fn find_irma_csv(root: &Path, codes: Option<&Path>) -> Result<(PathBuf, PathBuf)> {
     if let Some(c) = codes {
         if !c.is_file() {
-            return Err(Error::InvalidArgument(format!(
+            return Err(Error::Dataset(format!(
                 "--codes {}: no such file",
                 c.display()
             )));
@@ -486,7 +464,7 @@ fn find_irma_csv(root: &Path, codes: Option<&Path>) -> Result<(PathBuf, PathBuf)
             match train.as_slice() {
                 [one] => Some((*one).clone()),
                 _ => {
-                    return Err(Error::InvalidArgument(format!(
+                    return Err(Error::Dataset(format!(
                         "{}: several IRMA code files ({}); pick one with --codes FILE",
                         root.display(),
                         csvs.iter().map(lower).collect::<Vec<_>>().join(", ")
@@ -496,7 +474,7 @@ fn find_irma_csv(root: &Path, codes: Option<&Path>) -> Result<(PathBuf, PathBuf)
         }
     };
     let csv = chosen.ok_or_else(|| {
-        Error::InvalidArgument(format!(
+        Error::Dataset(format!(
             "{}: no IRMA code file (*.csv; give the file as --data or --codes)",
             root.display()
         ))
@@ -585,7 +563,7 @@ pub fn split(samples: &[Sample], split: Split) -> Result<(Vec<Sample>, Vec<Sampl
                 .cloned()
                 .collect();
             if single.len() < 1600 {
-                return Err(Error::InvalidArgument(format!(
+                return Err(Error::Dataset(format!(
                     "split reference needs 1600 single-label rows, the data set has {}",
                     single.len()
                 )));
@@ -594,7 +572,7 @@ pub fn split(samples: &[Sample], split: Split) -> Result<(Vec<Sample>, Vec<Sampl
         }
         Split::HeadTail { train, test } => {
             if train + test > samples.len() {
-                return Err(Error::InvalidArgument(format!(
+                return Err(Error::Dataset(format!(
                     "split head:{train}:{test} needs {} samples, the data set has {}",
                     train + test,
                     samples.len()

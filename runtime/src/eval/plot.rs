@@ -39,8 +39,7 @@ pub fn confusion(
     if !ensure_font() {
         return Ok(false);
     }
-    let err =
-        |e: String| Error::InvalidArgument(format!("{}: drawing failed: {e}", path.display()));
+    let err = |e: String| Error::Plot(format!("{}: drawing failed: {e}", path.display()));
     let n = labels.len();
     let cell = (560 / n.max(1)).clamp(18, 60) as u32;
     let margin = 180u32;

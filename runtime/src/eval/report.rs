@@ -59,14 +59,14 @@ pub fn write_reports(ev: &Evaluation, requested: &Path, force: bool) -> Result<P
     crate::fs::write_atomic(&out.join("report.json"), &json)?;
     let best = ev.best();
     let mut md = format!(
-        "# Evaluation of `{}` on {} ({} split)\n\n{} images ({} with several labels, policy: {:?}), {} unreadable; \
+        "# Evaluation of `{}` on {} ({} split)\n\n{} images ({} with several labels, policy: {}), {} unreadable; \
          encoding {:.1} s ({:.1} images/s), scoring {:.2} s.\n\n## Templates\n\n{}\n## Per class (best: `{}`)\n\n{}\n",
         ev.bundle,
         ev.dataset,
         ev.split,
         ev.images,
         ev.multi_label_images,
-        ev.multi_label,
+        ev.multi_label.name(),
         ev.unreadable.len(),
         ev.encode_seconds,
         ev.images_per_second,

@@ -15,6 +15,7 @@ use crate::scoring;
 use crate::text::labels::Label;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "cli", derive(clap::ValueEnum))]
 #[serde(rename_all = "lowercase")]
 pub enum MultiLabel {
     /// A hit when the top-1 is any of the image's labels.
@@ -23,15 +24,12 @@ pub enum MultiLabel {
     Skip,
 }
 
-impl std::str::FromStr for MultiLabel {
-    type Err = String;
-    fn from_str(s: &str) -> std::result::Result<Self, String> {
-        match s {
-            "any" => Ok(MultiLabel::Any),
-            "skip" => Ok(MultiLabel::Skip),
-            other => Err(format!(
-                "unknown multi-label policy {other:?} (any or skip)"
-            )),
+impl MultiLabel {
+    /// The option value (`any`, `skip`), for messages and reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            MultiLabel::Any => "any",
+            MultiLabel::Skip => "skip",
         }
     }
 }
@@ -84,10 +82,7 @@ fn bundle_embeddings(engine: &Engine, labels: &[Label]) -> Result<Vec<f32>> {
     let dim = engine.bundle.manifest.embedding_dim;
     let mine = engine.bundle.labels();
     let Some(index) = crate::text::labels::match_labels(&mine, labels) else {
-        return Err(Error::InvalidArgument(missing_labels_hint(
-            &engine.bundle,
-            labels,
-        )));
+        return Err(Error::Dataset(missing_labels_hint(&engine.bundle, labels)));
     };
     let mut out = Vec::with_capacity(labels.len() * dim);
     for i in index {
@@ -139,7 +134,7 @@ pub fn evaluate(
         .filter(|s| opts.multi_label == MultiLabel::Any || s.labels.len() == 1)
         .collect();
     if samples.is_empty() {
-        return Err(Error::InvalidArgument("no images to evaluate".into()));
+        return Err(Error::Dataset("no images to evaluate".into()));
     }
     // Label embeddings first: a bad template or a missing text encoder fails before the long part.
     let t_score = Instant::now();
@@ -174,7 +169,7 @@ pub fn evaluate(
         }
     }
     if kept.is_empty() {
-        return Err(Error::InvalidArgument(format!(
+        return Err(Error::Dataset(format!(
             "none of the {} images could be read",
             samples.len()
         )));

@@ -35,7 +35,7 @@ pub fn sniff(bytes: &[u8]) -> Option<Format> {
 pub fn decode_file(path: &Path) -> Result<Image> {
     let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
     if meta.is_dir() {
-        return Err(Error::InvalidArgument(format!(
+        return Err(Error::BadPath(format!(
             "{}: is a directory",
             path.display()
         )));
@@ -77,10 +77,10 @@ fn decode_raster(
     format: image::ImageFormat,
     label: &'static str,
 ) -> Result<Image> {
-    let decode_err = |e: image::ImageError| Error::Decode {
+    let decode_err = |cause: image::ImageError| Error::Image {
         path: name.to_path_buf(),
         format: label,
-        reason: e.to_string(),
+        cause,
     };
     // Check the header's claimed size before anything is allocated for pixels. PNG keeps it at a
     // fixed place (IHDR), so even a file cut right after its header is refused for its size.

@@ -36,11 +36,20 @@ fn unsupported(name: &Path, reason: impl Into<String>) -> Error {
     }
 }
 
-fn decode_err(name: &Path, reason: impl ToString) -> Error {
+/// A DICOM library error, kept as the cause.
+fn decode_err(name: &Path, cause: impl std::error::Error + Send + Sync + 'static) -> Error {
+    Error::Dicom {
+        path: name.to_path_buf(),
+        cause: Box::new(cause),
+    }
+}
+
+/// A problem this decoder finds itself (no library error behind it).
+fn invalid(name: &Path, reason: impl Into<String>) -> Error {
     Error::Decode {
         path: name.to_path_buf(),
         format: "DICOM",
-        reason: reason.to_string(),
+        reason: reason.into(),
     }
 }
 
@@ -116,9 +125,9 @@ fn decode_first_frame(bytes: &[u8], name: &Path) -> Result<Decoded> {
     }
     let int_attr = |tag, what: &str| -> Result<u64> {
         obj.element(tag)
-            .map_err(|_| decode_err(name, format!("missing {what}")))?
+            .map_err(|_| invalid(name, format!("missing {what}")))?
             .to_int::<u64>()
-            .map_err(|e| decode_err(name, format!("bad {what}: {e}")))
+            .map_err(|e| invalid(name, format!("bad {what}: {e}")))
     };
     let rows = int_attr(tags::ROWS, "Rows")?;
     let columns = int_attr(tags::COLUMNS, "Columns")?;

@@ -86,7 +86,7 @@ pub fn irma15() -> Vec<Label> {
         .enumerate()
         .map(|(i, n)| {
             let mut l = Label::new((i + 1).to_string(), *n);
-            // "upper extremity/arm" reads better in a sentence as "upper extremity (arm)".
+            // In a prompt the slash goes: "upper extremity/arm" becomes "upper extremity arm".
             l.prompt_name = n.replace('/', " ");
             l
         })
@@ -102,15 +102,12 @@ pub fn from_list<'a>(names: impl IntoIterator<Item = &'a str>) -> Result<Vec<Lab
         .map(|s| Label::new(s, s))
         .collect();
     if labels.is_empty() {
-        return Err(Error::InvalidArgument("the label list is empty".into()));
+        return Err(Error::Labels("the label list is empty".into()));
     }
     let mut seen = std::collections::HashSet::new();
     for l in &labels {
         if !seen.insert(l.name.to_lowercase()) {
-            return Err(Error::InvalidArgument(format!(
-                "label {:?} appears twice",
-                l.name
-            )));
+            return Err(Error::Labels(format!("label {:?} appears twice", l.name)));
         }
     }
     Ok(labels)
@@ -157,7 +154,7 @@ pub fn parse_spec(spec: &str) -> Result<Vec<Label>> {
     if !spec.contains(',')
         && (spec.ends_with(".txt") || spec.ends_with(".csv") || spec.contains('/'))
     {
-        return Err(Error::InvalidArgument(format!(
+        return Err(Error::Labels(format!(
             "--labels {spec:?}: no such file (a label list is comma-separated; built-in sets: {BUILTIN_SETS})"
         )));
     }

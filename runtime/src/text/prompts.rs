@@ -24,7 +24,7 @@ pub fn default_templates() -> Vec<String> {
 /// Fills a template: every `{}` becomes the label's prompt name.
 pub fn fill(template: &str, label: &Label) -> Result<String> {
     if !template.contains("{}") {
-        return Err(Error::InvalidArgument(format!(
+        return Err(Error::Labels(format!(
             "template {template:?} has no {{}} placeholder"
         )));
     }
@@ -34,7 +34,7 @@ pub fn fill(template: &str, label: &Label) -> Result<String> {
 /// Every template filled with every label, template-major: `[templates][labels]`.
 pub fn prompts(templates: &[String], labels: &[Label]) -> Result<Vec<String>> {
     if templates.is_empty() {
-        return Err(Error::InvalidArgument("no prompt template given".into()));
+        return Err(Error::Labels("no prompt template given".into()));
     }
     templates
         .iter()

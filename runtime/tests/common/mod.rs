@@ -82,7 +82,10 @@ pub fn tiny_bundle() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
         require_setup();
-        let dir = std::env::temp_dir().join(format!("xray-clip-test-tiny-{}", std::process::id()));
+        // Lives as long as the test binary (a static is never dropped), so it goes under cargo's
+        // folder for integration-test data (target/tmp), not the system's temp folder.
+        let dir = Path::new(env!("CARGO_TARGET_TMPDIR"))
+            .join(format!("tiny-bundle-{}", std::process::id()));
         let f = fixtures();
         let scale = tiny_reference()["logit_scale"].as_f64().expect("scale") as f32;
         let spec = AssembleSpec {
@@ -110,14 +113,12 @@ pub fn load_tiny() -> Bundle {
     Bundle::load(tiny_bundle()).expect("tiny bundle loads")
 }
 
-/// Copies a bundle folder so a test can damage it.
-pub fn copy_bundle(src: &Path, name: &str) -> PathBuf {
-    let dst = std::env::temp_dir().join(format!("xray-clip-test-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dst);
-    std::fs::create_dir_all(&dst).expect("mkdir");
+/// Copies a bundle folder so a test can damage it (removed when the guard is dropped).
+pub fn copy_bundle(src: &Path, name: &str) -> tempfile::TempDir {
+    let dst = tmpdir(&format!("test-{name}"));
     for e in std::fs::read_dir(src).expect("read bundle") {
         let e = e.expect("entry");
-        std::fs::copy(e.path(), dst.join(e.file_name())).expect("copy");
+        std::fs::copy(e.path(), dst.path().join(e.file_name())).expect("copy");
     }
     dst
 }
@@ -214,8 +215,10 @@ pub fn image_object(rows: u16, cols: u16, pixels: Vec<u16>, photometric: &str) -
     obj
 }
 
-pub fn tmpdir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("xray-clip-{name}-{}", std::process::id()));
-    std::fs::create_dir_all(&d).expect("mkdir");
-    d
+/// A fresh temporary folder for one test, removed when the returned guard is dropped.
+pub fn tmpdir(name: &str) -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix(&format!("xray-clip-{name}-"))
+        .tempdir()
+        .expect("temporary folder")
 }

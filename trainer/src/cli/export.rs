@@ -4,23 +4,15 @@ use std::path::PathBuf;
 
 use clap::Args;
 
-use super::templates_or_default;
+use super::CheckpointLabels;
 use crate::error::Result;
 use crate::export::{self, ExportSpec};
 use crate::onnx::Precision;
 
 #[derive(Args)]
 pub struct ExportArgs {
-    /// Checkpoint folder (`trainer init`, or a run's checkpoints/epoch-N).
-    #[arg(long)]
-    pub checkpoint: PathBuf,
-    /// Labels: a built-in set (unifesp, irma, irma-reference), a file with one label per line, or
-    /// a comma-separated list.
-    #[arg(long)]
-    pub labels: String,
-    /// Prompt template(s), `{}` = label; several are averaged.
-    #[arg(long = "template")]
-    pub templates: Vec<String>,
+    #[command(flatten)]
+    pub scoring: CheckpointLabels,
     /// Bundle folder to write (a folder of other things: the bundle goes inside it, named --name).
     #[arg(long)]
     pub out: PathBuf,
@@ -40,13 +32,18 @@ pub struct ExportArgs {
 }
 
 pub fn export_cmd(a: &ExportArgs) -> Result<()> {
-    let labels = runtime::text::labels::parse_spec(&a.labels)?;
+    let labels = a.scoring.labels()?;
+    let checkpoint = a.scoring.checkpoint()?;
     // The name: --name, else the --out folder's own name when the bundle goes there, else the
     // checkpoint's (when --out is a folder of other things and the bundle goes inside it).
     let becomes_out = !a.out.is_dir()
         || runtime::fs::OutputKind::Bundle.is_in(&a.out)
         || std::fs::read_dir(&a.out).is_ok_and(|mut d| d.next().is_none());
-    let from = if becomes_out { &a.out } else { &a.checkpoint };
+    let from = if becomes_out {
+        &a.out
+    } else {
+        &a.scoring.checkpoint
+    };
     let name = a.name.clone().unwrap_or_else(|| {
         std::fs::canonicalize(from)
             .unwrap_or_else(|_| from.clone())
@@ -55,9 +52,9 @@ pub fn export_cmd(a: &ExportArgs) -> Result<()> {
             .unwrap_or_else(|| "bundle".into())
     });
     let spec = ExportSpec {
-        checkpoint: a.checkpoint.clone(),
+        checkpoint,
         labels,
-        templates: templates_or_default(&a.templates),
+        templates: a.scoring.templates(),
         precision: a.precision,
         name,
         description: String::new(),
@@ -66,11 +63,11 @@ pub fn export_cmd(a: &ExportArgs) -> Result<()> {
     };
     let b = export::export(spec, &a.out, a.force)?;
     println!(
-        "wrote {} ({} labels, {} dims, {:?})",
+        "wrote {} ({} labels, {} dims, {})",
         b.dir.display(),
         b.manifest.labels.len(),
         b.manifest.embedding_dim,
-        a.precision
+        a.precision.name()
     );
     Ok(())
 }

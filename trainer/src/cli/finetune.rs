@@ -7,7 +7,6 @@ use runtime::eval::datasets::{self, DatasetKind, Split};
 use runtime::image::preprocess::PreprocessConfig;
 use runtime::text::tokenizer::ClipTokenizer;
 
-use super::device;
 use crate::data::{BadImages, ImageSet};
 use crate::error::{Error, Result};
 use crate::export::{self, ExportSpec};
@@ -124,9 +123,9 @@ pub struct FinetuneArgs {
     /// Train only the image encoder.
     #[arg(long)]
     pub freeze_text: bool,
-    /// cpu, cuda or auto.
-    #[arg(long, default_value = "auto")]
-    pub device: String,
+    /// cpu, cuda or auto (CUDA when libtorch sees a GPU, else CPU).
+    #[arg(long, value_enum, default_value_t = runtime::engine::Device::Auto)]
+    pub device: runtime::engine::Device,
     /// CPU threads for libtorch (0: libtorch's default).
     #[arg(long, default_value_t = 0)]
     pub threads: i32,
@@ -157,8 +156,9 @@ pub struct FinetuneArgs {
     /// Leave the text encoder and tokenizer out of the exported bundle (fixed labels only).
     #[arg(long)]
     pub no_text_encoder: bool,
-    /// Name of the exported bundle (default: the data set's name, e.g. unifesp).
-    #[arg(long)]
+    /// Name of the exported bundle, as `export --name` (default: the data set's name, e.g.
+    /// unifesp).
+    #[arg(long = "name", alias = "bundle-name")]
     pub bundle_name: Option<String>,
     /// Description written into the exported bundle's manifest.
     #[arg(long, default_value = "")]
@@ -399,7 +399,7 @@ pub fn finetune(a: &FinetuneArgs) -> Result<Vec<train::RunResult>> {
     if a.threads > 0 {
         tch::set_num_threads(a.threads);
     }
-    let device = device(&a.device)?;
+    let device = crate::device::resolve(a.device)?;
     let st = settings(a);
     if !(0.0..0.9).contains(&st.val) {
         return Err(Error::Config(format!(
@@ -443,7 +443,7 @@ pub fn finetune(a: &FinetuneArgs) -> Result<Vec<train::RunResult>> {
         Some(t) => {
             let test = datasets::load(a.dataset, t)?;
             if test.labels != ds.labels {
-                return Err(Error::Data(format!(
+                return Err(Error::Dataset(format!(
                     "{}: its labels differ from {}",
                     t.display(),
                     data_dir.display()
@@ -472,7 +472,7 @@ pub fn finetune(a: &FinetuneArgs) -> Result<Vec<train::RunResult>> {
         (train_samples, Vec::new())
     };
     if st.val > 0.0 && val_samples.is_empty() {
-        return Err(Error::Data(format!(
+        return Err(Error::Dataset(format!(
             "--val {} of {} training images leaves no validation image (pass --val 0)",
             st.val,
             train_samples.len()
@@ -481,7 +481,7 @@ pub fn finetune(a: &FinetuneArgs) -> Result<Vec<train::RunResult>> {
     let train_samples = limit(train_samples, a.max_train);
     let test_samples = limit(test_samples, a.max_test);
     if train_samples.is_empty() || test_samples.is_empty() {
-        return Err(Error::Data("the train or test split is empty".into()));
+        return Err(Error::Dataset("the train or test split is empty".into()));
     }
     let s = model_config.vision_config.image_size as u32;
     let cfg = PreprocessConfig {
@@ -522,7 +522,7 @@ pub fn finetune(a: &FinetuneArgs) -> Result<Vec<train::RunResult>> {
         }
     }
     eprintln!(
-        "{}: {} labels, {} train, {} validation and {} test images{}, device {device:?}",
+        "{}: {} labels, {} train, {} validation and {} test images{}, device {}",
         ds.name,
         ds.labels.len(),
         train_set.len(),
@@ -532,7 +532,8 @@ pub fn finetune(a: &FinetuneArgs) -> Result<Vec<train::RunResult>> {
             String::new()
         } else {
             format!(" (split {split_spec})")
-        }
+        },
+        crate::device::name(device)
     );
     let (tok_bytes, tok_path) = export::checkpoint_tokenizer(&init)?;
     let tokenizer = ClipTokenizer::from_bytes(&tok_bytes, &tok_path)?;
@@ -622,7 +623,7 @@ pub fn finetune(a: &FinetuneArgs) -> Result<Vec<train::RunResult>> {
             "augment": st.augment, "balanced": st.balanced, "val": st.val, "select": st.select,
             "selected_epoch": best.test.epoch, "train_images": train_set.len(),
             "val_images": val_set.as_ref().map_or(0, |v| v.len()), "test_images": test_set.len(),
-            "device": format!("{device:?}"),
+            "device": crate::device::name(device),
         });
         let spec = ExportSpec {
             checkpoint: best.best_checkpoint.clone(),

@@ -1,9 +1,11 @@
 //! The `trainer` command line, one file per command: [`init`], [`finetune`], [`export`], [`predict`].
 
-use clap::{Parser, Subcommand};
-use tch::Device;
+use std::path::PathBuf;
 
-use crate::error::{Error, Result};
+use clap::{Args, Parser, Subcommand};
+use runtime::text::labels::Label;
+
+use crate::error::Result;
 
 pub mod export;
 pub mod finetune;
@@ -33,29 +35,42 @@ pub enum Command {
     Finetune(Box<FinetuneArgs>),
     /// Export a checkpoint as a model bundle (ONNX encoders, label embeddings, tokenizer, manifest).
     Export(ExportArgs),
-    /// Classify images with a checkpoint in libtorch (JSON lines, as `classify --json`).
+    /// Classify images with a checkpoint in libtorch (the table of `classify`, or `--json`).
     Predict(PredictArgs),
 }
 
-pub fn device(name: &str) -> Result<Device> {
-    match name {
-        "cpu" => Ok(Device::Cpu),
-        "cuda" if tch::Cuda::is_available() => Ok(Device::Cuda(0)),
-        "cuda" => Err(Error::Config(
-            "CUDA is not available (build with --features cuda on a GPU machine)".into(),
-        )),
-        "auto" if tch::Cuda::is_available() => Ok(Device::Cuda(0)),
-        "auto" => Ok(Device::Cpu),
-        other => Err(Error::Config(format!(
-            "unknown device {other:?} (cpu, cuda or auto)"
-        ))),
-    }
+/// A checkpoint and the labels to score with it (`export`, `predict`).
+#[derive(Args)]
+pub struct CheckpointLabels {
+    /// Checkpoint folder (`trainer init`, a run's checkpoints/epoch-N), or a run folder (its
+    /// selected checkpoint).
+    #[arg(long)]
+    pub checkpoint: PathBuf,
+    /// Labels: a built-in set (unifesp, irma, irma-reference), a file with one label per line, or
+    /// a comma-separated list.
+    #[arg(long)]
+    pub labels: String,
+    /// Prompt template(s), `{}` = label; several are averaged.
+    #[arg(long = "template")]
+    pub templates: Vec<String>,
 }
 
-pub(crate) fn templates_or_default(t: &[String]) -> Vec<String> {
-    if t.is_empty() {
-        runtime::text::prompts::default_templates()
-    } else {
-        t.to_vec()
+impl CheckpointLabels {
+    /// The checkpoint folder (a run folder means its selected checkpoint).
+    pub fn checkpoint(&self) -> Result<PathBuf> {
+        crate::weights::resolve_checkpoint(&self.checkpoint)
+    }
+
+    pub fn labels(&self) -> Result<Vec<Label>> {
+        Ok(runtime::text::labels::parse_spec(&self.labels)?)
+    }
+
+    /// The templates given, else the default one.
+    pub fn templates(&self) -> Vec<String> {
+        if self.templates.is_empty() {
+            runtime::text::prompts::default_templates()
+        } else {
+            self.templates.clone()
+        }
     }
 }

@@ -3,11 +3,12 @@
 use std::path::PathBuf;
 
 use clap::Args;
+use runtime::cli::{show_path, ResultPrinter};
 use runtime::image::preprocess::PreprocessConfig;
 use runtime::text::tokenizer::ClipTokenizer;
 use tch::Device;
 
-use super::templates_or_default;
+use super::CheckpointLabels;
 use crate::error::{Error, Result};
 use crate::export::{self};
 use crate::weights;
@@ -15,30 +16,32 @@ use crate::zero_shot;
 
 #[derive(Args)]
 pub struct PredictArgs {
-    /// Checkpoint folder (`trainer init`, or a run's checkpoints/epoch-N).
+    #[command(flatten)]
+    pub scoring: CheckpointLabels,
+    /// How many labels to show per image (at most the number of labels).
+    #[arg(long, short = 'k', default_value_t = 3, value_parser = clap::value_parser!(u16).range(1..))]
+    pub top_k: u16,
+    /// JSON lines instead of a table (one per file; a file that failed has "error"), as `classify`.
     #[arg(long)]
-    pub checkpoint: PathBuf,
-    /// Labels: a built-in set (unifesp, irma, irma-reference), a file with one label per line, or
-    /// a comma-separated list.
-    #[arg(long)]
-    pub labels: String,
-    /// Prompt template(s), `{}` = label; several are averaged.
-    #[arg(long = "template")]
-    pub templates: Vec<String>,
-    /// How many labels to show per image.
-    #[arg(long, short = 'k', default_value_t = 3)]
-    pub top_k: usize,
+    pub json: bool,
+    /// cpu, cuda or auto (CUDA when libtorch sees a GPU, else CPU).
+    #[arg(long, value_enum, default_value_t = runtime::engine::Device::Auto)]
+    pub device: runtime::engine::Device,
     /// Image files or folders.
     #[arg(required = true)]
     pub paths: Vec<PathBuf>,
 }
 
 pub fn predict(a: &PredictArgs) -> Result<bool> {
-    let labels = runtime::text::labels::parse_spec(&a.labels)?;
-    let loaded = weights::load(&a.checkpoint, Device::Cpu)?;
-    let (tok_bytes, tok_path) = export::checkpoint_tokenizer(&a.checkpoint)?;
+    let labels = a.scoring.labels()?;
+    let device = crate::device::resolve(a.device)?;
+    let checkpoint = a.scoring.checkpoint()?;
+    let loaded = weights::load(&checkpoint, device)?;
+    let (tok_bytes, tok_path) = export::checkpoint_tokenizer(&checkpoint)?;
     let tokenizer = ClipTokenizer::from_bytes(&tok_bytes, &tok_path)?;
-    let per_template = templates_or_default(&a.templates)
+    let per_template = a
+        .scoring
+        .templates()
         .iter()
         .map(|t| {
             zero_shot::label_tokens(
@@ -46,7 +49,7 @@ pub fn predict(a: &PredictArgs) -> Result<bool> {
                 &labels,
                 t,
                 &loaded.model.config.text_config,
-                Device::Cpu,
+                device,
             )
         })
         .collect::<Result<Vec<_>>>()?;
@@ -59,31 +62,34 @@ pub fn predict(a: &PredictArgs) -> Result<bool> {
         ..PreprocessConfig::default()
     };
     let (files, problems) = runtime::pipeline::collect_files(&a.paths);
+    let k = runtime::cli::top_k(a.top_k as usize, labels.len());
+    let printer = ResultPrinter::new(a.json, k, &files);
     let mut ok = problems.is_empty();
     for e in &problems {
-        eprintln!("error: {e}");
+        printer.error("", e);
     }
-    let model_name = a.checkpoint.display().to_string();
+    let model_name = checkpoint.display().to_string();
+    printer.header();
     for f in &files {
         let pixels = match runtime::pipeline::load_tensor(f, &cfg) {
             Ok(p) => p,
             Err(e) => {
                 ok = false;
-                eprintln!("error: {e}");
+                printer.error(&show_path(f), &e);
                 continue;
             }
         };
-        let x = tch::Tensor::from_slice(&pixels).view([1, 3, s as i64, s as i64]);
+        let x = tch::Tensor::from_slice(&pixels)
+            .view([1, 3, s as i64, s as i64])
+            .to_device(device);
         let probs = tch::no_grad(|| {
             let img = crate::model::normalize(&loaded.model.image_features(&x));
-            (img.matmul(&emb.tr()) * scale).softmax(-1, tch::Kind::Float)
+            (img.matmul(&emb.tr()) * scale)
+                .softmax(-1, tch::Kind::Float)
+                .to_device(Device::Cpu)
         });
         let probs: Vec<f32> = Vec::<f32>::try_from(probs.reshape([-1])).map_err(Error::Torch)?;
-        let k = a.top_k.clamp(1, labels.len());
-        println!(
-            "{}",
-            runtime::scoring::json_line(&f.display().to_string(), &model_name, &labels, &probs, k)
-        );
+        printer.scores(f, &model_name, &labels, &probs);
     }
     Ok(ok)
 }

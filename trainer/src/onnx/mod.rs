@@ -19,20 +19,23 @@ pub const IMAGE_OUTPUT: &str = "image_embeds";
 pub const TEXT_INPUT: &str = "input_ids";
 pub const TEXT_OUTPUT: &str = "text_embeds";
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Precision {
+    /// Single precision (any ONNX Runtime provider).
     Fp32,
+    /// Half precision weights and computation, f32 inputs and outputs (GPUs).
     Fp16,
 }
 
-impl std::str::FromStr for Precision {
-    type Err = String;
-    fn from_str(s: &str) -> std::result::Result<Self, String> {
-        match s {
-            "fp32" => Ok(Precision::Fp32),
-            "fp16" => Ok(Precision::Fp16),
-            other => Err(format!("unknown precision {other:?} (fp32 or fp16)")),
+impl Precision {
+    /// The option value (`fp32`, `fp16`), for messages.
+    pub fn name(self) -> &'static str {
+        match self {
+            Precision::Fp32 => "fp32",
+            Precision::Fp16 => "fp16",
         }
     }
 }
