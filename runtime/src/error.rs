@@ -90,6 +90,13 @@ pub enum Error {
     // --- text ----------------------------------------------------------------------------------
     #[error("tokenizer {path}: {reason}")]
     Tokenizer { path: PathBuf, reason: String },
+    #[error("tokenizer {path}: {}{cause}", .text.as_ref().map(|t| format!("{t:?}: ")).unwrap_or_default())]
+    TokenizerLibrary {
+        path: PathBuf,
+        /// The text being encoded, when the error is about one.
+        text: Option<String>,
+        cause: tokenizers::Error,
+    },
 
     // --- labels, data sets, paths ----------------------------------------------------------------
     /// A label list, label set or prompt template that cannot be used.

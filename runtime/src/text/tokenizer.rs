@@ -51,12 +51,15 @@ impl ClipTokenizer {
             path: name.to_path_buf(),
             reason,
         };
-        let mut inner = tokenizers::Tokenizer::from_bytes(bytes).map_err(|e| err(e.to_string()))?;
+        let library = |cause: tokenizers::Error| Error::TokenizerLibrary {
+            path: name.to_path_buf(),
+            text: None,
+            cause,
+        };
+        let mut inner = tokenizers::Tokenizer::from_bytes(bytes).map_err(library)?;
         // Framing, truncation and padding are done here, the same for every tokenizer.json.
         inner.with_padding(None);
-        inner
-            .with_truncation(None)
-            .map_err(|e| err(e.to_string()))?;
+        inner.with_truncation(None).map_err(library)?;
         let id = |tok: &str| {
             inner
                 .token_to_id(tok)
@@ -78,13 +81,14 @@ impl ClipTokenizer {
     /// Ids of one text: start, BPE tokens, end; at most `CONTEXT_LENGTH`, the end token kept.
     pub fn encode(&self, text: &str) -> Result<Vec<i64>> {
         let text = clean_text(text);
-        let enc = self
-            .inner
-            .encode(text.as_str(), false)
-            .map_err(|e| Error::Tokenizer {
-                path: self.source.clone(),
-                reason: format!("{text:?}: {e}"),
-            })?;
+        let enc =
+            self.inner
+                .encode(text.as_str(), false)
+                .map_err(|cause| Error::TokenizerLibrary {
+                    path: self.source.clone(),
+                    text: Some(text.clone()),
+                    cause,
+                })?;
         let mut ids = Vec::with_capacity(CONTEXT_LENGTH);
         ids.push(self.start_id as i64);
         ids.extend(enc.get_ids().iter().map(|&t| t as i64));
