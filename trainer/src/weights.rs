@@ -442,6 +442,12 @@ pub fn checkpoint_config(dir: &Path) -> Result<ClipConfig> {
             reason: "not a checkpoint folder (config.json + model.safetensors)".into(),
         });
     }
+    if !dir.join(CONFIG).exists() && dir.join(runtime::bundle::MANIFEST).is_file() {
+        return Err(Error::Checkpoint {
+            path: dir.to_path_buf(),
+            reason: "is a model bundle (ONNX), not a checkpoint: training and export start from the checkpoint it was exported from (trainer init makes one)".into(),
+        });
+    }
     read_config(&dir.join(CONFIG))
 }
 
@@ -479,6 +485,13 @@ mod tests {
 
     fn leftovers(dir: &Path) -> Vec<String> {
         runtime::fs::leftovers(dir).expect("listing")
+    }
+
+    #[test]
+    fn a_bundle_where_a_checkpoint_is_expected_is_named_as_such() {
+        let bundle = Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/default");
+        let err = checkpoint_config(&bundle).expect_err("a bundle is no checkpoint");
+        assert!(err.to_string().contains("is a model bundle"), "{err}");
     }
 
     /// The checkpoint writer fails after `config.json` and `model.safetensors` are staged: the

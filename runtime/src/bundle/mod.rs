@@ -139,6 +139,15 @@ impl Bundle {
         if !dir.is_dir() {
             return Err(Error::bundle(dir, "is not a folder"));
         }
+        if !manifest_path.exists() && dir.join("model.safetensors").is_file() {
+            return Err(Error::bundle(
+                dir,
+                format!(
+                    "is a training checkpoint, not a bundle: export it first (trainer export --checkpoint {} --labels SET --out models/NAME)",
+                    dir.display()
+                ),
+            ));
+        }
         if !manifest_path.exists() && dir.join("run.json").is_file() {
             return Err(Error::bundle(
                 dir,
