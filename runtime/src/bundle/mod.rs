@@ -139,23 +139,21 @@ impl Bundle {
         if !dir.is_dir() {
             return Err(Error::bundle(dir, "is not a folder"));
         }
-        if !manifest_path.exists() && dir.join("model.safetensors").is_file() {
-            return Err(Error::bundle(
-                dir,
-                format!(
-                    "is a training checkpoint, not a bundle: export it first (trainer export --checkpoint {} --labels SET --out models/NAME)",
-                    dir.display()
-                ),
-            ));
-        }
-        if !manifest_path.exists() && dir.join("run.json").is_file() {
-            return Err(Error::bundle(
-                dir,
-                format!(
-                    "is a training run, not a bundle: export it first (trainer export --checkpoint {} --labels SET --out models/NAME)",
-                    dir.display()
-                ),
-            ));
+        // What the trainer writes, handed over where a bundle is expected.
+        let trainer_folders = [
+            ("model.safetensors", "a training checkpoint"),
+            ("run.json", "a training run"),
+        ];
+        for (marker, what) in trainer_folders {
+            if !manifest_path.exists() && dir.join(marker).is_file() {
+                return Err(Error::bundle(
+                    dir,
+                    format!(
+                        "is {what}, not a bundle: export it first (trainer export --checkpoint {} --labels SET --out models/NAME)",
+                        dir.display()
+                    ),
+                ));
+            }
         }
         let text = std::fs::read(&manifest_path).map_err(|e| Error::io(&manifest_path, e))?;
         let manifest: Manifest = serde_json::from_slice(&text).map_err(|cause| Error::Json {
