@@ -29,18 +29,46 @@ where
     write_atomic(path, &bytes)
 }
 
+/// What a writer keeps beside its target while it works: a temporary file, a staging folder, the
+/// old folder moved aside. Named `.NAME.KIND-PID` in the target's folder.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sidecar {
+    Tmp,
+    Staging,
+    Replaced,
+}
+
+impl Sidecar {
+    fn tag(self) -> &'static str {
+        match self {
+            Sidecar::Tmp => "tmp",
+            Sidecar::Staging => "staging",
+            Sidecar::Replaced => "replaced",
+        }
+    }
+
+    /// The sidecar of `target` for this process.
+    pub fn of(self, target: &Path) -> PathBuf {
+        let name = target.file_name().unwrap_or_default().to_string_lossy();
+        parent_of(target).join(format!(".{name}.{}-{}", self.tag(), std::process::id()))
+    }
+
+    /// Whether a file name is one of this kind's (any target, any process).
+    fn names(self, file_name: &str) -> bool {
+        file_name.starts_with('.') && file_name.contains(&format!(".{}-", self.tag()))
+    }
+}
+
 /// Writes `bytes` to `path` through a temporary file in the same folder, synced, then renamed, so a
 /// crash leaves either the old file or the new one, never half of one.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = parent_of(path);
-    let name = path
-        .file_name()
-        .ok_or_else(|| Error::BadPath(format!("{}: not a file path", path.display())))?;
-    let tmp = dir.join(format!(
-        ".{}.tmp-{}",
-        name.to_string_lossy(),
-        std::process::id()
-    ));
+    if path.file_name().is_none() {
+        return Err(Error::BadPath(format!(
+            "{}: not a file path",
+            path.display()
+        )));
+    }
+    let tmp = Sidecar::Tmp.of(path);
     let result = (|| {
         let mut f = std::fs::File::create(&tmp)?;
         f.write_all(bytes)?;
@@ -200,14 +228,13 @@ impl StagedDir {
     pub fn new(target: &Path) -> Result<StagedDir> {
         let parent = parent_of(target);
         std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
-        let name = target
-            .file_name()
-            .ok_or_else(|| Error::BadPath(format!("{}: not a folder path", target.display())))?;
-        let staging = parent.join(format!(
-            ".{}.staging-{}",
-            name.to_string_lossy(),
-            std::process::id()
-        ));
+        if target.file_name().is_none() {
+            return Err(Error::BadPath(format!(
+                "{}: not a folder path",
+                target.display()
+            )));
+        }
+        let staging = Sidecar::Staging.of(target);
         if staging.exists() {
             // Only a folder of this process's own name: left by an earlier crash of the same pid.
             std::fs::remove_dir_all(&staging).map_err(|e| Error::io(&staging, e))?;
@@ -247,8 +274,7 @@ impl Drop for StagedDir {
 /// Renames `from` to `to`; an existing `to` is renamed aside first, then removed.
 pub fn replace_dir(from: &Path, to: &Path) -> Result<()> {
     if to.exists() {
-        let name = to.file_name().unwrap_or_default().to_string_lossy();
-        let old = parent_of(to).join(format!(".{name}.replaced-{}", std::process::id()));
+        let old = Sidecar::Replaced.of(to);
         std::fs::rename(to, &old).map_err(|e| Error::io(to, e))?;
         if let Err(e) = std::fs::rename(from, to) {
             // Put the old one back: the target must not be left missing.
@@ -293,7 +319,7 @@ pub fn leftovers(dir: &Path) -> Result<Vec<String>> {
     for entry in std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))? {
         let name = entry.map_err(|e| Error::io(dir, e))?.file_name();
         let name = name.to_string_lossy();
-        if name.starts_with('.') && (name.contains(".staging-") || name.contains(".replaced-")) {
+        if Sidecar::Staging.names(&name) || Sidecar::Replaced.names(&name) {
             found.push(name.into_owned());
         }
     }

@@ -15,7 +15,7 @@ use tch::{Device, Kind};
 use crate::error::{Error, Result};
 use crate::onnx::{self, Precision};
 use crate::weights;
-use crate::zero_shot::{label_embeddings, label_tokens};
+use crate::zero_shot::{label_embeddings, template_tokens};
 
 pub struct ExportSpec {
     pub checkpoint: PathBuf,
@@ -65,19 +65,13 @@ pub fn export(spec: ExportSpec, out: &Path, force: bool) -> Result<Bundle> {
     let config = &loaded.model.config;
     let (tok_bytes, tok_path) = checkpoint_tokenizer(&spec.checkpoint)?;
     let tokenizer = ClipTokenizer::from_bytes(&tok_bytes, &tok_path)?;
-    let per_template = spec
-        .templates
-        .iter()
-        .map(|t| {
-            label_tokens(
-                &tokenizer,
-                &spec.labels,
-                t,
-                &config.text_config,
-                Device::Cpu,
-            )
-        })
-        .collect::<Result<Vec<_>>>()?;
+    let per_template = template_tokens(
+        &tokenizer,
+        &spec.labels,
+        &spec.templates,
+        &config.text_config,
+        Device::Cpu,
+    )?;
     let emb = label_embeddings(&loaded.model, &per_template)
         .to_kind(Kind::Float)
         .contiguous();

@@ -18,7 +18,7 @@ use crate::model::Clip;
 use crate::optim::{Adam, AdamConfig, LossScaler, LrSchedule};
 use crate::report::{self, EpochMetrics, FinalTest, RunState, Select};
 use crate::weights;
-use crate::zero_shot::{evaluate, label_embeddings, label_tokens};
+use crate::zero_shot::{evaluate, label_embeddings, label_tokens, template_tokens};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
@@ -305,19 +305,13 @@ pub fn run(
         &model.config.text_config,
         device,
     )?;
-    let eval_tokens: Vec<Tensor> = opts
-        .templates
-        .iter()
-        .map(|t| {
-            label_tokens(
-                inputs.tokenizer,
-                inputs.labels,
-                t,
-                &model.config.text_config,
-                device,
-            )
-        })
-        .collect::<Result<_>>()?;
+    let eval_tokens = template_tokens(
+        inputs.tokenizer,
+        inputs.labels,
+        &opts.templates,
+        &model.config.text_config,
+        device,
+    )?;
     let config_json = serde_json::json!({"options": opts, "model": model.config, "init": inputs.init, "device": crate::device::name(device)});
     runtime::fs::write_atomic(
         &run_dir.join("run.json"),

@@ -410,7 +410,7 @@ pub fn save_checkpoint(
 /// A checkpoint folder for a path a user hands over: a checkpoint itself, or a training run
 /// folder (`run.json`), which means the run's selected checkpoint (its `best.json`).
 pub fn resolve_checkpoint(path: &Path) -> Result<PathBuf> {
-    if path.join(CONFIG).is_file() || !path.join("run.json").is_file() {
+    if path.join(CONFIG).is_file() || !runtime::fs::OutputKind::Run.is_in(path) {
         return Ok(path.to_path_buf());
     }
     let best = path.join("best.json");
@@ -442,7 +442,7 @@ pub fn checkpoint_config(dir: &Path) -> Result<ClipConfig> {
             reason: "not a checkpoint folder (config.json + model.safetensors)".into(),
         });
     }
-    if !dir.join(CONFIG).exists() && dir.join(runtime::bundle::MANIFEST).is_file() {
+    if !dir.join(CONFIG).exists() && runtime::fs::OutputKind::Bundle.is_in(dir) {
         return Err(Error::Checkpoint {
             path: dir.to_path_buf(),
             reason: "is a model bundle (ONNX), not a checkpoint: training and export start from the checkpoint it was exported from (trainer init makes one)".into(),

@@ -36,6 +36,20 @@ pub fn label_tokens(
         .to_device(device))
 }
 
+/// [`label_tokens`] of every template, in order (what [`label_embeddings`] averages).
+pub fn template_tokens(
+    tokenizer: &ClipTokenizer,
+    labels: &[Label],
+    templates: &[String],
+    text: &crate::model::TextConfig,
+    device: Device,
+) -> Result<Vec<Tensor>> {
+    templates
+        .iter()
+        .map(|t| label_tokens(tokenizer, labels, t, text, device))
+        .collect()
+}
+
 /// Normalised label embeddings `[labels, D]`, templates averaged after normalising.
 pub fn label_embeddings(model: &Clip, per_template: &[Tensor]) -> Tensor {
     tch::no_grad(|| {

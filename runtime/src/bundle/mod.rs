@@ -139,13 +139,16 @@ impl Bundle {
         if !dir.is_dir() {
             return Err(Error::bundle(dir, "is not a folder"));
         }
-        // What the trainer writes, handed over where a bundle is expected.
-        let trainer_folders = [
-            ("model.safetensors", "a training checkpoint"),
-            ("run.json", "a training run"),
-        ];
-        for (marker, what) in trainer_folders {
-            if !manifest_path.exists() && dir.join(marker).is_file() {
+        // What the trainer writes (or an HF weights folder), handed over where a bundle is expected.
+        if !manifest_path.exists() {
+            let what = if fs::OutputKind::Run.is_in(dir) {
+                Some("a training run")
+            } else if dir.join("model.safetensors").is_file() {
+                Some("a training checkpoint")
+            } else {
+                None
+            };
+            if let Some(what) = what {
                 return Err(Error::bundle(
                     dir,
                     format!(

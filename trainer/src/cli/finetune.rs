@@ -384,11 +384,7 @@ fn run_folder(a: &FinetuneArgs, dataset: &str) -> Result<PathBuf> {
     }
     if a.force && !a.resume && kind.is_in(&dir) {
         // Start over: the old run (made by this tool, recognised by its run.json) goes as a whole.
-        let aside = runtime::fs::parent_of(&dir).join(format!(
-            ".{}.replaced-{}",
-            dir.file_name().unwrap_or_default().to_string_lossy(),
-            std::process::id()
-        ));
+        let aside = runtime::fs::Sidecar::Replaced.of(&dir);
         std::fs::rename(&dir, &aside).map_err(|e| Error::io(&dir, e))?;
         std::fs::remove_dir_all(&aside).map_err(|e| Error::io(&aside, e))?;
     }

@@ -39,20 +39,13 @@ pub fn predict(a: &PredictArgs) -> Result<bool> {
     let loaded = weights::load(&checkpoint, device)?;
     let (tok_bytes, tok_path) = export::checkpoint_tokenizer(&checkpoint)?;
     let tokenizer = ClipTokenizer::from_bytes(&tok_bytes, &tok_path)?;
-    let per_template = a
-        .scoring
-        .templates()
-        .iter()
-        .map(|t| {
-            zero_shot::label_tokens(
-                &tokenizer,
-                &labels,
-                t,
-                &loaded.model.config.text_config,
-                device,
-            )
-        })
-        .collect::<Result<Vec<_>>>()?;
+    let per_template = zero_shot::template_tokens(
+        &tokenizer,
+        &labels,
+        &a.scoring.templates(),
+        &loaded.model.config.text_config,
+        device,
+    )?;
     let emb = zero_shot::label_embeddings(&loaded.model, &per_template);
     let scale = loaded.model.logit_scale.exp().double_value(&[]);
     let s = loaded.model.config.vision_config.image_size as u32;
