@@ -25,6 +25,11 @@ pub struct VisionConfig {
     /// its attention pooling; `patch_size` and `intermediate_size` are unused. Absent: a ViT.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub resnet_layers: Option<Vec<i64>>,
+    /// Test-time flip averaging: in inference the embedding is the mean of the L2-normalised
+    /// embeddings of the image and its left-right mirror (both in one batch). Not HF's; the
+    /// exported graph does the same, so a bundle needs nothing else to know of it.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub test_time_flip: bool,
 }
 
 impl Default for VisionConfig {
@@ -39,6 +44,7 @@ impl Default for VisionConfig {
             layer_norm_eps: 1e-5,
             hidden_act: "quick_gelu".into(),
             resnet_layers: None,
+            test_time_flip: false,
         }
     }
 }
@@ -707,8 +713,20 @@ impl Clip {
     }
 
     /// As [`image_features`](Self::image_features); `train` makes batch norms use and update batch
-    /// statistics (ResNet towers; a ViT has none).
+    /// statistics (ResNet towers; a ViT has none). In inference with `test_time_flip`, the mean of
+    /// the normalised embeddings of the image and its mirror.
     pub fn image_features_t(&self, pixels: &Tensor, train: bool) -> Tensor {
+        if train || !self.config.vision_config.test_time_flip {
+            return self.tower_features(pixels, train);
+        }
+        let b = pixels.size()[0];
+        let both = Tensor::cat(&[pixels.shallow_clone(), pixels.flip([3])], 0);
+        let e = normalize(&self.tower_features(&both, false));
+        (e.narrow(0, 0, b) + e.narrow(0, b, b)) * 0.5
+    }
+
+    /// The image tower and projection on `pixels` as they are.
+    fn tower_features(&self, pixels: &Tensor, train: bool) -> Tensor {
         let v = match &self.vision {
             ImageTower::Vit(v) => v,
             ImageTower::ResNet(r) => return r.forward_t(pixels, train),

@@ -74,6 +74,9 @@ pub struct TrainOptions {
     /// the model never looks at them).
     #[serde(default)]
     pub monitor_test: bool,
+    /// Validation and test (and the saved model: its config, hence the export) average each
+    /// image's embedding with its mirror's (`model::VisionConfig::test_time_flip`).
+    pub test_time_flip: bool,
 }
 
 fn no_augment() -> Augment {
@@ -106,6 +109,7 @@ impl Default for TrainOptions {
             select: Select::Last,
             balanced: false,
             monitor_test: false,
+            test_time_flip: false,
         }
     }
 }
@@ -264,7 +268,8 @@ pub fn run(
         );
     }
     let loaded = weights::load(&source, device)?;
-    let (vs, model) = (loaded.vs, loaded.model);
+    let (vs, mut model) = (loaded.vs, loaded.model);
+    model.config.vision_config.test_time_flip = opts.test_time_flip;
     let mut state = if start > 0 {
         let path = source.join("state.json");
         let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;

@@ -351,3 +351,64 @@ fn resnet_checkpoint_round_trip_and_export() {
     let (ours, _) = image.embed_pixels(&[2, 3, 96, 96], &flat).unwrap();
     assert!(max_diff(&ours, &a) <= 1e-4, "{}", max_diff(&ours, &a));
 }
+
+/// Test-time flip averaging (`--test-time-flip`): the embedding of an image equals that of its
+/// mirror, the plain model's does not, and the exported graph gives the tch figures (ViT and
+/// ResNet towers).
+#[test]
+fn test_time_flip_is_mirror_invariant_and_exported() {
+    for preset in ["tiny", "rn-tiny"] {
+        let dir_tmp = tmp("export-flip");
+        let ck = dir_tmp.path().join("init");
+        let out = Command::new(env!("CARGO_BIN_EXE_trainer"))
+            .args(["init", "--config", preset, "--seed", "5", "--out"])
+            .arg(&ck)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let mut m = weights::load(&ck, Device::Cpu).unwrap();
+        let s = m.model.config.vision_config.image_size;
+        let px = Tensor::randn([3, 3, s, s], (Kind::Float, Device::Cpu));
+        let mirrored = px.flip([3]);
+        let features = |model: &trainer::model::Clip, x: &Tensor| -> Vec<f32> {
+            let e = tch::no_grad(|| trainer::model::normalize(&model.image_features(x)));
+            Vec::<f32>::try_from(e.reshape([-1])).unwrap()
+        };
+        let plain = features(&m.model, &px);
+        assert!(max_diff(&plain, &features(&m.model, &mirrored)) > 1e-3);
+
+        m.model.config.vision_config.test_time_flip = true;
+        let flip = features(&m.model, &px);
+        let diff = max_diff(&flip, &features(&m.model, &mirrored));
+        assert!(
+            diff <= 1e-6,
+            "{preset}: mirror changes the embedding by {diff}"
+        );
+        assert!(max_diff(&flip, &plain) > 1e-3);
+
+        let mut image = Encoder::from_bytes(
+            &onnx::image_encoder(&m.vs, &m.model.config, Precision::Fp32).unwrap(),
+            "image",
+            &cpu(),
+            (None, None),
+        )
+        .unwrap();
+        let flat: Vec<f32> = Vec::<f32>::try_from(px.reshape([-1])).unwrap();
+        let (ours, _) = image
+            .embed_pixels(&[3, 3, s as usize, s as usize], &flat)
+            .unwrap();
+        let exported: Vec<f32> = ours
+            .chunks(ours.len() / 3)
+            .flat_map(|row| {
+                let n = row.iter().map(|v| v * v).sum::<f32>().sqrt();
+                row.iter().map(move |v| v / n)
+            })
+            .collect();
+        let diff = max_diff(&exported, &flip);
+        assert!(diff <= 1e-4, "{preset}: export differs from tch by {diff}");
+    }
+}

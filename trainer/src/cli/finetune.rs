@@ -113,6 +113,11 @@ pub struct FinetuneArgs {
     /// Draw training batches with equal chances per class.
     #[arg(long)]
     pub balanced: bool,
+    /// Score validation and test images (and export the model) as the mean of each image's and
+    /// its left-right mirror's normalised embeddings: true or false [default: true with --recipe
+    /// scratch, else false; `--test-time-flip` alone: true].
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    pub test_time_flip: Option<bool>,
     /// Also score the test images after every epoch (as the reference did; nothing is chosen on
     /// them).
     #[arg(long)]
@@ -205,6 +210,7 @@ struct Settings {
     augment: Augment,
     balanced: bool,
     monitor_test: bool,
+    test_time_flip: bool,
     split: Option<Split>,
 }
 
@@ -225,6 +231,7 @@ fn settings(a: &FinetuneArgs) -> Settings {
         augment: Augment::None,
         balanced: false,
         monitor_test: false,
+        test_time_flip: false,
         split: None,
     };
     let unifesp = a.dataset == DatasetKind::Unifesp;
@@ -252,6 +259,7 @@ fn settings(a: &FinetuneArgs) -> Settings {
             d.optimizer = Optimizer::Adamw;
             d.loss = LossKind::ClassAware;
             d.augment = Augment::Full;
+            d.test_time_flip = true;
             d.split = unifesp.then_some(Split::Reference);
         }
     }
@@ -278,6 +286,7 @@ fn settings(a: &FinetuneArgs) -> Settings {
         augment: a.augment.unwrap_or(d.augment),
         balanced: a.balanced || d.balanced,
         monitor_test: a.monitor_test || d.monitor_test,
+        test_time_flip: a.test_time_flip.unwrap_or(d.test_time_flip),
         split: a.split.or(d.split),
     }
 }
@@ -571,6 +580,7 @@ pub fn finetune(a: &FinetuneArgs) -> Result<Vec<train::RunResult>> {
             select: st.select,
             balanced: st.balanced,
             monitor_test: st.monitor_test,
+            test_time_flip: st.test_time_flip,
         };
         let dir = if st.lr.len() == 1 {
             out.clone()
@@ -616,7 +626,7 @@ pub fn finetune(a: &FinetuneArgs) -> Result<Vec<train::RunResult>> {
             "warmup_epochs": st.warmup_epochs, "epochs": st.epochs, "batch_size": st.batch_size,
             "optimizer": st.optimizer, "weight_decay": st.weight_decay, "betas": [a.beta1, a.beta2],
             "eps": a.eps, "loss": st.loss, "seed": a.seed, "train_template": st.train_template,
-            "augment": st.augment, "balanced": st.balanced, "val": st.val, "select": st.select,
+            "augment": st.augment, "balanced": st.balanced, "test_time_flip": st.test_time_flip, "val": st.val, "select": st.select,
             "selected_epoch": best.test.epoch, "train_images": train_set.len(),
             "val_images": val_set.as_ref().map_or(0, |v| v.len()), "test_images": test_set.len(),
             "device": crate::device::name(device),
@@ -773,6 +783,10 @@ mod tests {
             )
         );
         assert_eq!(st.epochs, SCRATCH_EPOCHS);
+        assert!(st.test_time_flip && !settings(&args(&[])).test_time_flip);
+        let no_flip = ["--recipe", "scratch", "--test-time-flip", "false"];
+        assert!(!settings(&args(&no_flip)).test_time_flip);
+        assert!(settings(&args(&["--test-time-flip"])).test_time_flip);
         assert_eq!(settings(&args(&["--augment"])).augment, Augment::Intensity);
     }
 }

@@ -175,11 +175,19 @@ pub fn image_encoder(
     let v = &config.vision_config;
     let mut b = Builder::new(&weights, precision);
     let x = b.cast_to_compute(IMAGE_INPUT);
+    let x = if v.test_time_flip {
+        b.with_mirror(&x)
+    } else {
+        x
+    };
     let out = match &v.resnet_layers {
         Some(layers) => b.resnet(&x, v, layers)?,
         None => b.vit(&x, v)?,
     };
-    let out = b.cast_to_f32(&out);
+    let mut out = b.cast_to_f32(&out);
+    if v.test_time_flip {
+        out = b.mirror_average(&out, config.projection_dim);
+    }
     let s = v.image_size;
     let model = b.finish(
         "image_encoder",
@@ -199,6 +207,48 @@ pub fn image_encoder(
 }
 
 impl Builder<'_> {
+    /// `[x; x mirrored left-right]` along the batch (test-time flip averaging).
+    fn with_mirror(&mut self, x: &str) -> String {
+        let last = self.i64_const("last", &[-1]);
+        let before_first = self.i64_const("before_first", &[i64::MIN]);
+        let width_axis = self.i64_const("width_axis", &[3]);
+        let backwards = self.i64_const("backwards", &[-1]);
+        let mirrored = self.node(
+            "Slice",
+            &[x, &last, &before_first, &width_axis, &backwards],
+            vec![],
+            "mirrored",
+        );
+        self.node(
+            "Concat",
+            &[x, &mirrored],
+            vec![attr_int("axis", 0)],
+            "with_mirror",
+        )
+    }
+
+    /// The mean of the L2-normalised embeddings of the two halves of the batch made by
+    /// [`with_mirror`](Self::with_mirror), as `model::Clip::image_features` (norm clamped at 1e-12).
+    fn mirror_average(&mut self, e: &str, dim: i64) -> String {
+        let norm = self.node(
+            "ReduceL2",
+            &[e],
+            vec![attr_ints("axes", &[-1]), attr_int("keepdims", 1)],
+            "norm",
+        );
+        let eps = self.f32_const("norm_eps", &[1e-12]);
+        let norm = self.node("Max", &[&norm, &eps], vec![], "norm");
+        let unit = self.node("Div", &[e, &norm], vec![], "unit");
+        let halves = self.i64_const("two_halves", &[2, -1, dim]);
+        let halves = self.node("Reshape", &[&unit, &halves], vec![], "halves");
+        self.node(
+            "ReduceMean",
+            &[&halves],
+            vec![attr_ints("axes", &[0]), attr_int("keepdims", 0)],
+            "mirror_mean",
+        )
+    }
+
     /// The ViT image tower (HF names) up to the projected class token.
     fn vit(&mut self, x: &str, v: &crate::model::VisionConfig) -> Result<String> {
         let b = self;

@@ -154,6 +154,20 @@ impl<'a> Builder<'a> {
         name
     }
 
+    /// An f32 constant whatever the graph's precision (for the f32 part after the encoder).
+    pub(crate) fn f32_const(&mut self, hint: &str, values: &[f32]) -> String {
+        let name = self.fresh(hint);
+        let raw = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        self.inits.push(TensorProto {
+            name: name.clone(),
+            dims: vec![values.len() as i64],
+            data_type: DataType::Float as i32,
+            raw_data: raw,
+            ..Default::default()
+        });
+        name
+    }
+
     pub(crate) fn float_scalar(&mut self, hint: &str, v: f32) -> Result<String> {
         let name = self.fresh(hint);
         self.float_init(&name, &Tensor::from_slice(&[v]).reshape([1]))
