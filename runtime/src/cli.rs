@@ -160,70 +160,135 @@ pub fn top_k(requested: usize, labels: usize) -> usize {
     requested.min(labels)
 }
 
+/// Images per encoder call and decoder threads (`classify`, `runtime eval`).
+#[derive(Debug, Clone, Args)]
+pub struct BatchArgs {
+    /// Images per encoder call.
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..))]
+    pub batch_size: u16,
+    /// Threads that decode and preprocess images beside the encoder [default: one per core].
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
+    pub workers: Option<u16>,
+}
+
+impl BatchArgs {
+    pub fn pipeline(&self, progress: bool) -> pipeline::PipelineOptions {
+        pipeline::PipelineOptions {
+            batch_size: self.batch_size as usize,
+            workers: self
+                .workers
+                .map_or_else(pipeline::default_workers, |w| w as usize),
+            progress,
+        }
+    }
+}
+
 /// Prints one line per image, as `classify` does: a table (file, then the `k` best labels and
-/// their probabilities), or JSON lines with `--json` (a file that failed gets `"error"`).
-pub struct ResultPrinter {
+/// their probabilities), or JSON lines with `--json` (a file that failed gets `"error"`), to
+/// stdout or a file. The table's file column is as wide as the longest name seen so far (results
+/// are printed as they come).
+pub struct ResultPrinter<W: std::io::Write = std::io::Stdout> {
     pub json: bool,
     pub k: usize,
     /// Width of the file column.
     pub width: usize,
+    out: W,
+    header_done: bool,
 }
 
 impl ResultPrinter {
+    /// To stdout, the file column as wide as the longest of `files`.
     pub fn new(json: bool, k: usize, files: &[PathBuf]) -> ResultPrinter {
-        let width = files
-            .iter()
-            .map(|f| show_path(f).chars().count())
-            .max()
-            .unwrap_or(0)
-            .max(4);
-        ResultPrinter { json, k, width }
+        let mut p = ResultPrinter::to(json, k, std::io::stdout());
+        p.widen(files.iter().map(PathBuf::as_path));
+        p
     }
+}
 
-    /// The table's header line (nothing for JSON).
-    pub fn header(&self) {
-        if !self.json {
-            println!(
-                "{:<width$}  {}",
-                "file",
-                (1..=self.k)
-                    .map(|i| format!("{:<28}", format!("top-{i}")))
-                    .collect::<String>()
-                    .trim_end(),
-                width = self.width
-            );
+impl<W: std::io::Write> ResultPrinter<W> {
+    pub fn to(json: bool, k: usize, out: W) -> ResultPrinter<W> {
+        ResultPrinter {
+            json,
+            k,
+            width: 4,
+            out,
+            header_done: false,
         }
     }
 
-    pub fn scores(&self, file: &Path, model: &str, labels: &[Label], probs: &[f32]) {
+    /// Makes the file column at least as wide as these names.
+    pub fn widen<'a>(&mut self, files: impl Iterator<Item = &'a Path>) {
+        for f in files {
+            self.width = self.width.max(show_path(f).chars().count());
+        }
+    }
+
+    /// The table's header line, once, before the first row (nothing for JSON).
+    fn header(&mut self) -> std::io::Result<()> {
+        if self.json || self.header_done {
+            return Ok(());
+        }
+        self.header_done = true;
+        writeln!(
+            self.out,
+            "{:<width$}  {}",
+            "file",
+            (1..=self.k)
+                .map(|i| format!("{:<28}", format!("top-{i}")))
+                .collect::<String>()
+                .trim_end(),
+            width = self.width
+        )
+    }
+
+    pub fn scores(
+        &mut self,
+        file: &Path,
+        model: &str,
+        labels: &[Label],
+        probs: &[f32],
+    ) -> std::io::Result<()> {
         if self.json {
-            println!(
+            return writeln!(
+                self.out,
                 "{}",
                 crate::scoring::json_line(&show_path(file), model, labels, probs, self.k)
             );
-        } else {
-            let cells: String = crate::scoring::top_k(probs, self.k)
-                .iter()
-                .map(|&i| format!("{:<28}", format!("{} {:.4}", labels[i].name, probs[i])))
-                .collect();
-            println!(
-                "{:<width$}  {}",
-                show_path(file),
-                cells.trim_end(),
-                width = self.width
-            );
         }
+        self.header()?;
+        let cells: String = crate::scoring::top_k(probs, self.k)
+            .iter()
+            .map(|&i| format!("{:<28}", format!("{} {:.4}", labels[i].name, probs[i])))
+            .collect();
+        writeln!(
+            self.out,
+            "{:<width$}  {}",
+            show_path(file),
+            cells.trim_end(),
+            width = self.width
+        )
     }
 
     /// A file that could not be classified: on stderr, and as a JSON line with `--json`.
-    pub fn error(&self, file: &str, e: &dyn std::fmt::Display) {
+    pub fn error(&mut self, file: &str, e: &dyn std::fmt::Display) -> std::io::Result<()> {
+        eprintln!("error: {e}");
         if self.json {
-            println!(
+            writeln!(
+                self.out,
                 "{}",
                 serde_json::json!({"file": file, "error": e.to_string()})
-            );
+            )?;
         }
-        eprintln!("error: {e}");
+        Ok(())
+    }
+
+    pub fn flush(&mut self) -> std::io::Result<()> {
+        self.out.flush()
+    }
+
+    /// The output, to finish it.
+    pub fn into_inner(self) -> W {
+        self.out
     }
 }
 

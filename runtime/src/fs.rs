@@ -413,3 +413,116 @@ mod tests {
         assert_eq!(std::fs::read_dir(tmp.path()).unwrap().count(), 1);
     }
 }
+
+/// How [`StreamedFile::open`] treats its path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StreamMode {
+    /// A new file; an existing one is an error (nothing is replaced unasked).
+    Create,
+    /// Continue a file of results (`--skip-done` on the same file), after ending the line a
+    /// killed run may have left half written, so that line stays one bad line and no result is
+    /// glued to it.
+    Append,
+    /// Replace an existing file (`--force`): written beside it and renamed over it at
+    /// [`finish`](StreamedFile::finish), so the old file stays whole until the new one is.
+    Replace,
+}
+
+/// A file of results written as they come (`classify --out`), flushed after every batch so a
+/// killed run keeps what it finished.
+pub struct StreamedFile {
+    file: std::io::BufWriter<std::fs::File>,
+    target: PathBuf,
+    /// Set with [`StreamMode::Replace`]: the sidecar being written.
+    tmp: Option<PathBuf>,
+}
+
+impl StreamedFile {
+    pub fn open(path: &Path, mode: StreamMode) -> Result<StreamedFile> {
+        if path.is_dir() {
+            return Err(Error::OutputConflict {
+                path: path.to_path_buf(),
+                reason: "is a folder; give a file name".into(),
+            });
+        }
+        let io = |e| Error::io(path, e);
+        let mut options = std::fs::OpenOptions::new();
+        let (file, tmp) = match mode {
+            StreamMode::Create => (
+                options.write(true).create_new(true).open(path).map_err(|e| {
+                    if e.kind() == std::io::ErrorKind::AlreadyExists {
+                        Error::OutputConflict {
+                            path: path.to_path_buf(),
+                            reason: "exists; pass --force to replace it, or --skip-done with the same file to continue it".into(),
+                        }
+                    } else {
+                        io(e)
+                    }
+                })?,
+                None,
+            ),
+            StreamMode::Append => {
+                let mut f = options
+                    .read(true)
+                    .append(true)
+                    .create(true)
+                    .open(path)
+                    .map_err(io)?;
+                let len = f.metadata().map_err(io)?.len();
+                if len > 0 {
+                    use std::io::{Read, Seek, SeekFrom};
+                    let mut last = [0u8; 1];
+                    f.seek(SeekFrom::Start(len - 1)).map_err(io)?;
+                    f.read_exact(&mut last).map_err(io)?;
+                    if last[0] != b'\n' {
+                        f.write_all(b"\n").map_err(io)?;
+                    }
+                }
+                (f, None)
+            }
+            StreamMode::Replace => {
+                let tmp = Sidecar::Tmp.of(path);
+                let f = std::fs::File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
+                (f, Some(tmp))
+            }
+        };
+        Ok(StreamedFile {
+            file: std::io::BufWriter::new(file),
+            target: path.to_path_buf(),
+            tmp,
+        })
+    }
+
+    /// Flushes, syncs and (for a replacement) renames over the target.
+    pub fn finish(mut self) -> Result<()> {
+        let target = self.target.clone();
+        self.file.flush().map_err(|e| Error::io(&target, e))?;
+        self.file
+            .get_ref()
+            .sync_all()
+            .map_err(|e| Error::io(&target, e))?;
+        if let Some(tmp) = self.tmp.take() {
+            std::fs::rename(&tmp, &target).map_err(|e| Error::io(&target, e))?;
+        }
+        Ok(())
+    }
+}
+
+impl Write for StreamedFile {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.file.write(buf)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.file.flush()
+    }
+}
+
+impl Drop for StreamedFile {
+    /// An unfinished replacement leaves the old file as it was.
+    fn drop(&mut self) {
+        if let Some(tmp) = self.tmp.take() {
+            let _ = std::fs::remove_file(tmp);
+        }
+    }
+}

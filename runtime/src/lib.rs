@@ -15,6 +15,7 @@ pub mod eval;
 pub mod fs;
 pub mod image;
 pub mod scoring;
+pub mod selection;
 pub mod text;
 
 #[cfg(feature = "cli")]

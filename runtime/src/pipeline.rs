@@ -4,6 +4,8 @@
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
+use crate::image::files::Listed;
+
 use crate::engine::{Encoder, Engine};
 use crate::error::{Error, Result};
 use crate::image::decode;
@@ -13,7 +15,7 @@ use crate::text::labels::Label;
 use crate::text::prompts;
 use crate::text::tokenizer::{ClipTokenizer, Padding};
 
-pub use crate::image::files::{collect_files, IMAGE_EXTENSIONS};
+pub use crate::image::files::{collect_files, list, IMAGE_EXTENSIONS};
 
 /// Decodes and preprocesses one file. A panic inside a decoder (a bug there, met by a hostile file)
 /// becomes this file's error instead of ending the run.
@@ -56,105 +58,237 @@ impl Default for PipelineOptions {
     fn default() -> Self {
         PipelineOptions {
             batch_size: 16,
-            workers: 1,
+            workers: default_workers(),
             progress: false,
         }
     }
 }
 
-/// Image embeddings (not normalised) of every file, in input order; a file that cannot be read gets
-/// its error and does not stop the others.
+/// Decoder threads by default: one per core (decoding runs beside the encoder, which waits for
+/// whole batches).
+pub fn default_workers() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+}
+
+/// One input's outcome: its path and its image embedding (not normalised) or why it has none.
+pub type Embedded = (PathBuf, Result<Vec<f32>>);
+
+/// Image embeddings of every file, in input order; a file that cannot be read gets its error and
+/// does not stop the others ([`embed_stream`] collected).
 pub fn embed_files(
     engine: &mut Engine,
     files: &[PathBuf],
     opts: &PipelineOptions,
 ) -> Vec<Result<Vec<f32>>> {
+    let bar = progress_bar(Some(files.len() as u64), opts.progress);
+    let mut out = Vec::with_capacity(files.len());
+    let listing = || files.iter().cloned().map(Ok);
+    let quiet = PipelineOptions {
+        progress: false,
+        ..opts.clone()
+    };
+    let done = embed_stream(engine, listing, &quiet, |batch| {
+        bar.inc(batch.len() as u64);
+        out.extend(batch.into_iter().map(|(_, r)| r));
+        Ok(())
+    });
+    bar.finish_and_clear();
+    // Collecting cannot fail; were a result missing all the same, its file says so.
+    let missing = done.err().map(|e| e.to_string());
+    for path in &files[out.len()..] {
+        out.push(Err(Error::Inference {
+            context: path.display().to_string(),
+            reason: missing.clone().unwrap_or_else(|| "no result".into()),
+        }));
+    }
+    out
+}
+
+/// Embeds the files of a listing with memory that does not grow with their number: the listing
+/// runs on its own thread (`listing` makes it there, so it need not be `Send`: stdin), decoding
+/// and preprocessing on `workers` threads beside the encoder, and each run of finished results
+/// goes to `emit` in input order as soon as all before it are done. At most a few batches are in
+/// flight. A file that cannot be read gets its error and does not stop the others; an error from
+/// `emit` (the output is gone) stops the run and is returned.
+pub fn embed_stream<L, I>(
+    engine: &mut Engine,
+    listing: L,
+    opts: &PipelineOptions,
+    mut emit: impl FnMut(Vec<Embedded>) -> Result<()>,
+) -> Result<()>
+where
+    L: FnOnce() -> I + Send,
+    I: Iterator<Item = Listed>,
+{
     let cfg = engine.bundle.manifest.preprocessing.clone();
     let batch_size = opts.batch_size.max(1);
-    let workers = opts.workers.max(1).min(files.len().max(1));
-    let mut results: Vec<Option<Result<Vec<f32>>>> = (0..files.len()).map(|_| None).collect();
-    let next = AtomicUsize::new(0);
-    let bar = progress_bar(files.len() as u64, opts.progress);
-    std::thread::scope(|scope| {
-        let (tx, rx) = crossbeam_channel::bounded::<(usize, Result<Vec<f32>>)>(batch_size * 2);
-        for _ in 0..workers {
-            let tx = tx.clone();
-            let (next, cfg) = (&next, &cfg);
-            scope.spawn(move || loop {
-                let i = next.fetch_add(1, Ordering::Relaxed);
-                if i >= files.len() || tx.send((i, load_tensor(&files[i], cfg))).is_err() {
+    let workers = opts.workers.max(1);
+    // Inputs handed out and not yet emitted; the listing waits for a credit before each one.
+    let window = batch_size * 4 + workers;
+    let issued = AtomicUsize::new(0);
+    let bar = progress_bar(None, opts.progress);
+    let result = std::thread::scope(|scope| {
+        let (credit_tx, credit_rx) = crossbeam_channel::bounded::<()>(window);
+        for _ in 0..window {
+            credit_tx.send(()).expect("room for every credit");
+        }
+        let (work_tx, work_rx) = crossbeam_channel::bounded::<(usize, Listed)>(window);
+        let (done_tx, done_rx) =
+            crossbeam_channel::bounded::<(usize, PathBuf, Result<Vec<f32>>)>(window);
+        let issued = &issued;
+        scope.spawn(move || {
+            for (seq, item) in listing().enumerate() {
+                if credit_rx.recv().is_err() {
                     break;
+                }
+                issued.store(seq + 1, Ordering::Release);
+                if work_tx.send((seq, item)).is_err() {
+                    break;
+                }
+            }
+        });
+        for _ in 0..workers {
+            let (work_rx, done_tx, cfg) = (work_rx.clone(), done_tx.clone(), &cfg);
+            scope.spawn(move || {
+                for (seq, item) in work_rx {
+                    let (path, tensor) = match item {
+                        Ok(path) => {
+                            let t = load_tensor(&path, cfg);
+                            (path, t)
+                        }
+                        Err(unlisted) => {
+                            let (path, e) = *unlisted;
+                            (path, Err(e))
+                        }
+                    };
+                    if done_tx.send((seq, path, tensor)).is_err() {
+                        break;
+                    }
                 }
             });
         }
-        drop(tx);
-        let mut pending: Vec<(usize, Vec<f32>)> = Vec::with_capacity(batch_size);
-        let mut flush = |pending: &mut Vec<(usize, Vec<f32>)>,
-                         results: &mut Vec<Option<Result<Vec<f32>>>>| {
-            if pending.is_empty() {
-                return;
-            }
-            let pixels: Vec<f32> = pending
-                .iter()
-                .flat_map(|(_, t)| t.iter().copied())
-                .collect();
-            match engine.embed_images(&pixels, pending.len()) {
-                Ok(emb) => {
-                    let dim = emb.len() / pending.len();
-                    for ((i, _), e) in pending.iter().zip(emb.chunks_exact(dim)) {
-                        results[*i] = Some(Ok(e.to_vec()));
+        drop((work_rx, done_tx));
+        let mut order = Reorder::default();
+        let mut pending: Vec<(usize, PathBuf, Vec<f32>)> = Vec::with_capacity(batch_size);
+        let mut received = 0;
+        let outcome = loop {
+            let message = match done_rx.try_recv() {
+                Ok(m) => Some(m),
+                Err(crossbeam_channel::TryRecvError::Disconnected) => None,
+                Err(crossbeam_channel::TryRecvError::Empty) => {
+                    // Everything handed out is here: encode what waits rather than wait for more.
+                    if !pending.is_empty() && received == issued.load(Ordering::Acquire) {
+                        encode_batch(engine, &mut pending, &mut order);
+                        if let Err(e) = order.emit(&mut emit, &credit_tx, &bar) {
+                            break Err(e);
+                        }
+                        continue;
                     }
+                    done_rx.recv().ok()
                 }
-                // One bad input must not fail its batch: retry file by file, so only it fails.
-                Err(_) => {
-                    for (i, t) in pending.iter() {
-                        results[*i] =
-                            Some(engine.embed_images(t, 1).map_err(|e| Error::Inference {
-                                context: files[*i].display().to_string(),
-                                reason: e.to_string(),
-                            }));
-                    }
-                }
-            }
-            bar.inc(pending.len() as u64);
-            pending.clear();
-        };
-        for (i, tensor) in rx {
+            };
+            let Some((seq, path, tensor)) = message else {
+                encode_batch(engine, &mut pending, &mut order);
+                break order.emit(&mut emit, &credit_tx, &bar);
+            };
+            received += 1;
             match tensor {
-                Ok(t) => {
-                    pending.push((i, t));
-                    if pending.len() == batch_size {
-                        flush(&mut pending, &mut results);
-                    }
-                }
-                Err(e) => {
-                    results[i] = Some(Err(e));
-                    bar.inc(1);
-                }
+                Ok(t) => pending.push((seq, path, t)),
+                Err(e) => order.put(seq, (path, Err(e))),
             }
-        }
-        flush(&mut pending, &mut results);
+            if pending.len() >= batch_size {
+                encode_batch(engine, &mut pending, &mut order);
+            }
+            if let Err(e) = order.emit(&mut emit, &credit_tx, &bar) {
+                break Err(e);
+            }
+        };
+        // Stops the listing and the decoders if the run ended early (they see closed channels).
+        drop((done_rx, credit_tx));
+        outcome
     });
     bar.finish_and_clear();
-    results
-        .into_iter()
-        .zip(files)
-        .map(|(r, path)| {
-            r.unwrap_or_else(|| {
-                Err(Error::Inference {
-                    context: path.display().to_string(),
-                    reason: "no result (a decoder thread stopped)".into(),
-                })
-            })
-        })
-        .collect()
+    result
 }
 
-fn progress_bar(len: u64, show: bool) -> indicatif::ProgressBar {
-    if show {
-        crate::progress::bar(len, "images")
-    } else {
-        indicatif::ProgressBar::hidden()
+/// Finished results waiting for those before them.
+#[derive(Default)]
+struct Reorder {
+    next: usize,
+    ready: std::collections::BTreeMap<usize, Embedded>,
+}
+
+impl Reorder {
+    fn put(&mut self, seq: usize, item: Embedded) {
+        self.ready.insert(seq, item);
+    }
+
+    /// Hands the run of consecutive finished results to `emit`, and their credits back.
+    fn emit(
+        &mut self,
+        emit: &mut impl FnMut(Vec<Embedded>) -> Result<()>,
+        credits: &crossbeam_channel::Sender<()>,
+        bar: &indicatif::ProgressBar,
+    ) -> Result<()> {
+        let mut run = Vec::new();
+        while let Some(item) = self.ready.remove(&self.next) {
+            run.push(item);
+            self.next += 1;
+        }
+        if run.is_empty() {
+            return Ok(());
+        }
+        let n = run.len();
+        bar.suspend(|| emit(run))?;
+        bar.inc(n as u64);
+        for _ in 0..n {
+            // Credits are never more than the channel holds; the listing may have ended.
+            let _ = credits.try_send(());
+        }
+        Ok(())
+    }
+}
+
+/// Runs the encoder on the decoded images waiting in `pending`; a batch that fails is retried file
+/// by file, so only the bad input fails.
+fn encode_batch(
+    engine: &mut Engine,
+    pending: &mut Vec<(usize, PathBuf, Vec<f32>)>,
+    order: &mut Reorder,
+) {
+    if pending.is_empty() {
+        return;
+    }
+    let pixels: Vec<f32> = pending
+        .iter()
+        .flat_map(|(_, _, t)| t.iter().copied())
+        .collect();
+    match engine.embed_images(&pixels, pending.len()) {
+        Ok(emb) => {
+            let dim = emb.len() / pending.len();
+            for ((seq, path, _), e) in pending.drain(..).zip(emb.chunks_exact(dim)) {
+                order.put(seq, (path, Ok(e.to_vec())));
+            }
+        }
+        Err(_) => {
+            for (seq, path, t) in pending.drain(..) {
+                let r = engine.embed_images(&t, 1).map_err(|e| Error::Inference {
+                    context: path.display().to_string(),
+                    reason: e.to_string(),
+                });
+                order.put(seq, (path, r));
+            }
+        }
+    }
+}
+
+fn progress_bar(len: Option<u64>, show: bool) -> indicatif::ProgressBar {
+    match (show, len) {
+        (false, _) => indicatif::ProgressBar::hidden(),
+        (true, Some(len)) => crate::progress::bar(len, "images"),
+        (true, None) => crate::progress::counter("images"),
     }
 }
 

@@ -13,3 +13,14 @@ pub fn bar(len: u64, message: &str) -> ProgressBar {
     bar.set_message(message.to_string());
     bar
 }
+
+/// A counter for a job of unknown length (a streamed listing): how many, how fast.
+pub fn counter(message: &str) -> ProgressBar {
+    let bar = ProgressBar::new_spinner();
+    bar.set_style(
+        ProgressStyle::with_template("{msg:<24} {spinner} {pos} {per_sec}")
+            .expect("valid template"),
+    );
+    bar.set_message(message.to_string());
+    bar
+}

@@ -4,6 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
+use runtime::bundle::quantize;
 use runtime::bundle::{
     self, Bundle, BundleLabel, BundleWriter, Manifest, Provenance, FORMAT_VERSION,
 };
@@ -77,7 +78,11 @@ pub fn export(spec: ExportSpec, out: &Path, force: bool) -> Result<Bundle> {
         .contiguous();
     let emb: Vec<f32> = Vec::<f32>::try_from(emb.reshape([-1])).map_err(Error::Torch)?;
     let logit_scale = loaded.model.logit_scale.exp().double_value(&[]) as f32;
-    let image = onnx::image_encoder(&loaded.vs, config, spec.precision)?;
+    let (image, image_stats) = encoder(
+        |p| onnx::image_encoder(&loaded.vs, config, p),
+        spec.precision,
+        "image_encoder.onnx",
+    )?;
     let s = config.vision_config.image_size as u32;
     let labels = BundleLabel::fill_all(&spec.labels, &spec.templates)?;
     let mut provenance = spec.provenance;
@@ -100,7 +105,27 @@ pub fn export(spec: ExportSpec, out: &Path, force: bool) -> Result<Bundle> {
         },
         files: Default::default(),
         provenance,
+        quantization: None,
     };
+    let mut text = None;
+    if !spec.without_text_encoder {
+        text = Some(encoder(
+            |p| onnx::text_encoder(&loaded.vs, config, p),
+            spec.precision,
+            "text_encoder.onnx",
+        )?);
+    }
+    let mut manifest = manifest;
+    if let Some(stats) = image_stats {
+        manifest.quantization = Some(runtime::bundle::quantization::Quantization {
+            precision: "int8".into(),
+            scheme: quantize::scheme(stats.weight_max),
+            source: format!("trainer export of {}", spec.checkpoint.display()),
+            image_encoder: stats,
+            text_encoder: text.as_ref().and_then(|(_, s)| s.clone()),
+            check: None,
+        });
+    }
     let mut w = BundleWriter::create(out, manifest, force)?;
     w.add_file(
         bundle::IMAGE_ENCODER,
@@ -108,8 +133,7 @@ pub fn export(spec: ExportSpec, out: &Path, force: bool) -> Result<Bundle> {
         &image,
         Some((onnx::IMAGE_INPUT, onnx::IMAGE_OUTPUT)),
     )?;
-    if !spec.without_text_encoder {
-        let text = onnx::text_encoder(&loaded.vs, config, spec.precision)?;
+    if let Some((text, _)) = text {
         w.add_file(
             bundle::TEXT_ENCODER,
             "text_encoder.onnx",
@@ -120,4 +144,24 @@ pub fn export(spec: ExportSpec, out: &Path, force: bool) -> Result<Bundle> {
     }
     w.add_label_embeddings(&emb)?;
     Ok(w.finish()?)
+}
+
+/// One encoder's graph in `precision`: int8 is the fp32 graph quantized (with what was quantized).
+fn encoder(
+    build: impl Fn(Precision) -> Result<Vec<u8>>,
+    precision: Precision,
+    name: &str,
+) -> Result<(
+    Vec<u8>,
+    Option<runtime::bundle::quantization::QuantizeStats>,
+)> {
+    if precision != Precision::Int8 {
+        return Ok((build(precision)?, None));
+    }
+    let (bytes, stats) = quantize::quantize_model(
+        &build(Precision::Fp32)?,
+        Path::new(name),
+        quantize::QuantizeOptions::default(),
+    )?;
+    Ok((bytes, Some(stats)))
 }

@@ -103,7 +103,7 @@ fn bundle_passes_onnx_checker_and_python_onnxruntime() {
     let dir_tmp = tmp("export-checker");
     let dir = dir_tmp.path().to_path_buf();
     let ck = init_tiny(&dir, "12");
-    for precision in ["fp32", "fp16"] {
+    for precision in ["fp32", "fp16", "int8"] {
         let out_dir = dir.join(format!("bundle-{precision}"));
         let out = Command::new(env!("CARGO_BIN_EXE_trainer"))
             .args([
@@ -411,4 +411,65 @@ fn test_time_flip_is_mirror_invariant_and_exported() {
         let diff = max_diff(&exported, &flip);
         assert!(diff <= 1e-4, "{preset}: export differs from tch by {diff}");
     }
+}
+
+/// `--precision int8`: the fp32 graphs quantized (int8 weights, run-time activations); close to
+/// the tch forward pass, smaller, and recorded in the manifest.
+#[test]
+fn int8_export_is_close_to_the_tch_forward_pass() {
+    let dir_tmp = tmp("export-int8");
+    let dir = dir_tmp.path().to_path_buf();
+    let ck = init_tiny(&dir, "14");
+    let m = weights::load(&ck, Device::Cpu).unwrap();
+    let mut sizes = Vec::new();
+    for precision in ["fp32", "int8"] {
+        let out_dir = dir.join(precision);
+        let out = Command::new(env!("CARGO_BIN_EXE_trainer"))
+            .args([
+                "export",
+                "--labels",
+                "unifesp",
+                "--precision",
+                precision,
+                "--checkpoint",
+            ])
+            .arg(&ck)
+            .arg("--out")
+            .arg(&out_dir)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let b = runtime::bundle::Bundle::load(&out_dir).unwrap();
+        sizes.push(b.manifest.files["text_encoder"].bytes as f64);
+        assert_eq!(b.manifest.quantization.is_some(), precision == "int8");
+        if precision == "fp32" {
+            continue;
+        }
+        let q = b.manifest.quantization.clone().unwrap();
+        assert!(q.image_encoder.matmuls > 0 && q.text_encoder.unwrap().gathers == 1);
+        tch::manual_seed(6);
+        let pixels = Tensor::randn([4, 3, 224, 224], (Kind::Float, Device::Cpu));
+        let px: Vec<f32> = Vec::<f32>::try_from(pixels.reshape([-1])).unwrap();
+        let mut engine = runtime::engine::Engine::load(b, cpu()).unwrap();
+        let ours = engine.embed_images(&px, 4).unwrap();
+        let theirs = tch::no_grad(|| m.model.image_features(&pixels));
+        let theirs: Vec<f32> = Vec::<f32>::try_from(theirs.reshape([-1])).unwrap();
+        for (a, b) in ours.chunks(16).zip(theirs.chunks(16)) {
+            let dot: f32 = a.iter().zip(b).map(|(x, y)| x * y).sum();
+            let norm = |v: &[f32]| v.iter().map(|x| x * x).sum::<f32>().sqrt();
+            let cosine = dot / (norm(a) * norm(b));
+            assert!(cosine >= 0.99, "int8 vs tch cosine {cosine}");
+        }
+    }
+    // The token table dominates: int8 rows plus an f32 scale per row (16 wide here).
+    assert!(
+        sizes[1] < 0.35 * sizes[0],
+        "text encoder {} -> {} bytes",
+        sizes[0],
+        sizes[1]
+    );
 }

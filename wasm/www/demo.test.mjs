@@ -131,3 +131,28 @@ test("custom labels through the bundle's text encoder equal native classify --la
   assert.equal(await page.isVisible("#custom"), false);
   await p.close();
 });
+
+test("an int8 bundle (runtime quantize) runs in the page as natively", async () => {
+  const bundle = path.join(root, "target/browser-test-int8");
+  execFileSync(runtimeBin, ["quantize", path.join(root, "models/default"), "--out", bundle, "--force"]);
+  const p = await browser.newPage();
+  await p.goto(`http://127.0.0.1:${port}/wasm/www/index.html?bundle=../../target/browser-test-int8/`);
+  await p.waitForFunction(() => window.xrayClip?.ready || window.xrayClip?.error, null, { timeout: 60000 });
+  assert.equal(await p.evaluate(() => window.xrayClip.error), null);
+  for (const file of [png, dicom]) {
+    await p.evaluate(() => { window.xrayClip.last = null; });
+    await p.setInputFiles("#file", file);
+    await p.waitForFunction(() => window.xrayClip.last || window.xrayClip.error, null, { timeout: 60000 });
+    const { last, error } = await p.evaluate(() => ({ last: window.xrayClip.last, error: window.xrayClip.error }));
+    assert.equal(error, null);
+    const out = execFileSync(classifyBin, ["--device", "cpu", "--json", "-k", "100", "--model", bundle, file], { encoding: "utf8" });
+    const expected = Object.fromEntries(JSON.parse(out.trim()).top.map((t) => [t.label, t.probability]));
+    const best = Object.entries(expected).sort((a, b) => b[1] - a[1])[0][0];
+    assert.equal(last.top1, best);
+    let worst = 0;
+    last.labels.forEach((label, i) => { worst = Math.max(worst, Math.abs(last.probabilities[i] - expected[label])); });
+    assert.ok(worst <= 1e-3, `max probability difference ${worst}`);
+    console.log(`int8 bundle: top-1 ${last.top1}, max |diff| vs native ${worst.toExponential(2)}, ${last.ms.toFixed(1)} ms in the page`);
+  }
+  await p.close();
+});

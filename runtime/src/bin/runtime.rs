@@ -1,4 +1,4 @@
-//! `runtime info | tokenize | preprocess | assemble | import | eval | prompts`: inspect, build, evaluate
+//! `runtime info | tokenize | preprocess | assemble | import | quantize | eval | prompts`: inspect, build, evaluate
 //! and adjust model bundles.
 
 use std::path::PathBuf;
@@ -8,7 +8,7 @@ use clap::{Parser, Subcommand};
 use runtime::bundle::assemble::{assemble, AssembleSpec};
 use runtime::bundle::npy;
 use runtime::bundle::{Bundle, BundleLabel, BundleWriter, Provenance, LABEL_EMBEDDINGS, MANIFEST};
-use runtime::cli::{run_main, DeviceArgs, LabelArgs, ModelArgs};
+use runtime::cli::{run_main, BatchArgs, DeviceArgs, LabelArgs, ModelArgs};
 use runtime::engine::Engine;
 use runtime::image::decode;
 use runtime::image::preprocess::{self, PreprocessConfig};
@@ -167,13 +167,54 @@ enum Command {
         multi_label: runtime::eval::MultiLabel,
         #[command(flatten)]
         device: DeviceArgs,
-        #[arg(long, default_value_t = 16)]
-        batch_size: usize,
+        #[command(flatten)]
+        batch: BatchArgs,
         /// Report folder to write: report.json, report.md, confusion.csv, confusion.png (a folder
         /// of other things: the report goes inside it).
         #[arg(long)]
         out: Option<PathBuf>,
         /// Replace an existing report at --out.
+        #[arg(long)]
+        force: bool,
+    },
+    /// An int8 copy of a bundle: encoder weights int8 per output channel, activations quantized
+    /// at run time; with labelled images (--dataset), checked against the original first and
+    /// refused below --min-agreement.
+    Quantize {
+        /// The fp32 bundle (or --model).
+        #[arg(value_name = "BUNDLE")]
+        bundle: Option<PathBuf>,
+        #[command(flatten)]
+        model: ModelArgs,
+        /// Folder of the int8 bundle (a folder of other things: the bundle goes inside it).
+        #[arg(long)]
+        out: PathBuf,
+        /// Name of the int8 bundle [default: the source's name + "-int8"].
+        #[arg(long)]
+        name: Option<String>,
+        /// Labelled images to check the int8 bundle on: folder, unifesp or irma (as runtime
+        /// eval; the images runtime eval would score, see --split).
+        #[arg(long)]
+        dataset: Option<runtime::eval::datasets::DatasetKind>,
+        #[command(flatten)]
+        data: runtime::cli::DataArgs,
+        /// Which images of --dataset, as runtime eval's --split [default: the test part of the
+        /// model's recorded split for this data set, else all].
+        #[arg(long)]
+        split: Option<String>,
+        /// The least top-1 agreement with the fp32 bundle on --dataset (a fraction); below it
+        /// nothing is written unless --force.
+        #[arg(long, default_value_t = 0.99)]
+        min_agreement: f64,
+        /// Weights within +-127 instead of +-63 (more precise; AVX2 machines without VNNI may
+        /// saturate, as ONNX Runtime's reduce_range warns).
+        #[arg(long)]
+        full_range: bool,
+        #[command(flatten)]
+        device: DeviceArgs,
+        #[command(flatten)]
+        batch: BatchArgs,
+        /// Replace an existing bundle at --out, and write even when the check fails.
         #[arg(long)]
         force: bool,
     },
@@ -371,6 +412,113 @@ fn main() -> ExitCode {
                 );
                 wrote(&b);
             }
+            Command::Quantize {
+                bundle,
+                model,
+                out,
+                name,
+                dataset,
+                data,
+                split,
+                min_agreement,
+                full_range,
+                device,
+                batch,
+                force,
+            } => {
+                use runtime::bundle::quantize;
+                if !(0.0..=1.0).contains(&min_agreement) {
+                    anyhow::bail!("--min-agreement {min_agreement} is not a fraction in [0, 1]");
+                }
+                let src = match (bundle, &model.model) {
+                    (Some(_), Some(_)) => {
+                        anyhow::bail!("give the bundle once: BUNDLE or --model, not both")
+                    }
+                    (Some(b), None) => Bundle::load(&b)?,
+                    (None, _) => model.load()?,
+                };
+                if let Some(q) = &src.manifest.quantization {
+                    anyhow::bail!(
+                        "{} is already {} (made from {}); quantize the fp32 bundle",
+                        src.dir.display(),
+                        q.precision,
+                        q.source
+                    );
+                }
+                let name = name.unwrap_or_else(|| format!("{}-int8", src.manifest.name));
+                let opts = quantize::QuantizeOptions { full_range };
+                let (image, text, mut record) = quantize::quantize_bundle(&src, opts)?;
+                let size =
+                    |b: &Bundle, role: &str| b.manifest.files.get(role).map_or(0, |f| f.bytes);
+                eprintln!(
+                    "image encoder: {} MatMul/Gemm and {} Conv layers int8 ({} -> {} bytes)",
+                    record.image_encoder.matmuls,
+                    record.image_encoder.convs,
+                    size(&src, runtime::bundle::IMAGE_ENCODER),
+                    image.len()
+                );
+                if let Some(dataset) = dataset {
+                    let ds = data.load(dataset)?;
+                    let (split, samples) = eval_samples(&src, &ds, dataset, split, None)?;
+                    // The int8 bundle is tried from a temporary folder before anything is written.
+                    let trial_dir = tempfile::tempdir()?;
+                    let trial = quantize::write_bundle(
+                        &src,
+                        &image,
+                        text.as_deref(),
+                        record.clone(),
+                        &name,
+                        &trial_dir.path().join("bundle"),
+                        false,
+                    )?;
+                    let mut fp32 = Engine::load(src.clone(), device.options())?;
+                    let mut int8 = Engine::load(trial, device.options())?;
+                    let set = quantize::CheckSet {
+                        labels: &ds.labels,
+                        samples: &samples,
+                        dataset: ds.name.clone(),
+                        split,
+                    };
+                    let check = quantize::agreement(
+                        &mut fp32,
+                        &mut int8,
+                        &set,
+                        &batch.pipeline(true),
+                        min_agreement,
+                    )?;
+                    println!(
+                        "check on {} ({}): {} images, top-1 agreement {:.4} (required {:.4}), top-1 fp32 {:.4} -> int8 {:.4} ({:+.2} points), embedding cosine mean {:.5}, min {:.5}",
+                        check.dataset,
+                        check.split,
+                        check.images,
+                        check.agreement,
+                        check.min_agreement,
+                        check.fp32_top1,
+                        check.int8_top1,
+                        (check.int8_top1 - check.fp32_top1) * 100.0,
+                        check.mean_cosine,
+                        check.min_cosine
+                    );
+                    let passed = check.passed();
+                    record.check = Some(check);
+                    if !passed && !force {
+                        anyhow::bail!(
+                            "top-1 agreement {:.4} is below --min-agreement {min_agreement}: nothing written (--force writes it anyway)",
+                            record.check.as_ref().map_or(0.0, |c| c.agreement)
+                        );
+                    }
+                }
+                let b = quantize::write_bundle(
+                    &src,
+                    &image,
+                    text.as_deref(),
+                    record,
+                    &name,
+                    &out,
+                    force,
+                )?;
+                wrote(&b);
+            }
             Command::Eval {
                 dataset,
                 data,
@@ -382,11 +530,10 @@ fn main() -> ExitCode {
                 reference_templates,
                 multi_label,
                 device,
-                batch_size,
+                batch,
                 out,
                 force,
             } => {
-                use runtime::eval::datasets::{self, Split};
                 let ds = data.load(dataset)?;
                 let mut templates = templates;
                 if reference_templates {
@@ -409,56 +556,12 @@ fn main() -> ExitCode {
                     })?,
                 };
                 runtime::cli::demo_notice(&bundle);
-                // The split the model was trained with, when it was trained on this data set:
-                // its test part is what it has not seen.
-                let prov = &bundle.manifest.provenance;
-                let recorded: Option<Split> = (prov.dataset == ds.name && !prov.split.is_empty())
-                    .then(|| prov.split.parse().ok())
-                    .flatten();
-                let spec = split_spec
-                    .or(recorded)
-                    .unwrap_or_else(|| Split::default_for(dataset, 0));
-                // (part, split it is a part of): None = every image.
-                let (part, of) = match (split.as_deref(), recorded) {
-                    (None, Some(r)) => {
-                        eprintln!(
-                            "scoring the test part of split {r}, the one {} was trained with (--split all for every image)",
-                            bundle.manifest.name
-                        );
-                        ("test", Some(spec))
-                    }
-                    (None | Some("all"), _) => ("all", None),
-                    (Some(p @ ("train" | "test")), _) => (p, Some(spec)),
-                    (Some(other), _) => {
-                        let s: Split = other.parse().map_err(|e: String| {
-                            anyhow::anyhow!("--split: {e}; or all, train, test")
-                        })?;
-                        ("test", Some(s))
-                    }
-                };
-                let (split, samples) = match of {
-                    None => ("all".to_string(), ds.samples.clone()),
-                    Some(s) => {
-                        if part == "train" && Some(s) == recorded {
-                            eprintln!(
-                                "warning: {} was trained on these images",
-                                bundle.manifest.name
-                            );
-                        }
-                        let (train, test) = datasets::split(&ds.samples, s)?;
-                        let samples = if part == "train" { train } else { test };
-                        (format!("{part} of {s}"), samples)
-                    }
-                };
+                let (split, samples) = eval_samples(&bundle, &ds, dataset, split, split_spec)?;
                 let mut engine = Engine::load(bundle, device.options())?;
                 let opts = runtime::eval::EvalOptions {
                     templates,
                     multi_label,
-                    pipeline: runtime::pipeline::PipelineOptions {
-                        batch_size,
-                        workers: 1,
-                        progress: true,
-                    },
+                    pipeline: batch.pipeline(true),
                     dataset: ds.name.clone(),
                     split: split.clone(),
                 };
@@ -576,6 +679,21 @@ fn info(b: &Bundle, json: bool) -> anyhow::Result<()> {
         "input       {}x{} (shorter side -> {}, {} resize, {} crop)",
         p.image_size, p.image_size, p.resize_shortest_edge, p.resize_filter, p.crop
     );
+    match &m.quantization {
+        None => println!("precision   not quantized"),
+        Some(q) => {
+            println!(
+                "precision   {} ({}), from {}",
+                q.precision, q.scheme, q.source
+            );
+            if let Some(c) = &q.check {
+                println!(
+                    "checked     on {} ({}), {} images: top-1 agreement {:.4}, top-1 fp32 {:.4} -> {} {:.4}",
+                    c.dataset, c.split, c.images, c.agreement, c.fp32_top1, q.precision, c.int8_top1
+                );
+            }
+        }
+    }
     for (role, f) in &m.files {
         println!(
             "file        {role:<20} {:<28} {:>12} bytes  sha256 {}…",
@@ -592,4 +710,59 @@ fn info(b: &Bundle, json: bool) -> anyhow::Result<()> {
         println!("metrics     {}", m.provenance.metrics);
     }
     Ok(())
+}
+
+/// The images `runtime eval` (and `runtime quantize`'s check) scores: by default the test part of
+/// the split the model was trained with, when it was trained on this data set (what it has not
+/// seen), else all; returns a description of the choice and the samples.
+fn eval_samples(
+    bundle: &runtime::bundle::Bundle,
+    ds: &runtime::eval::datasets::Dataset,
+    dataset: runtime::eval::datasets::DatasetKind,
+    split: Option<String>,
+    split_spec: Option<runtime::eval::datasets::Split>,
+) -> anyhow::Result<(String, Vec<runtime::eval::datasets::Sample>)> {
+    use runtime::eval::datasets::{self, Split};
+    // The split the model was trained with, when it was trained on this data set:
+    // its test part is what it has not seen.
+    let prov = &bundle.manifest.provenance;
+    let recorded: Option<Split> = (prov.dataset == ds.name && !prov.split.is_empty())
+        .then(|| prov.split.parse().ok())
+        .flatten();
+    let spec = split_spec
+        .or(recorded)
+        .unwrap_or_else(|| Split::default_for(dataset, 0));
+    // (part, split it is a part of): None = every image.
+    let (part, of) = match (split.as_deref(), recorded) {
+        (None, Some(r)) => {
+            eprintln!(
+                "scoring the test part of split {r}, the one {} was trained with (--split all for every image)",
+                bundle.manifest.name
+            );
+            ("test", Some(spec))
+        }
+        (None | Some("all"), _) => ("all", None),
+        (Some(p @ ("train" | "test")), _) => (p, Some(spec)),
+        (Some(other), _) => {
+            let s: Split = other
+                .parse()
+                .map_err(|e: String| anyhow::anyhow!("--split: {e}; or all, train, test"))?;
+            ("test", Some(s))
+        }
+    };
+    let (split, samples) = match of {
+        None => ("all".to_string(), ds.samples.clone()),
+        Some(s) => {
+            if part == "train" && Some(s) == recorded {
+                eprintln!(
+                    "warning: {} was trained on these images",
+                    bundle.manifest.name
+                );
+            }
+            let (train, test) = datasets::split(&ds.samples, s)?;
+            let samples = if part == "train" { train } else { test };
+            (format!("{part} of {s}"), samples)
+        }
+    };
+    Ok((split, samples))
 }

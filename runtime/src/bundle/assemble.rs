@@ -124,6 +124,7 @@ pub fn assemble_from(
         preprocessing: spec.preprocessing,
         files: Default::default(),
         provenance: spec.provenance,
+        quantization: None,
     };
     let (img_in, img_out) = (
         image.input_name().to_string(),

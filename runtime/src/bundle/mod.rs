@@ -20,6 +20,9 @@ pub mod assemble;
 #[cfg(feature = "onnx")]
 pub mod import;
 pub mod npy;
+pub mod quantization;
+#[cfg(feature = "onnx")]
+pub mod quantize;
 mod write;
 
 pub use write::{folder_name, hf_preprocessor_config, BundleWriter};
@@ -115,6 +118,9 @@ pub struct Manifest {
     /// Files by role (`image_encoder`, `text_encoder`, `label_embeddings`, `tokenizer`, `preprocessor_config`).
     pub files: BTreeMap<String, FileEntry>,
     pub provenance: Provenance,
+    /// Set for an int8 bundle (`runtime quantize`): how it was made and checked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quantization: Option<quantization::Quantization>,
 }
 
 /// Files of a bundle compiled into a binary: (path inside the bundle, bytes).

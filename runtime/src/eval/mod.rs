@@ -16,4 +16,7 @@ pub mod report;
 mod run;
 
 #[cfg(feature = "onnx")]
-pub use run::{evaluate, missing_labels_hint, EvalOptions, Evaluation, MultiLabel, TemplateResult};
+pub use run::{
+    bundle_embeddings, evaluate, missing_labels_hint, EvalOptions, Evaluation, MultiLabel,
+    TemplateResult,
+};

@@ -78,7 +78,7 @@ pub struct EvalOptions {
 }
 
 /// The bundle's label embeddings reordered to the data set's labels (see [`labels::match_labels`]).
-fn bundle_embeddings(engine: &Engine, labels: &[Label]) -> Result<Vec<f32>> {
+pub fn bundle_embeddings(engine: &Engine, labels: &[Label]) -> Result<Vec<f32>> {
     let dim = engine.bundle.manifest.embedding_dim;
     let mine = engine.bundle.labels();
     let Some(index) = crate::text::labels::match_labels(&mine, labels) else {

@@ -16,20 +16,102 @@ pub const IMAGE_EXTENSIONS: [&str; 5] = ["png", "jpg", "jpeg", "dcm", "dicom"];
 pub const SEARCHED: &str =
     "PNG, JPEG or DICOM files, recognised by content, in folders searched recursively (hidden ones skipped)";
 
-/// Image files of the inputs: folders expanded (recursively, sorted), files given by name kept as
-/// they are. An input that cannot be read is returned as an error beside the files of the others.
+/// One entry of a listing: an image file, or an input that could not be listed (and why).
+pub type Listed = std::result::Result<PathBuf, Box<(PathBuf, Error)>>;
+
+/// Image files of the inputs, lazily and in order: folders expanded (recursively, sorted by name
+/// within each folder, symbolic links followed, loops reported), files given by name kept as they
+/// are. Memory does not grow with the number of files listed.
+pub fn list(inputs: impl IntoIterator<Item = PathBuf>) -> impl Iterator<Item = Listed> {
+    inputs
+        .into_iter()
+        .flat_map(|input| -> Box<dyn Iterator<Item = Listed>> {
+            match std::fs::metadata(&input) {
+                Err(e) => Box::new(std::iter::once(Err(Box::new((
+                    input.clone(),
+                    Error::io(&input, e),
+                ))))),
+                Ok(meta) if meta.is_dir() => Box::new(walk(&input)),
+                Ok(_) => Box::new(std::iter::once(Ok(input))),
+            }
+        })
+}
+
+/// Image files of the paths listed in `reader`, one per line (`--files-from`; empty lines skipped,
+/// a folder expanded as in [`list`]), read as they are needed. A read error ends the listing with
+/// an error naming `source`.
+pub fn list_lines(reader: impl std::io::BufRead, source: PathBuf) -> impl Iterator<Item = Listed> {
+    let mut failed = false;
+    reader
+        .split(b'\n')
+        .map_while(move |line| {
+            if failed {
+                return None;
+            }
+            failed = line.is_err();
+            Some(line)
+        })
+        .flat_map(move |line| -> Box<dyn Iterator<Item = Listed>> {
+            match line {
+                Err(e) => Box::new(std::iter::once(Err(Box::new((
+                    source.clone(),
+                    Error::io(&source, e),
+                ))))),
+                Ok(mut bytes) => {
+                    if bytes.last() == Some(&b'\r') {
+                        bytes.pop();
+                    }
+                    if bytes.is_empty() {
+                        return Box::new(std::iter::empty());
+                    }
+                    Box::new(list(std::iter::once(path_from_bytes(bytes))))
+                }
+            }
+        })
+}
+
+#[cfg(unix)]
+fn path_from_bytes(bytes: Vec<u8>) -> PathBuf {
+    use std::os::unix::ffi::OsStringExt;
+    std::ffi::OsString::from_vec(bytes).into()
+}
+
+#[cfg(not(unix))]
+fn path_from_bytes(bytes: Vec<u8>) -> PathBuf {
+    String::from_utf8_lossy(&bytes).into_owned().into()
+}
+
+/// Image files under a folder, recursively, lazily, sorted by name within each folder; hidden
+/// entries below the root skipped.
+fn walk(root: &Path) -> impl Iterator<Item = Listed> {
+    walkdir::WalkDir::new(root)
+        .follow_links(true)
+        .sort_by_file_name()
+        .into_iter()
+        .filter_entry(|e| e.depth() == 0 || !is_hidden(e.path()))
+        .filter_map(|entry| match entry {
+            Ok(e) => {
+                (e.file_type().is_file() && looks_like_image(e.path())).then(|| Ok(e.into_path()))
+            }
+            Err(e) => {
+                let path = e.path().map(Path::to_path_buf).unwrap_or_default();
+                let io = e
+                    .into_io_error()
+                    .unwrap_or_else(|| std::io::Error::other("file system loop"));
+                Some(Err(Box::new((path.clone(), Error::io(&path, io)))))
+            }
+        })
+}
+
+/// Image files of the inputs, collected ([`list`]): the files, and the inputs that could not be
+/// read beside them.
 pub fn collect_files(inputs: &[PathBuf]) -> (Vec<PathBuf>, Vec<Error>) {
     let mut out = Vec::new();
     let mut problems = Vec::new();
-    for input in inputs {
-        match std::fs::metadata(input) {
-            Err(e) => problems.push(Error::io(input, e)),
-            Ok(meta) if meta.is_dir() => {
-                if let Err(e) = walk(input, &mut out) {
-                    problems.push(e);
-                }
-            }
-            Ok(_) => out.push(input.clone()),
+    for item in list(inputs.iter().cloned()) {
+        match item {
+            Ok(p) => out.push(p),
+            Err(unlisted) => problems.push(unlisted.1),
         }
     }
     (out, problems)
@@ -57,28 +139,10 @@ fn looks_like_image(p: &Path) -> bool {
         && crate::image::decode::sniff(&head).is_some()
 }
 
-pub(crate) fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
-    let mut entries: Vec<PathBuf> = std::fs::read_dir(dir)
-        .map_err(|e| Error::io(dir, e))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| !is_hidden(p))
-        .collect();
-    entries.sort();
-    for p in entries {
-        if p.is_dir() {
-            walk(&p, out)?;
-        } else if p.is_file() && looks_like_image(&p) {
-            out.push(p);
-        }
-    }
-    Ok(())
-}
-
-/// Image files under a folder, recursively, sorted.
+/// Image files under a folder, recursively, sorted; the first folder that cannot be read is the
+/// error.
 pub fn collect_images(dir: &Path) -> Result<Vec<PathBuf>> {
-    let mut out = Vec::new();
-    walk(dir, &mut out)?;
-    Ok(out)
+    walk(dir).map(|item| item.map_err(|u| u.1)).collect()
 }
 
 #[cfg(test)]

@@ -56,19 +56,19 @@ pub fn predict(a: &PredictArgs) -> Result<bool> {
     };
     let (files, problems) = runtime::pipeline::collect_files(&a.paths);
     let k = runtime::cli::top_k(a.top_k as usize, labels.len());
-    let printer = ResultPrinter::new(a.json, k, &files);
+    let mut printer = ResultPrinter::new(a.json, k, &files);
+    let stdout = |e| Error::io("stdout", e);
     let mut ok = problems.is_empty();
     for e in &problems {
-        printer.error("", e);
+        printer.error("", e).map_err(stdout)?;
     }
     let model_name = checkpoint.display().to_string();
-    printer.header();
     for f in &files {
         let pixels = match runtime::pipeline::load_tensor(f, &cfg) {
             Ok(p) => p,
             Err(e) => {
                 ok = false;
-                printer.error(&show_path(f), &e);
+                printer.error(&show_path(f), &e).map_err(stdout)?;
                 continue;
             }
         };
@@ -82,7 +82,10 @@ pub fn predict(a: &PredictArgs) -> Result<bool> {
                 .to_device(Device::Cpu)
         });
         let probs: Vec<f32> = Vec::<f32>::try_from(probs.reshape([-1])).map_err(Error::Torch)?;
-        printer.scores(f, &model_name, &labels, &probs);
+        printer
+            .scores(f, &model_name, &labels, &probs)
+            .map_err(stdout)?;
     }
+    printer.flush().map_err(stdout)?;
     Ok(ok)
 }

@@ -28,6 +28,9 @@ pub enum Precision {
     Fp32,
     /// Half precision weights and computation, f32 inputs and outputs (GPUs).
     Fp16,
+    /// int8 weights per output channel, activations quantized at run time (CPUs, the browser):
+    /// the fp32 graph quantized by `runtime::bundle::quantize`.
+    Int8,
 }
 
 impl Precision {
@@ -36,6 +39,7 @@ impl Precision {
         match self {
             Precision::Fp32 => "fp32",
             Precision::Fp16 => "fp16",
+            Precision::Int8 => "int8",
         }
     }
 }
