@@ -24,7 +24,7 @@ def main():
     ap.add_argument("--encoder", type=pathlib.Path, help="another image encoder file")
     a = ap.parse_args()
     manifest = json.loads((a.bundle / "manifest.json").read_text())
-    labels = [l["label"]["name"] for l in manifest["labels"]]
+    labels = [l["name"] for l in manifest["labels"]]
     emb = np.load(a.bundle / manifest["files"]["label_embeddings"]["path"])
     scale = manifest["logit_scale"]
     processor = CLIPImageProcessor.from_pretrained(a.bundle)

@@ -6,8 +6,8 @@
 #   scripts/train_unifesp.sh DATA_DIR OUT_DIR [best|reference] [TRAINER_FINETUNE_OPTIONS...]
 #
 #   best       `trainer finetune --recipe scratch` on the rn-small ResNet CLIP (128 px): class-aware
-#              loss, AdamW, cosine schedule with warm-up, augmentation; the epoch chosen on 10% of
-#              the training rows; the test images scored once, at the end.
+#              loss, AdamW, cosine schedule with warm-up, augmentation, test-time flip averaging;
+#              the epoch chosen on 10% of the training rows; the test images scored once, at the end.
 #   reference  `trainer finetune --recipe reference` on the same initialisation: what the reference
 #              experiment's code did (bare class names, contrastive loss, Adam 2e-6, StepLR(10, 0.1),
 #              50 epochs, last epoch).

@@ -46,8 +46,9 @@ fn int8_bundle_is_smaller_and_close_to_fp32() {
     let q = int8.manifest.quantization.clone().expect("recorded");
     assert_eq!(q.precision, "int8");
     assert_eq!(int8.manifest.name, format!("{}-int8", fp32.manifest.name));
-    // The tiny HF ViT: 2 layers x (q, k, v, out, fc1, fc2) + the projection; the patch conv.
-    assert_eq!((q.image_encoder.matmuls, q.image_encoder.convs), (13, 1));
+    // The tiny HF ViT: 2 layers x (q, k, v, out, fc1, fc2) + the projection; its patch conv, a
+    // lone Conv, stays float.
+    assert_eq!((q.image_encoder.matmuls, q.image_encoder.convs), (13, 0));
     let text = q.text_encoder.as_ref().expect("text encoder quantized");
     assert_eq!(text.gathers, 1, "the token table");
     let size = |b: &Bundle, role: &str| b.manifest.files[role].bytes as f64;
@@ -137,10 +138,18 @@ fn the_check_on_labelled_images_gates_what_is_written() {
     assert_eq!(check.images, n);
     assert!((0.0..=1.0).contains(&check.agreement));
 
-    // All or nothing at 1.0: written exactly when every image agrees.
+    // All or nothing at 1.0: written exactly when every image agrees (the run's own figure: near
+    // ties of this random model may fall either way between runs).
     let strict = tmp.path().join("strict");
     let r = run("1", &strict);
-    let perfect = check.agreement == 1.0;
+    let text = String::from_utf8_lossy(&r.stdout);
+    let agreement: f64 = text
+        .split("top-1 agreement ")
+        .nth(1)
+        .and_then(|t| t.split(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no agreement in {text}"));
+    let perfect = agreement == 1.0;
     assert_eq!(r.status.success(), perfect);
     assert_eq!(strict.exists(), perfect);
     if !perfect {

@@ -116,10 +116,10 @@ fn main() -> ExitCode {
             None => DoneSet::default(),
         };
         let bundle = cli.model.load()?;
-        runtime::cli::demo_notice(&bundle);
         let mut engine = Engine::load(bundle, cli.device.options())?;
         let (labels, label_emb) = cli.labels.resolve(&mut engine)?;
         let model_name = engine.bundle.manifest.name.clone();
+        let engine_bundle = engine.bundle.clone();
         let scale = engine.bundle.manifest.logit_scale;
         let k = runtime::cli::top_k(cli.top_k as usize, labels.len());
         let output = open_output(&cli)?;
@@ -165,12 +165,18 @@ fn main() -> ExitCode {
         };
         let opts = cli.batch.pipeline(!cli.json || cli.out.is_some());
         let mut failed = 0usize;
+        // Said once, with the first result: not for inputs that turn out to hold no image.
+        let mut demo_noticed = false;
         let write_error = |e| runtime::Error::io(&out_name, e);
         pipeline::embed_stream(&mut engine, listing, &opts, |batch| {
             printer.widen(batch.iter().map(|(p, _)| p.as_path()));
             for (path, result) in batch {
                 match result {
                     Ok(emb) => {
+                        if !demo_noticed {
+                            demo_noticed = true;
+                            runtime::cli::demo_notice(&engine_bundle);
+                        }
                         let probs = scoring::probabilities(&emb, &label_emb, scale);
                         printer
                             .scores(&path, &model_name, &labels, &probs)

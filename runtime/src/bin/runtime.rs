@@ -206,8 +206,8 @@ enum Command {
         /// nothing is written unless --force.
         #[arg(long, default_value_t = 0.99)]
         min_agreement: f64,
-        /// Weights within +-127 instead of +-63 (more precise; AVX2 machines without VNNI may
-        /// saturate, as ONNX Runtime's reduce_range warns).
+        /// MatMul/Gemm weights within +-127 instead of +-63 (more precise on CPUs with VNNI;
+        /// AVX2 without VNNI saturates, as ONNX Runtime's reduce_range warns).
         #[arg(long)]
         full_range: bool,
         #[command(flatten)]

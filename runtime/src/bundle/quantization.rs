@@ -14,7 +14,7 @@ pub struct QuantizeStats {
     /// Weights (elements) now int8, and those left in float.
     pub int8_weights: usize,
     pub float_weights: usize,
-    /// The largest weight magnitude used ([-63, 63] or [-127, 127]).
+    /// The largest MatMul/Gemm weight magnitude (63, or 127 with --full-range).
     pub weight_max: i32,
 }
 

@@ -142,26 +142,23 @@ impl<'a> Builder<'a> {
     }
 
     pub(crate) fn i64_const(&mut self, hint: &str, values: &[i64]) -> String {
-        let name = self.fresh(hint);
         let raw = values.iter().flat_map(|v| v.to_le_bytes()).collect();
-        self.inits.push(TensorProto {
-            name: name.clone(),
-            dims: vec![values.len() as i64],
-            data_type: DataType::Int64 as i32,
-            raw_data: raw,
-            ..Default::default()
-        });
-        name
+        self.constant(hint, values.len(), DataType::Int64, raw)
     }
 
     /// An f32 constant whatever the graph's precision (for the f32 part after the encoder).
     pub(crate) fn f32_const(&mut self, hint: &str, values: &[f32]) -> String {
-        let name = self.fresh(hint);
         let raw = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        self.constant(hint, values.len(), DataType::Float, raw)
+    }
+
+    /// A 1-D initializer of `len` values of `data_type`, little-endian bytes.
+    fn constant(&mut self, hint: &str, len: usize, data_type: DataType, raw: Vec<u8>) -> String {
+        let name = self.fresh(hint);
         self.inits.push(TensorProto {
             name: name.clone(),
-            dims: vec![values.len() as i64],
-            data_type: DataType::Float as i32,
+            dims: vec![len as i64],
+            data_type: data_type as i32,
             raw_data: raw,
             ..Default::default()
         });
