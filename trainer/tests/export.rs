@@ -26,6 +26,21 @@ fn init_tiny(dir: &Path, seed: &str) -> std::path::PathBuf {
     ck
 }
 
+/// `trainer export --checkpoint CK --out OUT EXTRA...`, which must succeed; the bundle it wrote.
+fn export(ck: &Path, out: &Path, extra: &[&str]) -> runtime::bundle::Bundle {
+    let o = Command::new(env!("CARGO_BIN_EXE_trainer"))
+        .arg("export")
+        .args(extra)
+        .arg("--checkpoint")
+        .arg(ck)
+        .arg("--out")
+        .arg(out)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    runtime::bundle::Bundle::load(out).unwrap()
+}
+
 fn cpu() -> EngineOptions {
     EngineOptions {
         device: OrtDevice::Cpu,
@@ -105,9 +120,10 @@ fn bundle_passes_onnx_checker_and_python_onnxruntime() {
     let ck = init_tiny(&dir, "12");
     for precision in ["fp32", "fp16", "int8"] {
         let out_dir = dir.join(format!("bundle-{precision}"));
-        let out = Command::new(env!("CARGO_BIN_EXE_trainer"))
-            .args([
-                "export",
+        let b = export(
+            &ck,
+            &out_dir,
+            &[
                 "--labels",
                 "unifesp",
                 "--template",
@@ -116,19 +132,8 @@ fn bundle_passes_onnx_checker_and_python_onnxruntime() {
                 "a image of {}",
                 "--precision",
                 precision,
-                "--checkpoint",
-            ])
-            .arg(&ck)
-            .arg("--out")
-            .arg(&out_dir)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
+            ],
         );
-        let b = runtime::bundle::Bundle::load(&out_dir).unwrap();
         assert_eq!(b.manifest.labels.len(), 22);
         assert_eq!(
             b.manifest.labels[3].prompts,
@@ -424,26 +429,11 @@ fn int8_export_is_close_to_the_tch_forward_pass() {
     let mut sizes = Vec::new();
     for precision in ["fp32", "int8"] {
         let out_dir = dir.join(precision);
-        let out = Command::new(env!("CARGO_BIN_EXE_trainer"))
-            .args([
-                "export",
-                "--labels",
-                "unifesp",
-                "--precision",
-                precision,
-                "--checkpoint",
-            ])
-            .arg(&ck)
-            .arg("--out")
-            .arg(&out_dir)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
+        let b = export(
+            &ck,
+            &out_dir,
+            &["--labels", "unifesp", "--precision", precision],
         );
-        let b = runtime::bundle::Bundle::load(&out_dir).unwrap();
         sizes.push(b.manifest.files["text_encoder"].bytes as f64);
         assert_eq!(b.manifest.quantization.is_some(), precision == "int8");
         if precision == "fp32" {
