@@ -67,15 +67,22 @@ pub fn load_default() -> anyhow::Result<Bundle> {
 
 /// One line on stderr when the demonstration bundle is in use, naming all that it knows.
 pub fn demo_notice(bundle: &Bundle) {
-    if bundle.manifest.name == DEMO_BUNDLE_NAME {
+    if let Some(line) = demo_notice_line(bundle) {
+        eprintln!("{line}");
+    }
+}
+
+/// The line of [`demo_notice`], for a caller that says it later.
+pub fn demo_notice_line(bundle: &Bundle) -> Option<String> {
+    (bundle.manifest.name == DEMO_BUNDLE_NAME).then(|| {
         let names: Vec<&str> = bundle.labels().iter().map(|l| l.name.as_str()).collect();
-        eprintln!(
+        format!(
             "note: {} is a demonstration model that knows only {} classes ({}); any other image gets one of them. Pass --model for a real bundle (README: \"Get a real model\").",
             bundle.manifest.name,
             names.len(),
             names.join(", ")
-        );
-    }
+        )
+    })
 }
 
 /// Manifest name of the demonstration bundle in `models/default`.

@@ -54,6 +54,24 @@ fn results(text: &str) -> (BTreeMap<String, serde_json::Value>, usize) {
     (by_file, broken)
 }
 
+/// `classify ARGS` reading `paths` on its stdin, which stays open (returned) until dropped.
+fn spawn_with_paths(
+    args: &[&str],
+    paths: &[String],
+) -> (std::process::Child, std::process::ChildStdin) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_classify"))
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn classify");
+    let mut stdin = child.stdin.take().expect("stdin");
+    writeln!(stdin, "{}", paths.join("\n")).expect("write paths");
+    stdin.flush().expect("flush");
+    (child, stdin)
+}
+
 fn base(bundle: &Path) -> Vec<&str> {
     vec![
         "--model",
@@ -87,16 +105,7 @@ fn results_stream_before_the_input_ends_and_a_killed_run_resumes() {
         s(&out),
     ]);
     // First run: half the paths, and stdin left open, so the run is still going when killed.
-    let mut child = Command::new(env!("CARGO_BIN_EXE_classify"))
-        .args(&args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn classify");
-    let mut stdin = child.stdin.take().expect("stdin");
-    writeln!(stdin, "{}", list[..10].join("\n")).expect("write paths");
-    stdin.flush().expect("flush");
+    let (mut child, stdin) = spawn_with_paths(&args, &list[..10]);
     let t0 = Instant::now();
     let lines = loop {
         let n = std::fs::read_to_string(&out).map_or(0, |t| t.lines().count());
@@ -126,15 +135,7 @@ fn results_stream_before_the_input_ends_and_a_killed_run_resumes() {
         .expect("append");
 
     // Second run: all paths; the 10 done are skipped, the rest appended.
-    let mut child = Command::new(env!("CARGO_BIN_EXE_classify"))
-        .args(&args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn classify");
-    let mut stdin = child.stdin.take().expect("stdin");
-    writeln!(stdin, "{}", list.join("\n")).expect("write paths");
+    let (child, stdin) = spawn_with_paths(&args, &list);
     drop(stdin);
     let second = child.wait_with_output().expect("wait");
     let stderr = String::from_utf8_lossy(&second.stderr);

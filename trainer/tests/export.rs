@@ -11,10 +11,13 @@ use tests::tmp;
 use trainer::onnx::{self, Precision};
 use trainer::weights;
 
-fn init_tiny(dir: &Path, seed: &str) -> std::path::PathBuf {
+/// `trainer init ARGS --out DIR/init`, which must succeed; the checkpoint folder.
+fn init(dir: &Path, args: &[&str]) -> std::path::PathBuf {
     let ck = dir.join("init");
     let out = Command::new(env!("CARGO_BIN_EXE_trainer"))
-        .args(["init", "--config", "tiny", "--seed", seed, "--out"])
+        .arg("init")
+        .args(args)
+        .arg("--out")
         .arg(&ck)
         .output()
         .unwrap();
@@ -24,6 +27,10 @@ fn init_tiny(dir: &Path, seed: &str) -> std::path::PathBuf {
         String::from_utf8_lossy(&out.stderr)
     );
     ck
+}
+
+fn init_tiny(dir: &Path, seed: &str) -> std::path::PathBuf {
+    init(dir, &["--config", "tiny", "--seed", seed])
 }
 
 /// `trainer export --checkpoint CK --out OUT EXTRA...`, which must succeed; the bundle it wrote.
@@ -309,25 +316,9 @@ fn open_clip_resnet_import_and_export_match_open_clip() {
 fn resnet_checkpoint_round_trip_and_export() {
     let dir_tmp = tmp("export-resnet");
     let dir = dir_tmp.path().to_path_buf();
-    let ck = dir.join("init");
-    let out = Command::new(env!("CARGO_BIN_EXE_trainer"))
-        .args([
-            "init",
-            "--config",
-            "rn-tiny",
-            "--image-size",
-            "96",
-            "--seed",
-            "3",
-        ])
-        .arg("--out")
-        .arg(&ck)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let ck = init(
+        &dir,
+        &["--config", "rn-tiny", "--image-size", "96", "--seed", "3"],
     );
     let m = weights::load(&ck, Device::Cpu).unwrap();
     assert_eq!(m.model.config.vision_config.image_size, 96);
@@ -364,17 +355,7 @@ fn resnet_checkpoint_round_trip_and_export() {
 fn test_time_flip_is_mirror_invariant_and_exported() {
     for preset in ["tiny", "rn-tiny"] {
         let dir_tmp = tmp("export-flip");
-        let ck = dir_tmp.path().join("init");
-        let out = Command::new(env!("CARGO_BIN_EXE_trainer"))
-            .args(["init", "--config", preset, "--seed", "5", "--out"])
-            .arg(&ck)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let ck = init(dir_tmp.path(), &["--config", preset, "--seed", "5"]);
         let mut m = weights::load(&ck, Device::Cpu).unwrap();
         let s = m.model.config.vision_config.image_size;
         let px = Tensor::randn([3, 3, s, s], (Kind::Float, Device::Cpu));

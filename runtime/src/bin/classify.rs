@@ -119,7 +119,6 @@ fn main() -> ExitCode {
         let mut engine = Engine::load(bundle, cli.device.options())?;
         let (labels, label_emb) = cli.labels.resolve(&mut engine)?;
         let model_name = engine.bundle.manifest.name.clone();
-        let engine_bundle = engine.bundle.clone();
         let scale = engine.bundle.manifest.logit_scale;
         let k = runtime::cli::top_k(cli.top_k as usize, labels.len());
         let output = open_output(&cli)?;
@@ -166,16 +165,15 @@ fn main() -> ExitCode {
         let opts = cli.batch.pipeline(!cli.json || cli.out.is_some());
         let mut failed = 0usize;
         // Said once, with the first result: not for inputs that turn out to hold no image.
-        let mut demo_noticed = false;
+        let mut demo_notice = runtime::cli::demo_notice_line(&engine.bundle);
         let write_error = |e| runtime::Error::io(&out_name, e);
         pipeline::embed_stream(&mut engine, listing, &opts, |batch| {
             printer.widen(batch.iter().map(|(p, _)| p.as_path()));
             for (path, result) in batch {
                 match result {
                     Ok(emb) => {
-                        if !demo_noticed {
-                            demo_noticed = true;
-                            runtime::cli::demo_notice(&engine_bundle);
+                        if let Some(line) = demo_notice.take() {
+                            eprintln!("{line}");
                         }
                         let probs = scoring::probabilities(&emb, &label_emb, scale);
                         printer

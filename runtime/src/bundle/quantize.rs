@@ -62,7 +62,8 @@ pub fn quantize_model(
             .initializer
             .iter()
             .enumerate()
-            .filter_map(|(i, t)| float_values(t).map(|v| (t.name.clone(), (i, v))))
+            .filter(|(_, t)| t.data_type == DataType::Float as i32)
+            .map(|(i, t)| (t.name.clone(), i))
             .collect(),
         new_inits: Vec::new(),
         quantized_inputs: HashMap::new(),
@@ -84,7 +85,7 @@ pub fn quantize_model(
     for n in &graph.node {
         if n.op_type == "Identity" && n.domain.is_empty() {
             if let (Some(i), Some(o)) = (n.input.first(), n.output.first()) {
-                if let Some(w) = q.floats.get(i).cloned() {
+                if let Some(&w) = q.floats.get(i) {
                     q.floats.insert(o.clone(), w);
                 }
             }
@@ -182,8 +183,9 @@ fn per_channel(w: &[f32], dims: &[i64], axis: usize, weight_max: i32) -> (Vec<i8
 }
 
 struct Rewriter {
-    /// Float initializers by name: (index, values).
-    floats: HashMap<String, (usize, Vec<f32>)>,
+    /// Float initializers by name (and by the Identity outputs that pass them on): their index.
+    /// Values are decoded only for the weights that are quantized.
+    floats: HashMap<String, usize>,
     new_inits: Vec<TensorProto>,
     /// Activations already quantized: name -> (uint8 tensor, scale, zero point).
     quantized_inputs: HashMap<String, (String, String, String)>,
@@ -331,8 +333,8 @@ impl Rewriter {
     }
 
     fn weight(&self, name: &str, inits: &[TensorProto]) -> Option<(Vec<i64>, Vec<f32>)> {
-        let (i, v) = self.floats.get(name)?;
-        Some((inits[*i].dims.clone(), v.clone()))
+        let t = &inits[*self.floats.get(name)?];
+        Some((t.dims.clone(), float_values(t)?))
     }
 
     fn rewrite(&mut self, node: &NodeProto, inits: &[TensorProto]) -> Option<Vec<NodeProto>> {
