@@ -6,6 +6,8 @@
 #                            `#[ignore]`d tests the README's ViT-B/32 parity figures cite)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# One clean build, not an edit loop: incremental caches would only add gigabytes to CI's disk.
+export CARGO_INCREMENTAL="${CARGO_INCREMENTAL:-0}"
 full=0
 case "${1:-}" in
   --full) full=1 ;;
