@@ -21,21 +21,7 @@ ENCODER="$(realpath "$ENCODER")"
 # 1841x1955, from the real CR DICOMs) that make decoding and resizing cost what they do in practice.
 SMALL="$(realpath ../shared/data/mednist/test/CXR 2>/dev/null || true)"
 LARGE="$PWD/bench-out/large-png"
-if [ ! -d "$LARGE" ]; then
-  mkdir -p "$LARGE"
-  "$CACHE/testpy/bin/python" - "$LARGE" <<'PY'
-import sys, numpy as np, pydicom
-from pathlib import Path
-from PIL import Image
-import data_store  # pydicom-data
-base = Path(data_store.__file__).parent / "data"
-out = Path(sys.argv[1])
-for i in range(32):
-    ds = pydicom.dcmread(base / ("RG1_UNCI.dcm" if i % 2 == 0 else "RG3_UNCI.dcm"))
-    a = ds.pixel_array.astype(np.uint32) << (16 - ds.BitsStored)
-    Image.fromarray(np.roll(a, i * 7, axis=1).astype(np.uint16)).save(out / f"cr_{i:02d}.png")
-PY
-fi
+scripts/make_large_png.sh "$LARGE"
 
 cargo build -q --release -p runtime --bench throughput 2>/dev/null || true
 rust() { cargo bench -q -p runtime --bench throughput -- --encoder "$ENCODER" --threads "$THREADS" "$@" 2>/dev/null | tail -n 1; }

@@ -98,6 +98,11 @@ fn decode_raster(
             reason: "the file is truncated (no end-of-image marker after the image data)".into(),
         });
     }
+    if format == image::ImageFormat::Png {
+        if let Some(img) = decode_gray_png(bytes) {
+            return Ok(img);
+        }
+    }
     let reader = ImageReader::with_format(Cursor::new(bytes), format);
     let decoder = reader.into_decoder().map_err(decode_err)?;
     let (width, height) = decoder.dimensions();
@@ -108,6 +113,46 @@ fn decode_raster(
     reader.limits(limits);
     let decoded = reader.decode().map_err(decode_err)?;
     Ok(from_dynamic(decoded))
+}
+
+/// Grayscale, non-interlaced PNGs (the radiograph case), row by row: each row goes straight to 8
+/// bits as it is unfiltered, so neither the 16-bit image nor the image crate's two conversion passes
+/// over it exist. Same pixels as the general path (the same `png` decoder with the same `EXPAND`,
+/// then [`to_u8`]). `None` for every other PNG and on any error: the general path then decodes it,
+/// or reports the error, as before.
+fn decode_gray_png(bytes: &[u8]) -> Option<Image> {
+    let mut decoder = png::Decoder::new(Cursor::new(bytes));
+    decoder.set_transformations(png::Transformations::EXPAND);
+    decoder.set_limits(png::Limits {
+        bytes: usize::try_from(MAX_PIXELS * 8).unwrap_or(usize::MAX),
+    });
+    let mut reader = decoder.read_info().ok()?;
+    let (width, height) = (reader.info().width, reader.info().height);
+    if reader.info().interlaced || reader.output_color_type().0 != png::ColorType::Grayscale {
+        return None;
+    }
+    let sixteen = match reader.output_color_type().1 {
+        png::BitDepth::Eight => false,
+        png::BitDepth::Sixteen => true,
+        _ => return None,
+    };
+    let mut pixels = Vec::with_capacity(width as usize * height as usize);
+    while let Some(row) = reader.next_row().ok()? {
+        let data = row.data();
+        if sixteen {
+            pixels.extend(
+                data.chunks_exact(2)
+                    .map(|v| to_u8(u16::from_be_bytes([v[0], v[1]]))),
+            );
+        } else {
+            pixels.extend_from_slice(data);
+        }
+    }
+    (pixels.len() == width as usize * height as usize).then_some(Image {
+        width,
+        height,
+        pixels: Pixels::Gray(pixels),
+    })
 }
 
 /// Whether a JPEG stream reaches its end-of-image marker (FF D9) after its first scan. Headers are

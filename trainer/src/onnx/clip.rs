@@ -137,7 +137,6 @@ impl Builder<'_> {
         let heads = v.num_attention_heads;
         let hd = dim / heads;
         let t = self.tokens(&x, dim);
-        let axis1 = self.i64_const("axis1", &[1]);
         // Opset 17: ReduceMean takes its axes as an attribute.
         let mean = self.node(
             "ReduceMean",
@@ -148,9 +147,7 @@ impl Builder<'_> {
         let t = self.node("Concat", &[&mean, &t], vec![attr_int("axis", 1)], "tokens");
         let pos = self.weight("visual.attnpool.positional_embedding")?;
         let t = self.node("Add", &[&t, &pos], vec![], "tokens");
-        let zero = self.i64_const("zero", &[0]);
-        let one = self.i64_const("one", &[1]);
-        let first = self.node("Slice", &[&t, &zero, &one, &axis1], vec![], "query_token");
+        let first = self.first_token(&t);
         let scale = (hd as f64).powf(-0.5);
         let q = self.linear(&first, "visual.attnpool.q_proj", scale)?;
         let k = self.linear(&t, "visual.attnpool.k_proj", 1.0)?;
@@ -295,17 +292,12 @@ impl Builder<'_> {
                 v.layer_norm_eps,
                 &v.hidden_act,
                 None,
+                // Only the class token leaves the tower: the last block computes its row alone.
+                i + 1 == v.num_hidden_layers,
             )?;
         }
-        let first = b.i64_const("first", &[0]);
-        let pooled = b.node(
-            "Gather",
-            &[&x, &first],
-            vec![attr_int("axis", 1)],
-            "cls_out",
-        );
         let squeeze_axes = b.i64_const("axis1", &[1]);
-        let pooled = b.node("Squeeze", &[&pooled, &squeeze_axes], vec![], "cls_out");
+        let pooled = b.node("Squeeze", &[&x, &squeeze_axes], vec![], "cls_out");
         let pooled = b.layer_norm(&pooled, "vision_model.post_layernorm", v.layer_norm_eps)?;
         b.linear(&pooled, "visual_projection", 1.0)
     }
@@ -362,6 +354,7 @@ pub fn text_encoder(
             t.layer_norm_eps,
             &t.hidden_act,
             Some(&mask),
+            false,
         )?;
     }
     x = b.layer_norm(&x, "text_model.final_layer_norm", t.layer_norm_eps)?;
