@@ -22,7 +22,7 @@ OUT="$PWD/bench-out"
 mkdir -p "$OUT"
 if [ ! -d "$OUT/vit-b32-fp32" ]; then
   [ -d "$OUT/vit-b32-init" ] || "$BIN/trainer" init --config vit-b-32 --seed 0 --out "$OUT/vit-b32-init"
-  "$BIN/trainer" export --checkpoint "$OUT/vit-b32-init" --labels unifesp --name vit-b32-fp32 --out "$OUT/vit-b32-fp32"
+  "$BIN/trainer" export --model "$OUT/vit-b32-init" --labels unifesp --name vit-b32-fp32 --out "$OUT/vit-b32-fp32"
 fi
 [ -d "$OUT/vit-b32-int8" ] || "$BIN/runtime" quantize "$OUT/vit-b32-fp32" --name vit-b32-int8 --out "$OUT/vit-b32-int8"
 IMAGES="$OUT/images-96"

@@ -15,7 +15,7 @@ B=bench-out/vit-b32-bundle
 if [ ! -f "$B/manifest.json" ]; then
   target/release/trainer init --from bench-out/vit-b32-hf --out bench-out/vit-b32-ckpt --force >/dev/null
   labels=$(ls "$DATA" | paste -sd, -)
-  target/release/trainer export --checkpoint bench-out/vit-b32-ckpt --labels "$labels" --out "$B" --force >/dev/null
+  target/release/trainer export --model bench-out/vit-b32-ckpt --labels "$labels" --out "$B" --force >/dev/null
 fi
 for run in one five; do
   if [ $run = one ]; then args=(--template "a X-Ray image of {} part"); else args=(--reference-templates); fi

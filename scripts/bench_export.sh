@@ -21,7 +21,7 @@ OUT="$PWD/bench-out"
 mkdir -p "$OUT"
 [ -d "$OUT/vit-b32-init" ] || "$BIN/trainer" init --config vit-b-32 --seed 0 --out "$OUT/vit-b32-init"
 [ -d "$OUT/vit-b32-fp32" ] ||
-  "$BIN/trainer" export --checkpoint "$OUT/vit-b32-init" --labels unifesp --name vit-b32-fp32 --out "$OUT/vit-b32-fp32"
+  "$BIN/trainer" export --model "$OUT/vit-b32-init" --labels unifesp --name vit-b32-fp32 --out "$OUT/vit-b32-fp32"
 "$PY" scripts/hf_export_optimized.py "$OUT/vit-b32-init" "$OUT/hf-export" \
   --reference "$OUT/vit-b32-fp32/image_encoder.onnx" >"$OUT/hf-export/report.json" 2>"$OUT/hf-export/log.txt" ||
   { cat "$OUT/hf-export/log.txt" >&2; exit 1; }

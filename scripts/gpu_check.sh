@@ -42,7 +42,7 @@ peak torch_fp32 python3 scripts/bench_train_step.py --config vit-b-32 --device c
 [ -n "${SKIP_FINETUNE:-}" ] && exit $FAILED
 "$BIN/trainer" init --config vit-b-32 --tokenizer models/tokenizer/tokenizer.json --out /tmp/xray-clip-init --force 2>&1 \
   | tee -a "$OUT/summary.txt" || FAILED=1
-"$BIN/trainer" finetune --dataset folder --force --data "$DATA/train" --test-data "$DATA/test" --init /tmp/xray-clip-init \
+"$BIN/trainer" finetune --dataset folder --force --data "$DATA/train" --test-data "$DATA/test" --model /tmp/xray-clip-init \
   --out /tmp/xray-clip-run --epochs 4 --lr 2e-5 --device cuda 2>&1 | tee "$OUT/finetune.log" || FAILED=1
 cp /tmp/xray-clip-run/metrics.csv "$OUT/finetune_metrics.csv" 2>/dev/null
 cp /tmp/xray-clip-run/curves.png "$OUT/finetune_curves.png" 2>/dev/null
@@ -51,7 +51,7 @@ cp /tmp/xray-clip-run/curves.png "$OUT/finetune_curves.png" 2>/dev/null
 LABELS="$(ls "$DATA/test" | paste -sd, -)"
 mapfile -t IMAGES < <(find "$DATA/test" -type f | sort | head -32)
 for dev in cpu cuda; do
-  "$BIN/trainer" predict --json --device $dev --checkpoint /tmp/xray-clip-run --labels "$LABELS" -k 3 \
+  "$BIN/trainer" predict --json --device $dev --model /tmp/xray-clip-run --labels "$LABELS" -k 3 \
     "${IMAGES[@]}" > "$OUT/predict_$dev.jsonl" 2> "$WORK/predict_$dev.err" || { tail -5 "$WORK/predict_$dev.err"; FAILED=1; }
 done
 python3 - "$OUT/predict_cpu.jsonl" "$OUT/predict_cuda.jsonl" <<'PY' | tee -a "$OUT/summary.txt" || FAILED=1

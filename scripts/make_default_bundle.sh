@@ -13,7 +13,7 @@ RUN=runs/default-bundle
 scripts/setup.sh --torch
 cargo build -q --release -p trainer -p runtime
 [ -f "$RUN-init/model.safetensors" ] || target/release/trainer init --config small --seed 0 --out "$RUN-init"
-target/release/trainer finetune --dataset folder --resume --force --data "$DATA/train" --test-data "$DATA/test" --init "$RUN-init" --out "$RUN" \
+target/release/trainer finetune --dataset folder --resume --force --data "$DATA/train" --test-data "$DATA/test" --model "$RUN-init" --out "$RUN" \
   --epochs "$EPOCHS" --lr "$LR" --batch-size 16 --loss class-aware --augment --device cpu --template "a medical image of a {}" \
   --export models/default --no-text-encoder --name xray-clip-default-mednist \
   --bundle-description "Demonstration model: a small CLIP (ViT 4x192, patch 32) trained from random weights on MedNIST's 6 classes. Real use starts from OpenAI's ViT-B/32 weights." \

@@ -14,6 +14,6 @@ DATA="${MEDNIST:-../shared/data/mednist}"
 scripts/setup.sh --torch
 cargo build -q --release -p trainer
 target/release/trainer init --config "$PRESET" --seed 0 --out "$RUN-init" --force
-target/release/trainer finetune --dataset folder --data "$DATA/train" --test-data "$DATA/test" --init "$RUN-init" --out "$RUN" --force \
+target/release/trainer finetune --dataset folder --data "$DATA/train" --test-data "$DATA/test" --model "$RUN-init" --out "$RUN" --force \
   --epochs "$EPOCHS" --lr "$LR" --batch-size 16 --device auto --template "a photo of a {}"
 cat "$RUN/metrics.csv"

@@ -53,7 +53,7 @@ F=(); [ "${FORCE:-0}" = 1 ] && F=(--force)
 START=$(date +%s)
 /usr/bin/time -v -o "$OUT/time.txt" \
   "$BIN/trainer" finetune --dataset unifesp --data "$DATA" --recipe "$TRAINER_RECIPE" \
-    --init "$OUT/init" --out "$OUT/run" --export "$OUT/bundle" --name "unifesp-$RECIPE" \
+    --model "$OUT/init" --out "$OUT/run" --export "$OUT/bundle" --name "unifesp-$RECIPE" \
     --device cpu --threads "$THREADS" "${F[@]}" "${EXTRA[@]}" 2>&1 | tee "$OUT/train.log"
 WALL=$(( $(date +%s) - START ))
 PEAK_KB=$(awk -F': ' '/Maximum resident set size/ {print $2}' "$OUT/time.txt")

@@ -126,7 +126,7 @@ fn finetune_export_into_models_keeps_everything_else() {
     // Without data or a checkpoint the errors say exactly what to pass.
     let err = failed(&sh(&p, &[], "trainer finetune --export models/"), "no init");
     assert!(
-        err.contains("--init") && err.contains("XRAY_CLIP_INIT"),
+        err.contains("--model") && err.contains("XRAY_CLIP_INIT"),
         "{err}"
     );
     let err = failed(

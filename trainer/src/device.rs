@@ -11,9 +11,7 @@ pub fn resolve(option: DeviceOption) -> Result<Device> {
     match option {
         DeviceOption::Cpu => Ok(Device::Cpu),
         DeviceOption::Cuda if tch::Cuda::is_available() => Ok(Device::Cuda(0)),
-        DeviceOption::Cuda => Err(Error::Config(
-            "CUDA is not available (build with --features cuda on a GPU machine)".into(),
-        )),
+        DeviceOption::Cuda => Err(Error::CudaUnavailable),
         DeviceOption::Auto if tch::Cuda::is_available() => Ok(Device::Cuda(0)),
         DeviceOption::Auto => Ok(Device::Cpu),
     }

@@ -21,9 +21,31 @@ pub enum Error {
     },
     #[error("libtorch: {0}")]
     Torch(tch::TchError),
-    /// Options or a model configuration that do not fit together.
+    /// Command-line options that conflict or are out of range.
     #[error("{0}")]
-    Config(String),
+    Usage(String),
+    /// A model configuration that is not valid (a preset name, `--image-size`, a config.json).
+    #[error("model configuration: {0}")]
+    ModelConfig(String),
+    /// The model lacks a weight the exported graph needs (a checkpoint of another architecture).
+    #[error("the model has no weight {0}")]
+    MissingWeight(String),
+    #[error(
+        "the tokenizer does not fit the model: token id {max_id} and {tokens} tokens per prompt, the model has {vocab} token embeddings and {positions} positions (use the tokenizer the weights came with)"
+    )]
+    TokenizerMismatch {
+        max_id: i64,
+        tokens: usize,
+        vocab: i64,
+        positions: i64,
+    },
+    #[error("no checkpoint to start from: pass --model DIR or set {env} (looked at {conventional}); make one with `trainer init --from clip-vit-base-patch32/ --out {conventional}` (README: \"Get a real model\") or `trainer init --config small --out checkpoints/small` for random weights")]
+    NoStartingModel {
+        env: &'static str,
+        conventional: &'static str,
+    },
+    #[error("CUDA is not available (build with --features cuda on a GPU machine)")]
+    CudaUnavailable,
     /// Training data that cannot be used as asked (unreadable images, empty splits).
     #[error("data: {0}")]
     Dataset(String),

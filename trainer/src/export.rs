@@ -58,7 +58,7 @@ pub fn base_weights(checkpoint: &Path) -> String {
 /// existing bundle is replaced only with `force`, any other folder gets the bundle inside it).
 pub fn export(spec: ExportSpec, out: &Path, force: bool) -> Result<Bundle> {
     if spec.labels.is_empty() || spec.templates.is_empty() {
-        return Err(Error::Config(
+        return Err(Error::Usage(
             "export needs labels and at least one template".into(),
         ));
     }

@@ -100,6 +100,11 @@ impl Default for ClipConfig {
 }
 
 impl ClipConfig {
+    /// The names [`ClipConfig::preset`] knows (each also has its OpenAI spelling, e.g. `ViT-B/32`).
+    pub const PRESETS: &[&str] = &[
+        "vit-b-32", "vit-b-16", "vit-l-14", "rn50", "small", "rn-small", "tiny", "rn-tiny",
+    ];
+
     /// `vit-b-32` (default), `vit-b-16`, `vit-l-14`, `rn50` (OpenAI's ResNet-50 CLIP), `tiny`
     /// (tests), `small` (the demo bundle), `rn-small` (a 1.7 M-parameter ResNet tower at 128 px,
     /// the UNIFESP recipe from random weights), `rn-tiny` (tests).
@@ -795,4 +800,17 @@ pub fn is_vision_variable(name: &str) -> bool {
     name.starts_with("vision_model.")
         || name.starts_with("visual_projection.")
         || name.starts_with("visual.")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ClipConfig;
+
+    #[test]
+    fn every_listed_preset_exists_and_no_other() {
+        for name in ClipConfig::PRESETS {
+            assert!(ClipConfig::preset(name).is_some(), "{name}");
+        }
+        assert!(ClipConfig::preset("vit-b-64").is_none());
+    }
 }

@@ -241,15 +241,15 @@ pub fn run(
     resume: bool,
 ) -> Result<RunResult> {
     if opts.batch_size < 2 && opts.loss == LossKind::Contrastive {
-        return Err(Error::Config(
+        return Err(Error::Usage(
             "the contrastive loss needs a batch size of at least 2".into(),
         ));
     }
     if opts.templates.is_empty() {
-        return Err(Error::Config("no prompt template".into()));
+        return Err(Error::Usage("no prompt template".into()));
     }
     if opts.select == Select::BestVal && inputs.val.is_none() {
-        return Err(Error::Config(
+        return Err(Error::Usage(
             "--select best-val needs validation rows (--val FRACTION)".into(),
         ));
     }
@@ -285,7 +285,7 @@ pub fn run(
     };
     let params = set_trainable(&vs, opts);
     if params.is_empty() {
-        return Err(Error::Config(
+        return Err(Error::Usage(
             "both encoders are frozen: nothing to train".into(),
         ));
     }

@@ -513,7 +513,10 @@ mod tests {
         });
         let err = save_checkpoint(&target, &config, &vs, |staging| {
             assert!(staging.join(CONFIG).is_file() && staging.join(WEIGHTS).is_file());
-            Err(Error::Config("injected failure".into()))
+            Err(Error::io(
+                staging,
+                std::io::Error::other("injected failure"),
+            ))
         })
         .expect_err("the injected failure must surface");
         assert!(err.to_string().contains("injected failure"), "{err}");
@@ -528,8 +531,11 @@ mod tests {
         );
 
         let fresh = dir.path().join("epoch-002");
-        save_checkpoint(&fresh, &config, &vs, |_| {
-            Err(Error::Config("injected failure".into()))
+        save_checkpoint(&fresh, &config, &vs, |staging| {
+            Err(Error::io(
+                staging,
+                std::io::Error::other("injected failure"),
+            ))
         })
         .expect_err("fails");
         assert!(!fresh.exists());

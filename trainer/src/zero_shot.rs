@@ -26,10 +26,12 @@ pub fn label_tokens(
     let b = tokenizer.encode_batch(&prompts, Padding::Longest)?;
     let top = b.ids.iter().copied().max().unwrap_or(0);
     if top >= text.vocab_size || b.len as i64 > text.max_position_embeddings {
-        return Err(Error::Config(format!(
-            "the tokenizer does not fit the model: token id {top} and {} tokens per prompt, the model has {} token embeddings and {} positions (use the tokenizer the weights came with)",
-            b.len, text.vocab_size, text.max_position_embeddings
-        )));
+        return Err(Error::TokenizerMismatch {
+            max_id: top,
+            tokens: b.len,
+            vocab: text.vocab_size,
+            positions: text.max_position_embeddings,
+        });
     }
     Ok(Tensor::from_slice(&b.ids)
         .view([b.batch as i64, b.len as i64])

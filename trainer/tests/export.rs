@@ -33,12 +33,12 @@ fn init_tiny(dir: &Path, seed: &str) -> std::path::PathBuf {
     init(dir, &["--config", "tiny", "--seed", seed])
 }
 
-/// `trainer export --checkpoint CK --out OUT EXTRA...`, which must succeed; the bundle it wrote.
+/// `trainer export --model CK --out OUT EXTRA...`, which must succeed; the bundle it wrote.
 fn export(ck: &Path, out: &Path, extra: &[&str]) -> runtime::bundle::Bundle {
     let o = Command::new(env!("CARGO_BIN_EXE_trainer"))
         .arg("export")
         .args(extra)
-        .arg("--checkpoint")
+        .arg("--model")
         .arg(ck)
         .arg("--out")
         .arg(out)

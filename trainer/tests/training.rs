@@ -46,7 +46,7 @@ fn finetune(
         s(data),
         "--test-data",
         s(test),
-        "--init",
+        "--model",
         s(init),
         "--out",
         s(out),

@@ -1,5 +1,5 @@
-//! `runtime info | tokenize | preprocess | assemble | import | quantize | eval | prompts`: inspect, build, evaluate
-//! and adjust model bundles.
+//! `runtime info | tokenize | preprocess | assemble | import | quantize | eval | prompts | serve`:
+//! inspect, build, evaluate and adjust model bundles, and serve one over HTTP.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -236,6 +236,39 @@ enum Command {
         /// Replace an existing bundle at --out.
         #[arg(long)]
         force: bool,
+    },
+    /// The classifier as an HTTP service: POST /v1/classify (an image as the body, or several as
+    /// multipart/form-data; ?top_k=, ?labels=), GET /v1/model, /healthz, /readyz, /metrics.
+    #[cfg(feature = "serve")]
+    Serve {
+        #[command(flatten)]
+        model: ModelArgs,
+        #[command(flatten)]
+        device: DeviceArgs,
+        /// Address to listen on (port 0: any free port, printed at start).
+        #[arg(long, value_name = "ADDR:PORT", default_value = "127.0.0.1:8080")]
+        http: std::net::SocketAddr,
+        /// Most images in one encoder call.
+        #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..=256))]
+        max_batch: u16,
+        /// How long the encoder waits for more images once one is waiting, in milliseconds.
+        #[arg(long, default_value_t = 5)]
+        max_wait_ms: u64,
+        /// Images that may wait for the encoder; beyond, requests get 503 with Retry-After.
+        #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..=65_536))]
+        queue: u32,
+        /// Largest request body in bytes (413 beyond).
+        #[arg(long, default_value_t = 64 << 20)]
+        max_body: usize,
+        /// Longest a request may take, in milliseconds (504 beyond).
+        #[arg(long, default_value_t = 30_000)]
+        timeout_ms: u64,
+        /// Images decoded at once [default: one per core].
+        #[arg(long)]
+        workers: Option<usize>,
+        /// Labels per image in the answer unless the request says ?top_k=.
+        #[arg(long, short = 'k', default_value_t = 3)]
+        top_k: usize,
     },
 }
 
@@ -634,6 +667,46 @@ fn main() -> ExitCode {
                     labels.len(),
                     src.display()
                 );
+            }
+            #[cfg(feature = "serve")]
+            Command::Serve {
+                model,
+                device,
+                http,
+                max_batch,
+                max_wait_ms,
+                queue,
+                max_body,
+                timeout_ms,
+                workers,
+                top_k,
+            } => {
+                tracing_subscriber::fmt()
+                    .with_writer(std::io::stderr)
+                    .with_env_filter(
+                        tracing_subscriber::EnvFilter::try_from_default_env()
+                            .unwrap_or_else(|_| "info".into()),
+                    )
+                    .init();
+                let bundle = model.load()?;
+                let labels = bundle.manifest.labels.len();
+                if top_k == 0 || top_k > labels {
+                    anyhow::bail!("-k {top_k} is not between 1 and the bundle's {labels} labels");
+                }
+                let options = runtime::serve::ServeOptions {
+                    http,
+                    max_batch: max_batch.into(),
+                    max_wait: std::time::Duration::from_millis(max_wait_ms),
+                    queue: queue as usize,
+                    max_body,
+                    timeout: std::time::Duration::from_millis(timeout_ms),
+                    workers: workers.unwrap_or_else(runtime::pipeline::default_workers),
+                    top_k,
+                };
+                runtime::serve::serve(bundle, device.options(), options, |addr| {
+                    // The first line on stdout, for scripts and tests that asked for port 0.
+                    println!("listening on http://{addr}");
+                })?;
             }
         }
         Ok(ExitCode::SUCCESS)

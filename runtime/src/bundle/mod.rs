@@ -158,7 +158,7 @@ impl Bundle {
                 return Err(Error::bundle(
                     dir,
                     format!(
-                        "is {what}, not a bundle: export it first (trainer export --checkpoint {} --labels SET --out models/NAME)",
+                        "is {what}, not a bundle: export it first (trainer export --model {} --labels SET --out models/NAME)",
                         dir.display()
                     ),
                 ));

@@ -31,9 +31,10 @@ pub struct FinetuneArgs {
     /// head:1200:400 for unifesp, random:0.2:SEED otherwise).
     #[arg(long)]
     pub split: Option<Split>,
-    /// Checkpoint folder to start from (`trainer init`; default: $XRAY_CLIP_INIT, else
-    /// checkpoints/openai-vit-b-32 as the README's "Get a real model" makes it).
-    #[arg(long)]
+    /// Model to start from: a checkpoint folder (`trainer init`) or a run folder (its selected
+    /// checkpoint) [default: $XRAY_CLIP_INIT, else checkpoints/openai-vit-b-32 as the README's
+    /// "Get a real model" makes it]. `--init` is the older name.
+    #[arg(long = "model", visible_alias = "init", value_name = "DIR")]
     pub init: Option<PathBuf>,
     /// Run folder: checkpoints, metrics.csv/json, curves.png; with several learning rates one
     /// sub-folder per rate (default: runs/<dataset>-<UTC time>; a folder of other things: the run
@@ -319,28 +320,27 @@ fn limit(mut v: Vec<datasets::Sample>, n: Option<usize>) -> Vec<datasets::Sample
     v
 }
 
-/// Environment variable naming the checkpoint `trainer finetune` starts from without `--init`.
+/// Environment variable naming the checkpoint `trainer finetune` starts from without `--model`.
 pub const INIT_ENV: &str = "XRAY_CLIP_INIT";
 /// Where the README's "Get a real model" recipe puts OpenAI's ViT-B/32 as a checkpoint.
 pub const CONVENTIONAL_INIT: &str = "checkpoints/openai-vit-b-32";
 
-/// The checkpoint to start from: `--init`, else `$XRAY_CLIP_INIT`, else the conventional place.
+/// The checkpoint to start from: `--model`, else `$XRAY_CLIP_INIT`, else the conventional place.
 pub fn init_checkpoint(given: Option<&Path>) -> Result<PathBuf> {
     if let Some(p) = given {
-        return Ok(p.to_path_buf());
+        return crate::weights::resolve_checkpoint(p);
     }
     if let Some(p) = std::env::var_os(INIT_ENV).filter(|v| !v.is_empty()) {
-        return Ok(PathBuf::from(p));
+        return crate::weights::resolve_checkpoint(Path::new(&p));
     }
     let conventional = PathBuf::from(CONVENTIONAL_INIT);
     if conventional.is_dir() {
         return Ok(conventional);
     }
-    Err(Error::Config(format!(
-        "no checkpoint to start from: pass --init DIR or set {INIT_ENV} (looked at {CONVENTIONAL_INIT}); \
-         make one with `trainer init --from clip-vit-base-patch32/ --out {CONVENTIONAL_INIT}` \
-         (README: \"Get a real model\") or `trainer init --config small --out checkpoints/small` for random weights"
-    )))
+    Err(Error::NoStartingModel {
+        env: INIT_ENV,
+        conventional: CONVENTIONAL_INIT,
+    })
 }
 
 /// `YYYYmmdd-HHMMSS` in UTC, for default run folder names.
@@ -378,7 +378,7 @@ fn run_folder(a: &FinetuneArgs, dataset: &str) -> Result<PathBuf> {
     let kind = runtime::fs::OutputKind::Run;
     let dir = match runtime::fs::resolve_output(out, kind, || name.clone(), true)? {
         dir if kind.is_in(&dir) && !a.resume && !a.force => {
-            return Err(Error::Config(format!(
+            return Err(Error::Usage(format!(
                 "{} is an existing training run; pass --resume to continue it (from its newest checkpoint) or --force to start over",
                 dir.display()
             )))
@@ -407,13 +407,13 @@ pub fn finetune(a: &FinetuneArgs) -> Result<Vec<train::RunResult>> {
     let device = crate::device::resolve(a.device)?;
     let st = settings(a);
     if !(0.0..0.9).contains(&st.val) {
-        return Err(Error::Config(format!(
+        return Err(Error::Usage(format!(
             "--val {} is not a fraction in [0, 0.9)",
             st.val
         )));
     }
     if st.epochs == 0 || st.batch_size == 0 || st.lr.is_empty() {
-        return Err(Error::Config(
+        return Err(Error::Usage(
             "--epochs, --batch-size and --lr must be positive".into(),
         ));
     }

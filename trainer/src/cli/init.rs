@@ -58,15 +58,19 @@ pub fn init(a: &InitArgs) -> Result<()> {
             (config, Some(tensors), None)
         }
         (None, Some(name)) => {
-            let mut config = ClipConfig::preset(name)
-                .ok_or_else(|| Error::Config(format!("unknown configuration {name:?}")))?;
+            let mut config = ClipConfig::preset(name).ok_or_else(|| {
+                Error::ModelConfig(format!(
+                    "unknown configuration '{name}' (presets: {})",
+                    ClipConfig::PRESETS.join(", ")
+                ))
+            })?;
             if let Some(size) = a.image_size {
                 config.vision_config.image_size = size;
-                config.validate().map_err(Error::Config)?;
+                config.validate().map_err(Error::ModelConfig)?;
             }
             (config, None, None)
         }
-        (None, None) => return Err(Error::Config("give --from PATH or --config NAME".into())),
+        (None, None) => return Err(Error::Usage("give --from PATH or --config NAME".into())),
     };
     tch::manual_seed(a.seed);
     let vs = tch::nn::VarStore::new(Device::Cpu);

@@ -42,9 +42,9 @@ pub enum Command {
 /// A checkpoint and the labels to score with it (`export`, `predict`).
 #[derive(Args)]
 pub struct CheckpointLabels {
-    /// Checkpoint folder (`trainer init`, a run's checkpoints/epoch-N), or a run folder (its
-    /// selected checkpoint).
-    #[arg(long)]
+    /// Model: a checkpoint folder (`trainer init`, a run's checkpoints/epoch-N) or a run folder
+    /// (its selected checkpoint). `--checkpoint` is the older name.
+    #[arg(long = "model", visible_alias = "checkpoint", value_name = "DIR")]
     pub checkpoint: PathBuf,
     /// Labels: a built-in set (unifesp, irma, irma-reference), a file with one label per line, or
     /// a comma-separated list.

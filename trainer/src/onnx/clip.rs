@@ -32,7 +32,7 @@ impl Builder<'_> {
             self.weights
                 .get(&name)
                 .map(|t| t.to_kind(Kind::Double))
-                .ok_or_else(|| Error::Config(format!("model has no {name}")))
+                .ok_or_else(|| Error::MissingWeight(name))
         };
         let w = get(format!("{conv}.weight"))?;
         let gamma = get(format!("{bn}.weight"))?;
@@ -264,7 +264,7 @@ impl Builder<'_> {
         let cls_t = b
             .weights
             .get("vision_model.embeddings.class_embedding")
-            .ok_or_else(|| Error::Config("model has no class embedding".into()))?
+            .ok_or_else(|| Error::MissingWeight("vision_model.embeddings.class_embedding".into()))?
             .reshape([1, 1, v.hidden_size]);
         let cls = b.float_init("vision_model.embeddings.class_embedding.1x1xD", &cls_t)?;
         let shape = b.node("Shape", &[&x], vec![], "shape");

@@ -117,7 +117,7 @@ impl<'a> Builder<'a> {
         let t = self
             .weights
             .get(name)
-            .ok_or_else(|| Error::Config(format!("model has no {name}")))?
+            .ok_or_else(|| Error::MissingWeight(name.to_string()))?
             .shallow_clone();
         self.float_init(name, &t)
     }
@@ -127,7 +127,7 @@ impl<'a> Builder<'a> {
         let t = self
             .weights
             .get(name)
-            .ok_or_else(|| Error::Config(format!("model has no {name}")))?;
+            .ok_or_else(|| Error::MissingWeight(name.to_string()))?;
         let t = t.tr() * scale;
         self.float_init(&format!("{name}.T"), &t)
     }
@@ -136,7 +136,7 @@ impl<'a> Builder<'a> {
         let t = self
             .weights
             .get(name)
-            .ok_or_else(|| Error::Config(format!("model has no {name}")))?;
+            .ok_or_else(|| Error::MissingWeight(name.to_string()))?;
         let t = t * scale;
         self.float_init(&format!("{name}.scaled"), &t)
     }

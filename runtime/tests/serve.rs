@@ -1,0 +1,318 @@
+//! `runtime serve` as a client sees it, over real TCP: the same answer as `classify --json`, the
+//! error statuses (413, 422, 400, 404), requests arriving together sharing encoder calls, the
+//! metrics, and SIGTERM finishing what is in flight before the process exits.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+struct Server {
+    child: Child,
+    addr: String,
+}
+
+impl Server {
+    /// `runtime serve --http 127.0.0.1:0 ARGS` (the demonstration bundle), once it is ready.
+    fn start(args: &[&str]) -> Server {
+        common::require_setup();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_runtime"))
+            .args([
+                "serve",
+                "--http",
+                "127.0.0.1:0",
+                "--device",
+                "cpu",
+                "--threads",
+                "1",
+            ])
+            .args(args)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start runtime serve");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().expect("stdout"))
+            .read_line(&mut line)
+            .expect("first line");
+        let addr = line
+            .trim()
+            .strip_prefix("listening on http://")
+            .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+            .to_string();
+        let server = Server { child, addr };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while server.get("/readyz").0 != 200 {
+            assert!(Instant::now() < deadline, "not ready within 60 s");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        server
+    }
+
+    /// One HTTP/1.1 request on a fresh connection: (status, headers, body).
+    fn request(&self, method: &str, path: &str, content_type: &str, body: &[u8]) -> Reply {
+        let mut s = TcpStream::connect(&self.addr).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(60))).ok();
+        write!(
+            s,
+            "{method} {path} HTTP/1.1\r\nHost: {}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+            self.addr,
+            body.len()
+        )
+        .expect("head");
+        // A server may answer (413) before it has read a large body: a failed write is fine.
+        let _ = s.write_all(body);
+        let mut raw = Vec::new();
+        let _ = s.read_to_end(&mut raw);
+        let text = String::from_utf8_lossy(&raw).to_string();
+        let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+        let status = head
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or_else(|| panic!("no status in {head:?}"));
+        (status, head.to_ascii_lowercase(), body.to_string())
+    }
+
+    fn get(&self, path: &str) -> Reply {
+        match TcpStream::connect(&self.addr) {
+            Ok(_) => self.request("GET", path, "text/plain", b""),
+            Err(_) => (0, String::new(), String::new()),
+        }
+    }
+
+    fn post_image(&self, query: &str, bytes: &[u8]) -> Reply {
+        self.request(
+            "POST",
+            &format!("/v1/classify{query}"),
+            "application/octet-stream",
+            bytes,
+        )
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+type Reply = (u16, String, String);
+
+fn png(dir: &Path, name: &str, shade: u32) -> PathBuf {
+    let p = dir.join(name);
+    image::GrayImage::from_fn(40, 32, |x, y| {
+        image::Luma([((x * 5 + y * 3 + shade * 17) % 256) as u8])
+    })
+    .save(&p)
+    .expect("png");
+    p
+}
+
+fn classify_json(file: &Path) -> serde_json::Value {
+    let out = Command::new(env!("CARGO_BIN_EXE_classify"))
+        .args(["--json", "--device", "cpu", "-k", "3"])
+        .arg(file)
+        .output()
+        .expect("classify");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("json")
+}
+
+fn assert_same_scores(served: &serde_json::Value, cli: &serde_json::Value) {
+    let (a, b) = (
+        served["top"].as_array().unwrap(),
+        cli["top"].as_array().unwrap(),
+    );
+    assert_eq!(a.len(), b.len());
+    for (x, y) in a.iter().zip(b) {
+        assert_eq!(x["label"], y["label"], "{served} vs {cli}");
+        let (p, q) = (
+            x["probability"].as_f64().unwrap(),
+            y["probability"].as_f64().unwrap(),
+        );
+        // Batched with others or alone, the encoder's sums may differ in the last bits.
+        assert!((p - q).abs() < 1e-5, "{p} vs {q}");
+    }
+    assert_eq!(served["model"], cli["model"]);
+}
+
+#[test]
+fn answers_as_classify_and_refuses_bad_requests_clearly() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let server = Server::start(&["--max-body", "100000"]);
+    let file = png(dir.path(), "a.png", 1);
+    let bytes = std::fs::read(&file).expect("read");
+
+    let (status, head, body) = server.post_image("", &bytes);
+    assert_eq!(status, 200, "{body}");
+    assert!(head.contains("content-type: application/json"), "{head}");
+    let served: serde_json::Value = serde_json::from_str(&body).expect("json");
+    assert_eq!(served["file"], "body");
+    assert_same_scores(&served, &classify_json(&file));
+
+    let (status, _, body) = server.post_image("?top_k=1", &bytes);
+    assert_eq!(status, 200, "{body}");
+    let one: serde_json::Value = serde_json::from_str(&body).expect("json");
+    assert_eq!(one["top"].as_array().unwrap().len(), 1);
+
+    // Several images as multipart: one JSON line each, in order; a bad part gets an error line.
+    let boundary = "XRAYCLIPBOUNDARY";
+    let mut form = Vec::new();
+    for (name, data) in [
+        ("a.png", &bytes[..]),
+        ("junk.png", b"not an image"),
+        ("b.png", &bytes[..]),
+    ] {
+        form.extend_from_slice(
+            format!("--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"{name}\"\r\nContent-Type: application/octet-stream\r\n\r\n").as_bytes(),
+        );
+        form.extend_from_slice(data);
+        form.extend_from_slice(b"\r\n");
+    }
+    form.extend_from_slice(format!("--{boundary}--\r\n").as_bytes());
+    let (status, head, body) = server.request(
+        "POST",
+        "/v1/classify",
+        &format!("multipart/form-data; boundary={boundary}"),
+        &form,
+    );
+    assert_eq!(status, 200, "{body}");
+    assert!(head.contains("application/x-ndjson"), "{head}");
+    let lines: Vec<serde_json::Value> = body
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("json line"))
+        .collect();
+    assert_eq!(lines.len(), 3, "{body}");
+    assert_eq!(lines[0]["file"], "a.png");
+    assert_same_scores(&lines[0], &served);
+    assert_eq!(lines[1]["file"], "junk.png");
+    assert!(
+        lines[1]["error"].as_str().unwrap().contains("junk.png"),
+        "{}",
+        lines[1]
+    );
+    assert_same_scores(&lines[2], &served);
+
+    // An unreadable image: 422 with the one-line error.
+    let (status, _, body) = server.post_image("", b"\x89PNG\r\n\x1a\ntruncated");
+    assert_eq!(status, 422, "{body}");
+    let err: serde_json::Value = serde_json::from_str(&body).expect("json");
+    assert!(!err["error"].as_str().unwrap().contains('\n'));
+    // Too large a body: 413, and the server goes on.
+    let (status, _, _) = server.post_image("", &vec![0u8; 200_000]);
+    assert_eq!(status, 413);
+    // Out-of-range top_k, an unknown path, a file name as labels (never read on the server).
+    assert_eq!(server.post_image("?top_k=0", &bytes).0, 400);
+    assert_eq!(server.post_image("?top_k=99", &bytes).0, 400);
+    assert_eq!(server.get("/v1/nothing").0, 404);
+    let (_, _, body) = server.post_image("?labels=%2Fetc%2Fpasswd", &bytes);
+    assert!(!body.contains("root:"), "{body}");
+
+    let (status, _, body) = server.get("/v1/model");
+    assert_eq!(status, 200);
+    let summary: serde_json::Value = serde_json::from_str(&body).expect("json");
+    assert_eq!(summary["ready"], true);
+    assert!(!summary["labels"].as_array().unwrap().is_empty());
+    assert_eq!(server.get("/healthz").0, 200);
+
+    let (status, _, metrics) = server.get("/metrics");
+    assert_eq!(status, 200);
+    for needle in [
+        "xray_clip_http_requests_total{status=\"200\"}",
+        "xray_clip_http_requests_total{status=\"422\"}",
+        "xray_clip_http_request_duration_seconds_bucket",
+        "xray_clip_encoder_batch_size_count",
+        "xray_clip_queue_depth",
+    ] {
+        assert!(metrics.contains(needle), "{needle} not in\n{metrics}");
+    }
+}
+
+#[test]
+fn requests_arriving_together_share_encoder_calls_and_sigterm_finishes_them() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let server = Server::start(&["--max-batch", "8", "--max-wait-ms", "200", "--workers", "2"]);
+    let files: Vec<Vec<u8>> = (0..8)
+        .map(|i| std::fs::read(png(dir.path(), &format!("{i}.png"), i)).expect("read"))
+        .collect();
+    let server = std::sync::Arc::new(server);
+    let answers: Vec<Reply> = std::thread::scope(|s| {
+        let handles: Vec<_> = files
+            .iter()
+            .map(|bytes| {
+                let server = std::sync::Arc::clone(&server);
+                s.spawn(move || server.post_image("", bytes))
+            })
+            .collect();
+        // SIGTERM while the requests are in flight: each still gets its answer.
+        std::thread::sleep(Duration::from_millis(100));
+        // SAFETY: signalling our own child process.
+        unsafe {
+            libc::kill(server.child.id() as i32, libc::SIGTERM);
+        }
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("client"))
+            .collect()
+    });
+    for (status, _, body) in &answers {
+        assert_eq!(*status, 200, "{body}");
+    }
+    let mut server = std::sync::Arc::into_inner(server).expect("one owner");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = server.child.try_wait().expect("wait") {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "no exit within 30 s of SIGTERM");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "{status:?}");
+    drop(server);
+}
+
+#[test]
+fn batches_form_under_load() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let server = Server::start(&[
+        "--max-batch",
+        "16",
+        "--max-wait-ms",
+        "300",
+        "--workers",
+        "4",
+    ]);
+    let bytes = std::fs::read(png(dir.path(), "x.png", 3)).expect("read");
+    std::thread::scope(|s| {
+        for _ in 0..12 {
+            s.spawn(|| assert_eq!(server.post_image("", &bytes).0, 200));
+        }
+    });
+    let (_, _, metrics) = server.get("/metrics");
+    let value = |name: &str| -> f64 {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("{name} not in\n{metrics}"))
+    };
+    let (sum, count) = (
+        value("xray_clip_encoder_batch_size_sum "),
+        value("xray_clip_encoder_batch_size_count "),
+    );
+    assert_eq!(sum, 12.0, "{metrics}");
+    assert!(
+        count < 12.0,
+        "12 requests in {count} encoder calls: no batching\n{metrics}"
+    );
+}
