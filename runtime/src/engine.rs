@@ -24,6 +24,17 @@ pub enum Device {
     Auto,
 }
 
+impl Device {
+    /// The option value (`cpu`, `cuda`, `auto`), for messages.
+    pub fn name(self) -> &'static str {
+        match self {
+            Device::Cpu => "cpu",
+            Device::Cuda => "cuda",
+            Device::Auto => "auto",
+        }
+    }
+}
+
 #[derive(Debug, Clone, Default)]
 pub struct EngineOptions {
     pub device: Device,
@@ -335,6 +346,24 @@ impl Engine {
             )?);
         }
         Ok(self.text.as_mut().expect("loaded above"))
+    }
+
+    /// Runs the bundle's self-check on this engine's device: `Ok(None)` for a bundle without one,
+    /// `Ok(Some(largest difference))` when the embeddings written with the bundle are reproduced,
+    /// an error saying by how much they are not.
+    pub fn self_check(&mut self) -> Result<Option<f32>> {
+        use crate::bundle::self_check::{self, SELF_CHECK};
+        let Some(check) = self.bundle.manifest.self_check.clone() else {
+            return Ok(None);
+        };
+        let dir = self.bundle.dir.clone();
+        let size = self.bundle.manifest.preprocessing.image_size as usize;
+        let inputs = self_check::check_inputs(&check, size, &dir)?;
+        let recorded = self.bundle.read_verified(SELF_CHECK)?;
+        let got = self.embed_images(&inputs, check.count)?;
+        let dim = self.bundle.manifest.embedding_dim;
+        let device = self.device().name();
+        self_check::compare(&check, dim, &recorded, &got, &dir, device).map(Some)
     }
 
     fn check_dim(&self, dim: usize, what: &str) -> Result<()> {

@@ -204,15 +204,16 @@ async fn run(
         metrics: Metrics::new(),
     });
     let load_error = Arc::new(Mutex::new(None));
+    // A model that cannot be loaded or fails its self-check stops the server: never ready.
+    let (failed, load_failed) = oneshot::channel::<()>();
     let encoder = {
         let service = Arc::clone(&service);
         let load_error = Arc::clone(&load_error);
         std::thread::Builder::new()
             .name("encoder".into())
-            .spawn(move || match Engine::load(bundle, engine_options) {
+            .spawn(move || match load_checked(bundle, engine_options) {
                 Ok(engine) => {
                     service.ready.store(true, Ordering::SeqCst);
-                    tracing::info!("model loaded: ready");
                     let batch_size = service.metrics.batch_size.clone();
                     let depth = service.metrics.queue_depth.clone();
                     let (max_batch, max_wait) =
@@ -231,8 +232,9 @@ async fn run(
                     )
                 }
                 Err(e) => {
-                    tracing::error!("cannot load the model: {e}");
+                    tracing::error!("{e}");
                     *load_error.lock().expect("not poisoned") = Some(e.to_string());
+                    let _ = failed.send(());
                 }
             })?
     };
@@ -247,7 +249,12 @@ async fn run(
     drop(service);
     tracing::info!("listening on http://{}", listener.local_addr()?);
     axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown_signal())
+        .with_graceful_shutdown(async {
+            tokio::select! {
+                _ = shutdown_signal() => {},
+                Ok(()) = load_failed => {},
+            }
+        })
         .await?;
     tracing::info!("stopped accepting; requests in flight answered");
     // The router (and with it the last queue sender) is gone: the encoder finishes and ends.
@@ -255,9 +262,24 @@ async fn run(
         .join()
         .map_err(|_| anyhow::anyhow!("the encoder thread panicked"))?;
     if let Some(e) = load_error.lock().expect("not poisoned").take() {
-        anyhow::bail!("the model could not be loaded: {e}");
+        anyhow::bail!("not serving: {e}");
     }
     Ok(())
+}
+
+/// The engine, once the bundle has reproduced its self-check on this device.
+fn load_checked(bundle: Bundle, options: EngineOptions) -> crate::Result<Engine> {
+    let mut engine = Engine::load(bundle, options)?;
+    match engine.self_check()? {
+        Some(diff) => tracing::info!(
+            "model loaded, self-check passed on {} (largest difference {diff:.1e}): ready",
+            engine.device().name()
+        ),
+        None => tracing::warn!(
+            "model loaded: ready (the bundle has no self-check; written before they existed)"
+        ),
+    }
+    Ok(engine)
 }
 
 async fn shutdown_signal() {

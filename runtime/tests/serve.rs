@@ -316,3 +316,88 @@ fn batches_form_under_load() {
         "12 requests in {count} encoder calls: no batching\n{metrics}"
     );
 }
+
+fn runtime_cmd(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_runtime"))
+        .args(args)
+        .output()
+        .expect("run runtime")
+}
+
+#[test]
+fn a_bundle_that_does_not_reproduce_its_self_check_is_refused() {
+    let good = common::tiny_bundle();
+    let good_s = good.to_str().expect("utf-8");
+    let out = runtime_cmd(&["info", "--check", "--device", "cpu", "--model", good_s]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("self-check: passed on cpu"), "{text}");
+
+    // Other numbers from the encoder (what another provider, ONNX Runtime or encoder file would
+    // give), stood in for by changed expected embeddings with a matching hash in the manifest.
+    let bad = common::copy_bundle(good, "self-check");
+    let npy = bad.path().join("self_check.npy");
+    let (shape, mut expected) = runtime::bundle::npy::read(&npy).expect("self_check.npy");
+    expected[0] += 0.5
+        * expected[..shape[1]]
+            .iter()
+            .map(|v| v.abs())
+            .fold(0.0, f32::max);
+    runtime::bundle::npy::write(&npy, &shape, &expected).expect("write");
+    let manifest_path = bad.path().join("manifest.json");
+    let mut manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&manifest_path).expect("manifest")).expect("json");
+    manifest["files"]["self_check"]["sha256"] =
+        runtime::fs::sha256_file(&npy).expect("hash").into();
+    std::fs::write(
+        &manifest_path,
+        serde_json::to_vec_pretty(&manifest).expect("json"),
+    )
+    .expect("write");
+    let bad_s = bad.path().to_str().expect("utf-8");
+
+    let out = runtime_cmd(&["info", "--check", "--device", "cpu", "--model", bad_s]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("self-check failed on cpu"), "{err}");
+
+    // The server never becomes ready with it: it says why and exits non-zero.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_runtime"))
+        .args([
+            "serve",
+            "--http",
+            "127.0.0.1:0",
+            "--device",
+            "cpu",
+            "--model",
+            bad_s,
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("serve");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("still running 60 s after a failed self-check");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut err = String::new();
+    child
+        .stderr
+        .take()
+        .expect("stderr")
+        .read_to_string(&mut err)
+        .expect("read");
+    assert!(!status.success());
+    assert!(err.contains("self-check failed on cpu"), "{err}");
+}

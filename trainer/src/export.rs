@@ -106,6 +106,7 @@ pub fn export(spec: ExportSpec, out: &Path, force: bool) -> Result<Bundle> {
         files: Default::default(),
         provenance,
         quantization: None,
+        self_check: None,
     };
     let mut text = None;
     if !spec.without_text_encoder {

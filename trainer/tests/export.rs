@@ -4,7 +4,7 @@
 use std::path::Path;
 use std::process::Command;
 
-use runtime::engine::{Device as OrtDevice, Encoder, EngineOptions};
+use runtime::engine::{Device as OrtDevice, Encoder, Engine, EngineOptions};
 use runtime::text::tokenizer::Padding;
 use tch::{Device, Kind, Tensor};
 use tests::tmp;
@@ -45,7 +45,12 @@ fn export(ck: &Path, out: &Path, extra: &[&str]) -> runtime::bundle::Bundle {
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    runtime::bundle::Bundle::load(out).unwrap()
+    let bundle = runtime::bundle::Bundle::load(out).unwrap();
+    // Every exported bundle carries a self-check, and reproduces it once loaded.
+    let mut engine = Engine::load(bundle.clone(), cpu()).unwrap();
+    let diff = engine.self_check().unwrap().expect("a self-check");
+    assert!(diff <= 1e-5, "self-check difference {diff}");
+    bundle
 }
 
 fn cpu() -> EngineOptions {

@@ -175,6 +175,45 @@ impl DemoBundle {
         Ok(serde_json::json!({"path": e.path, "input": e.input, "output": e.output, "tokenizer": t.path}).to_string())
     }
 
+    /// The self-check's file name, when the bundle has one (`models/README.md`, "The self-check").
+    pub fn self_check_file(&self) -> Option<String> {
+        self.manifest.self_check.as_ref()?;
+        self.manifest
+            .files
+            .get(runtime::bundle::self_check::SELF_CHECK)
+            .map(|e| e.path.clone())
+    }
+
+    /// The self-check's encoder inputs, `[count, 3, S, S]` flattened (empty without a self-check).
+    pub fn self_check_inputs(&self) -> Result<Vec<f32>, JsError> {
+        let Some(check) = &self.manifest.self_check else {
+            return Ok(Vec::new());
+        };
+        let size = self.manifest.preprocessing.image_size as usize;
+        runtime::bundle::self_check::check_inputs(check, size, Path::new("bundle"))
+            .map_err(|e| JsError::new(&e.to_string()))
+    }
+
+    /// Compares the encoder's embeddings of the self-check inputs with the recorded ones (the
+    /// bytes of the self-check file, verified first): the largest difference, or an error.
+    pub fn self_check(&self, recorded_npy: &[u8], embeddings: &[f32]) -> Result<f32, JsError> {
+        let check = self
+            .manifest
+            .self_check
+            .as_ref()
+            .ok_or_else(|| JsError::new("this bundle has no self-check"))?;
+        self.verify(runtime::bundle::self_check::SELF_CHECK, recorded_npy)?;
+        runtime::bundle::self_check::compare(
+            check,
+            self.manifest.embedding_dim,
+            recorded_npy,
+            embeddings,
+            Path::new("bundle"),
+            "onnxruntime-web (wasm)",
+        )
+        .map_err(|e| JsError::new(&e.to_string()))
+    }
+
     /// Probabilities over the bundle's labels for one image embedding.
     pub fn classify(&self, image_embedding: &[f32]) -> Result<Vec<f32>, JsError> {
         probabilities(image_embedding, &self.embeddings, self.manifest.logit_scale)

@@ -6,7 +6,8 @@
 import { test, before, after } from "node:test";
 import assert from "node:assert/strict";
 import { spawn, execFileSync } from "node:child_process";
-import { mkdtempSync, writeFileSync, readdirSync } from "node:fs";
+import fs, { mkdtempSync, writeFileSync, readdirSync } from "node:fs";
+import crypto from "node:crypto";
 import { tmpdir, homedir } from "node:os";
 import path from "node:path";
 import { fileURLToPath } from "node:url";
@@ -139,6 +140,10 @@ test("an int8 bundle (runtime quantize) runs in the page as natively", async () 
   await p.goto(`http://127.0.0.1:${port}/wasm/www/index.html?bundle=../../target/browser-test-int8/`);
   await p.waitForFunction(() => window.xrayClip?.ready || window.xrayClip?.error, null, { timeout: 60000 });
   assert.equal(await p.evaluate(() => window.xrayClip.error), null);
+  // Its self-check (written by runtime quantize on the native CPU) is reproduced by ONNX Runtime Web.
+  const check = await p.evaluate(() => window.xrayClip.selfCheck);
+  assert.ok(check?.passed && check.difference <= 2e-3, JSON.stringify(check));
+  console.log(`int8 bundle: self-check in the page, largest difference ${check.difference.toExponential(2)}`);
   for (const file of [png, dicom]) {
     await p.evaluate(() => { window.xrayClip.last = null; });
     await p.setInputFiles("#file", file);
@@ -154,5 +159,27 @@ test("an int8 bundle (runtime quantize) runs in the page as natively", async () 
     assert.ok(worst <= 1e-3, `max probability difference ${worst}`);
     console.log(`int8 bundle: top-1 ${last.top1}, max |diff| vs native ${worst.toExponential(2)}, ${last.ms.toFixed(1)} ms in the page`);
   }
+  await p.close();
+});
+
+test("a bundle that does not reproduce its self-check is refused by the page", async () => {
+  // The tiny bundle of the custom-label test with other recorded embeddings (what another engine
+  // giving other numbers would look like), its hash updated so only the self-check can notice.
+  const src = path.join(root, "target/browser-test-bundle");
+  const bundle = path.join(root, "target/browser-test-badcheck");
+  fs.rmSync(bundle, { recursive: true, force: true });
+  fs.cpSync(src, bundle, { recursive: true });
+  const npy = fs.readFileSync(path.join(bundle, "self_check.npy"));
+  const start = 10 + npy.readUInt16LE(8);
+  npy.writeFloatLE(npy.readFloatLE(start) + 1.0, start);
+  fs.writeFileSync(path.join(bundle, "self_check.npy"), npy);
+  const manifest = JSON.parse(fs.readFileSync(path.join(bundle, "manifest.json"), "utf8"));
+  manifest.files.self_check.sha256 = crypto.createHash("sha256").update(npy).digest("hex");
+  fs.writeFileSync(path.join(bundle, "manifest.json"), JSON.stringify(manifest, null, 2));
+  const p = await browser.newPage();
+  await p.goto(`http://127.0.0.1:${port}/wasm/www/index.html?bundle=../../target/browser-test-badcheck/`);
+  await p.waitForFunction(() => window.xrayClip?.ready || window.xrayClip?.error, null, { timeout: 60000 });
+  const error = await p.evaluate(() => window.xrayClip.error);
+  assert.ok(error && error.includes("self-check failed"), error);
   await p.close();
 });

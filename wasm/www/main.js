@@ -29,10 +29,33 @@ async function loadBundle(read) {
   const onnx = await read(encoder.path);
   bundle.verify("image_encoder", onnx);
   const session = await ort.InferenceSession.create(onnx, { executionProviders: ["wasm"] });
+  await selfCheck(bundle, session, encoder, read);
   Object.assign(state, { bundle, session, manifestText, encoder, read, labels: JSON.parse(bundle.labels()), custom: null, text: null });
   $("bundle").textContent = bundle.name;
   showLabels();
   $("custom").hidden = !bundle.has_text_encoder();
+}
+
+// The bundle's fixed inputs through ONNX Runtime Web must give the embeddings recorded when it was
+// written (the same comparison as `runtime serve` and `runtime info --check`); a bundle that does
+// not is refused before it scores anything.
+async function selfCheck(bundle, session, encoder, read) {
+  window.xrayClip.selfCheck = null;
+  $("selfcheck").textContent = "";
+  const file = bundle.self_check_file();
+  if (!file) {
+    $("selfcheck").textContent = "no self-check in this bundle";
+    return;
+  }
+  const inputs = bundle.self_check_inputs();
+  const s = bundle.image_size;
+  const count = inputs.length / (3 * s * s);
+  const input = new ort.Tensor("float32", inputs, [count, 3, s, s]);
+  const out = await session.run({ [encoder.input ?? session.inputNames[0]]: input });
+  const emb = out[encoder.output ?? session.outputNames[0]].data;
+  const difference = bundle.self_check(await read(file), emb); // throws when not reproduced
+  window.xrayClip.selfCheck = { passed: true, difference };
+  $("selfcheck").textContent = `self-check passed (largest difference ${difference.toExponential(1)})`;
 }
 
 function currentLabels() {

@@ -31,6 +31,12 @@ enum Command {
         /// Print the whole manifest as JSON.
         #[arg(long)]
         json: bool,
+        /// Also load the encoder and run the bundle's self-check on --device: fixed inputs must
+        /// give the image embeddings written with the bundle.
+        #[arg(long)]
+        check: bool,
+        #[command(flatten)]
+        device: DeviceArgs,
     },
     /// Token ids of each text as JSON (one array per text).
     Tokenize {
@@ -275,7 +281,12 @@ enum Command {
 fn main() -> ExitCode {
     run_main(|| {
         match Cli::parse().command {
-            Command::Info { model, json } => {
+            Command::Info {
+                model,
+                json,
+                check,
+                device,
+            } => {
                 let bundle = model.load()?;
                 // Loading hashed everything but the ONNX files (hashed when a session loads them).
                 for role in [
@@ -286,7 +297,24 @@ fn main() -> ExitCode {
                         bundle.read_verified(role)?;
                     }
                 }
-                info(&bundle, json)?
+                let summary = check.then(|| bundle.clone());
+                info(&bundle, json)?;
+                if let Some(bundle) = summary {
+                    let mut engine = Engine::load(bundle, device.options())?;
+                    let line = match engine.self_check()? {
+                        Some(diff) => format!(
+                            "self-check: passed on {} (largest difference {diff:.1e}, tolerance {:.0e})",
+                            engine.device().name(),
+                            engine.bundle.manifest.self_check.as_ref().map_or(0.0, |c| c.tolerance)
+                        ),
+                        None => "self-check: none in this bundle (written before self-checks existed)".into(),
+                    };
+                    if json {
+                        eprintln!("{line}");
+                    } else {
+                        println!("{line}");
+                    }
+                }
             }
             Command::Tokenize {
                 model,

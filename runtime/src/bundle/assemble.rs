@@ -125,6 +125,7 @@ pub fn assemble_from(
         files: Default::default(),
         provenance: spec.provenance,
         quantization: None,
+        self_check: None,
     };
     let (img_in, img_out) = (
         image.input_name().to_string(),

@@ -23,6 +23,7 @@ pub mod npy;
 pub mod quantization;
 #[cfg(feature = "onnx")]
 pub mod quantize;
+pub mod self_check;
 mod write;
 
 pub use write::{folder_name, hf_preprocessor_config, BundleWriter};
@@ -121,6 +122,10 @@ pub struct Manifest {
     /// Set for an int8 bundle (`runtime quantize`): how it was made and checked.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub quantization: Option<quantization::Quantization>,
+    /// Fixed inputs and the image embeddings written with the bundle (file role `self_check`);
+    /// absent in bundles written before it existed, which then load unchecked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub self_check: Option<self_check::SelfCheck>,
 }
 
 /// Files of a bundle compiled into a binary: (path inside the bundle, bytes).

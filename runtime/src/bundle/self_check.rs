@@ -3,7 +3,11 @@
 //! execution provider, another ONNX Runtime, a changed graph) is refused before it scores anything
 //! (`runtime serve` is not ready, `runtime info --check` fails).
 
+use std::path::Path;
+
 use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
 
 /// The manifest's file role of the expected embeddings.
 pub const SELF_CHECK: &str = "self_check";
@@ -74,6 +78,56 @@ pub fn inputs(generator: &str, count: usize, size: usize) -> Option<Vec<f32>> {
     Some(out)
 }
 
+/// The check's encoder inputs for a bundle of crop size `size`; an error naming the bundle `dir`
+/// when a newer tool wrote them with a generator this runtime does not know.
+pub fn check_inputs(check: &SelfCheck, size: usize, dir: &Path) -> Result<Vec<f32>> {
+    inputs(&check.inputs, check.count, size).ok_or_else(|| {
+        Error::bundle(
+            dir,
+            format!(
+                "its self-check uses inputs '{}', which this runtime does not know (a newer tool wrote it)",
+                check.inputs
+            ),
+        )
+    })
+}
+
+/// `got` (the encoder's embeddings of [`check_inputs`], on `device`) against the recorded
+/// `self_check.npy` bytes: the largest difference, or an error saying how far off they are.
+/// The one comparison of `runtime serve`, `runtime info --check` and the browser page.
+pub fn compare(
+    check: &SelfCheck,
+    dim: usize,
+    recorded_npy: &[u8],
+    got: &[f32],
+    dir: &Path,
+    device: &str,
+) -> Result<f32> {
+    let (shape, expected) = super::npy::from_bytes(recorded_npy, &dir.join(SELF_CHECK_FILE))?;
+    if shape != [check.count, dim] || got.len() != check.count * dim {
+        return Err(Error::bundle(
+            dir,
+            format!(
+                "self-check embeddings of shape {shape:?} and {} values computed, for [{}, {dim}]",
+                got.len(),
+                check.count
+            ),
+        ));
+    }
+    let diff = max_difference(got, &expected, dim);
+    // NaN (a broken encoder) fails too.
+    if diff.is_nan() || diff > check.tolerance {
+        return Err(Error::bundle(
+            dir,
+            format!(
+                "self-check failed on {device}: the image embeddings of its {} check inputs differ by up to {diff:.1e} from those written with the bundle (tolerance {:.0e}); another execution provider, ONNX Runtime or encoder file gives other results",
+                check.count, check.tolerance
+            ),
+        ));
+    }
+    Ok(diff)
+}
+
 /// The largest difference between two sets of embeddings after L2-normalising each row.
 pub fn max_difference(got: &[f32], expected: &[f32], dim: usize) -> f32 {
     let (a, b) = (
@@ -83,7 +137,14 @@ pub fn max_difference(got: &[f32], expected: &[f32], dim: usize) -> f32 {
     a.iter()
         .zip(&b)
         .map(|(x, y)| (x - y).abs())
-        .fold(0f32, f32::max)
+        // NaN stays NaN (f32::max would drop it): a broken encoder must not pass.
+        .fold(0f32, |m, d| {
+            if m.is_nan() || d.is_nan() {
+                f32::NAN
+            } else {
+                m.max(d)
+            }
+        })
 }
 
 #[cfg(test)]
@@ -110,5 +171,7 @@ mod tests {
         assert!(max_difference(&scaled, &e, 3) < 1e-6);
         let other = [2.0, 1.0, 2.0, 0.0, 3.0, 4.0];
         assert!(max_difference(&other, &e, 3) > 0.3);
+        let broken = [f32::NAN, 1.0, 1.0, 0.0, 3.0, 4.0];
+        assert!(max_difference(&broken, &e, 3).is_nan());
     }
 }

@@ -116,9 +116,50 @@ impl BundleWriter {
         )
     }
 
+    /// The self-check's expected embeddings: the staged image encoder, on the CPU, run on the
+    /// fixed inputs (`bundle::self_check`). Without the `onnx` feature bundles are written
+    /// without one.
+    #[cfg(feature = "onnx")]
+    fn add_self_check(&mut self) -> Result<()> {
+        use super::self_check::{self, SelfCheck, SELF_CHECK, SELF_CHECK_FILE};
+        let Some(entry) = self.manifest.files.get(super::IMAGE_ENCODER).cloned() else {
+            return Ok(());
+        };
+        let path = self.staged.path().join(&entry.path);
+        let bytes = std::fs::read(&path).map_err(|e| Error::io(&path, e))?;
+        let opts = crate::engine::EngineOptions {
+            device: crate::engine::Device::Cpu,
+            threads: 0,
+        };
+        let mut encoder = crate::engine::Encoder::from_bytes(
+            &bytes,
+            &path.display().to_string(),
+            &opts,
+            (entry.input.as_deref(), entry.output.as_deref()),
+        )?;
+        let check = SelfCheck::v1();
+        let size = self.manifest.preprocessing.image_size as usize;
+        let inputs = self_check::inputs(&check.inputs, check.count, size)
+            .expect("the writer's own generator");
+        let (embeddings, dim) = encoder.embed_pixels(&[check.count, 3, size, size], &inputs)?;
+        if dim != self.manifest.embedding_dim {
+            return Err(Error::Shape {
+                what: "image encoder".into(),
+                expected: format!("embedding size {}", self.manifest.embedding_dim),
+                actual: dim.to_string(),
+            });
+        }
+        let npy = npy::to_bytes(&[check.count, dim], &embeddings);
+        self.add_file(SELF_CHECK, SELF_CHECK_FILE, &npy, None)?;
+        self.manifest.self_check = Some(check);
+        Ok(())
+    }
+
     /// Validates, writes the manifest, verifies the staged folder and moves it into place
     /// (replacing an older bundle only where `create` allowed it).
     pub fn finish(mut self) -> Result<Bundle> {
+        #[cfg(feature = "onnx")]
+        self.add_self_check()?;
         if !self.manifest.files.contains_key(PREPROCESSOR_CONFIG) {
             let cfg =
                 serde_json::to_vec_pretty(&hf_preprocessor_config(&self.manifest.preprocessing))
@@ -180,7 +221,8 @@ mod tests {
             manifest_before
         );
         Bundle::load(&target).expect("the old bundle still loads");
-        assert_eq!(first.manifest.files.len(), 3);
+        // image encoder, label embeddings, preprocessor config, and the self-check written at finish
+        assert_eq!(first.manifest.files.len(), 4);
         assert!(
             leftovers(dir.path()).is_empty(),
             "{:?}",
