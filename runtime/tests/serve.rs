@@ -15,26 +15,31 @@ struct Server {
     addr: String,
 }
 
+/// `runtime serve --http 127.0.0.1:0 --device cpu --threads 1 ARGS`.
+fn spawn_serve(args: &[&str], stdout: Stdio, stderr: Stdio) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_runtime"))
+        .args([
+            "serve",
+            "--http",
+            "127.0.0.1:0",
+            "--device",
+            "cpu",
+            "--threads",
+            "1",
+        ])
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .stdout(stdout)
+        .stderr(stderr)
+        .spawn()
+        .expect("start runtime serve")
+}
+
 impl Server {
     /// `runtime serve --http 127.0.0.1:0 ARGS` (the demonstration bundle), once it is ready.
     fn start(args: &[&str]) -> Server {
         common::require_setup();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_runtime"))
-            .args([
-                "serve",
-                "--http",
-                "127.0.0.1:0",
-                "--device",
-                "cpu",
-                "--threads",
-                "1",
-            ])
-            .args(args)
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("start runtime serve");
+        let mut child = spawn_serve(args, Stdio::piped(), Stdio::inherit());
         let mut line = String::new();
         BufReader::new(child.stdout.take().expect("stdout"))
             .read_line(&mut line)
@@ -366,20 +371,7 @@ fn a_bundle_that_does_not_reproduce_its_self_check_is_refused() {
     assert!(err.contains("self-check failed on cpu"), "{err}");
 
     // The server never becomes ready with it: it says why and exits non-zero.
-    let mut child = Command::new(env!("CARGO_BIN_EXE_runtime"))
-        .args([
-            "serve",
-            "--http",
-            "127.0.0.1:0",
-            "--device",
-            "cpu",
-            "--model",
-            bad_s,
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("serve");
+    let mut child = spawn_serve(&["--model", bad_s], Stdio::null(), Stdio::piped());
     let deadline = Instant::now() + Duration::from_secs(60);
     let status = loop {
         if let Some(status) = child.try_wait().expect("wait") {
