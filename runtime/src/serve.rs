@@ -18,6 +18,7 @@ use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use axum::body::Bytes;
+use axum::extract::rejection::QueryRejection;
 use axum::extract::{DefaultBodyLimit, FromRequest, Multipart, Query, Request, State};
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -380,24 +381,27 @@ struct ClassifyQuery {
 
 async fn classify(
     State(service): State<Arc<Service>>,
-    Query(query): Query<ClassifyQuery>,
+    query: Result<Query<ClassifyQuery>, QueryRejection>,
     request: Request,
 ) -> Response {
     let started = Instant::now();
-    let response =
-        match tokio::time::timeout(service.options.timeout, answer(&service, query, request)).await
-        {
-            Ok(Ok(r)) => r,
-            Ok(Err(failure)) => failure.into_response(),
-            Err(_) => Failure(
-                StatusCode::GATEWAY_TIMEOUT,
-                format!(
-                    "no answer within {} ms",
-                    service.options.timeout.as_millis()
-                ),
-            )
-            .into_response(),
-        };
+    let answered = async {
+        // A malformed query gets the same JSON error as every other refusal.
+        let Query(query) = query.map_err(|e| Failure(e.status(), e.body_text()))?;
+        answer(&service, query, request).await
+    };
+    let response = match tokio::time::timeout(service.options.timeout, answered).await {
+        Ok(Ok(r)) => r,
+        Ok(Err(failure)) => failure.into_response(),
+        Err(_) => Failure(
+            StatusCode::GATEWAY_TIMEOUT,
+            format!(
+                "no answer within {} ms",
+                service.options.timeout.as_millis()
+            ),
+        )
+        .into_response(),
+    };
     service
         .metrics
         .requests
@@ -425,6 +429,19 @@ async fn answer(
     }
     let (labels, label_embeddings) = match &query.labels {
         None => (service.labels.clone(), None),
+        Some(_)
+            if !service.summary["has_text_encoder"]
+                .as_bool()
+                .unwrap_or(false) =>
+        {
+            return Err(Failure(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                format!(
+                    "this bundle has no text encoder, so it scores only its own {} labels: drop ?labels=",
+                    service.labels.len()
+                ),
+            ));
+        }
         Some(spec) => {
             let labels = request_labels(spec)?;
             let (reply, answer) = oneshot::channel();

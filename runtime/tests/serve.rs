@@ -220,6 +220,14 @@ fn answers_as_classify_and_refuses_bad_requests_clearly() {
     assert_eq!(server.post_image("?top_k=0", &bytes).0, 400);
     assert_eq!(server.post_image("?top_k=99", &bytes).0, 400);
     assert_eq!(server.get("/v1/nothing").0, 404);
+    let (status, _, body) = server.post_image("?top_k=abc", &bytes);
+    assert_eq!(status, 400);
+    let err: serde_json::Value = serde_json::from_str(&body).expect("a JSON error");
+    assert!(err["error"].as_str().unwrap().contains("top_k"), "{body}");
+    // The demonstration bundle has no text encoder: custom labels are refused, saying why.
+    let (status, _, body) = server.post_image("?labels=chest,knee", &bytes);
+    assert_eq!(status, 422);
+    assert!(body.contains("no text encoder"), "{body}");
     let (_, _, body) = server.post_image("?labels=%2Fetc%2Fpasswd", &bytes);
     assert!(!body.contains("root:"), "{body}");
 
@@ -392,4 +400,33 @@ fn a_bundle_that_does_not_reproduce_its_self_check_is_refused() {
         .expect("read");
     assert!(!status.success());
     assert!(err.contains("self-check failed on cpu"), "{err}");
+}
+
+#[test]
+fn custom_labels_score_as_classify_labels() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let bundle = common::tiny_bundle().to_str().expect("utf-8").to_string();
+    let server = Server::start(&["--model", &bundle]);
+    let file = png(dir.path(), "c.png", 5);
+    let labels = "chest x-ray,hand x-ray,knee";
+    let (status, _, body) = server.post_image(
+        "?labels=chest%20x-ray,hand%20x-ray,knee&top_k=3",
+        &std::fs::read(&file).expect("read"),
+    );
+    assert_eq!(status, 200, "{body}");
+    let served: serde_json::Value = serde_json::from_str(&body).expect("json");
+    let out = Command::new(env!("CARGO_BIN_EXE_classify"))
+        .args([
+            "--json", "--device", "cpu", "-k", "3", "--model", &bundle, "--labels", labels,
+        ])
+        .arg(&file)
+        .output()
+        .expect("classify");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let cli: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_same_scores(&served, &cli);
 }
