@@ -58,6 +58,10 @@ pub struct ServeOptions {
     pub workers: usize,
     /// Labels per image in the answer unless `?top_k=` says otherwise.
     pub top_k: usize,
+    /// Longest wait for a request's head on an open connection.
+    pub header_timeout: Duration,
+    /// Most connections open at once.
+    pub max_connections: usize,
 }
 
 /// What the encoder thread is asked to do.
@@ -249,14 +253,13 @@ async fn run(
         .with_state(Arc::clone(&service));
     drop(service);
     tracing::info!("listening on http://{}", listener.local_addr()?);
-    axum::serve(listener, app)
-        .with_graceful_shutdown(async {
-            tokio::select! {
-                _ = shutdown_signal() => {},
-                Ok(()) = load_failed => {},
-            }
-        })
-        .await?;
+    serve_connections(listener, app, &options, async {
+        tokio::select! {
+            _ = shutdown_signal() => {},
+            Ok(()) = load_failed => {},
+        }
+    })
+    .await;
     tracing::info!("stopped accepting; requests in flight answered");
     // The router (and with it the last queue sender) is gone: the encoder finishes and ends.
     encoder
@@ -281,6 +284,51 @@ fn load_checked(bundle: Bundle, options: EngineOptions) -> crate::Result<Engine>
         ),
     }
     Ok(engine)
+}
+
+/// Accepts HTTP/1.1 connections until `shutdown`. A connection whose request head has not arrived
+/// within `--header-timeout-ms` is closed (a client cannot hold one by sending nothing), and at
+/// most `--max-connections` are open at once (further clients wait in the listen backlog). Then:
+/// no new connections, and those open finish the requests they are in.
+async fn serve_connections(
+    listener: tokio::net::TcpListener,
+    app: Router,
+    options: &ServeOptions,
+    shutdown: impl std::future::Future<Output = ()>,
+) {
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let permits = Arc::new(Semaphore::new(options.max_connections.max(1)));
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(options.header_timeout);
+    tokio::pin!(shutdown);
+    loop {
+        let permit = tokio::select! {
+            p = Arc::clone(&permits).acquire_owned() => p.expect("the semaphore is never closed"),
+            _ = &mut shutdown => break,
+        };
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    // Out of file descriptors and the like: wait a little rather than spin.
+                    tracing::warn!("accept: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = &mut shutdown => break,
+        };
+        let service = hyper_util::service::TowerToHyperService::new(app.clone());
+        let connection = http.serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+        let connection = graceful.watch(connection);
+        tokio::spawn(async move {
+            let _ = connection.await;
+            drop(permit);
+        });
+    }
+    drop(listener);
+    graceful.shutdown().await;
 }
 
 async fn shutdown_signal() {

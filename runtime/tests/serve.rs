@@ -430,3 +430,21 @@ fn custom_labels_score_as_classify_labels() {
     let cli: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
     assert_same_scores(&served, &cli);
 }
+
+#[test]
+fn a_connection_that_sends_nothing_is_closed() {
+    let server = Server::start(&["--header-timeout-ms", "300"]);
+    let mut idle = TcpStream::connect(&server.addr).expect("connect");
+    idle.set_read_timeout(Some(Duration::from_secs(10))).ok();
+    let started = Instant::now();
+    let mut buf = [0u8; 64];
+    // Closed by the server (end of stream, or a reset), well before the client's own 10 s.
+    let closed = matches!(idle.read(&mut buf), Ok(0) | Err(_));
+    assert!(
+        closed && started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    // The server itself goes on.
+    assert_eq!(server.get("/healthz").0, 200);
+}

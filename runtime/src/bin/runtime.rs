@@ -275,6 +275,12 @@ enum Command {
         /// Labels per image in the answer unless the request says ?top_k=.
         #[arg(long, short = 'k', default_value_t = 3)]
         top_k: usize,
+        /// Close a connection whose request head has not arrived within this many milliseconds.
+        #[arg(long, default_value_t = 10_000)]
+        header_timeout_ms: u64,
+        /// Most connections open at once (more wait to be accepted).
+        #[arg(long, default_value_t = 512, value_parser = clap::value_parser!(u32).range(1..=65_536))]
+        max_connections: u32,
     },
 }
 
@@ -708,6 +714,8 @@ fn main() -> ExitCode {
                 timeout_ms,
                 workers,
                 top_k,
+                header_timeout_ms,
+                max_connections,
             } => {
                 tracing_subscriber::fmt()
                     .with_writer(std::io::stderr)
@@ -730,6 +738,8 @@ fn main() -> ExitCode {
                     timeout: std::time::Duration::from_millis(timeout_ms),
                     workers: workers.unwrap_or_else(runtime::pipeline::default_workers),
                     top_k,
+                    header_timeout: std::time::Duration::from_millis(header_timeout_ms),
+                    max_connections: max_connections as usize,
                 };
                 runtime::serve::serve(bundle, device.options(), options, |addr| {
                     // The first line on stdout, for scripts and tests that asked for port 0.
