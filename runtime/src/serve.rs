@@ -319,6 +319,8 @@ async fn serve_connections(
             },
             _ = &mut shutdown => break,
         };
+        // Answers are small and written in pieces: without this, Nagle's algorithm holds them back.
+        let _ = stream.set_nodelay(true);
         let service = hyper_util::service::TowerToHyperService::new(app.clone());
         let connection = http.serve_connection(hyper_util::rt::TokioIo::new(stream), service);
         let connection = graceful.watch(connection);
