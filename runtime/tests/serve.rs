@@ -119,9 +119,11 @@ fn png(dir: &Path, name: &str, shade: u32) -> PathBuf {
     p
 }
 
-fn classify_json(file: &Path) -> serde_json::Value {
+/// `classify --json --device cpu -k 3 EXTRA FILE`: its one JSON line.
+fn classify_json(file: &Path, extra: &[&str]) -> serde_json::Value {
     let out = Command::new(env!("CARGO_BIN_EXE_classify"))
         .args(["--json", "--device", "cpu", "-k", "3"])
+        .args(extra)
         .arg(file)
         .output()
         .expect("classify");
@@ -163,7 +165,7 @@ fn answers_as_classify_and_refuses_bad_requests_clearly() {
     assert!(head.contains("content-type: application/json"), "{head}");
     let served: serde_json::Value = serde_json::from_str(&body).expect("json");
     assert_eq!(served["file"], "body");
-    assert_same_scores(&served, &classify_json(&file));
+    assert_same_scores(&served, &classify_json(&file, &[]));
 
     let (status, _, body) = server.post_image("?top_k=1", &bytes);
     assert_eq!(status, 200, "{body}");
@@ -415,19 +417,7 @@ fn custom_labels_score_as_classify_labels() {
     );
     assert_eq!(status, 200, "{body}");
     let served: serde_json::Value = serde_json::from_str(&body).expect("json");
-    let out = Command::new(env!("CARGO_BIN_EXE_classify"))
-        .args([
-            "--json", "--device", "cpu", "-k", "3", "--model", &bundle, "--labels", labels,
-        ])
-        .arg(&file)
-        .output()
-        .expect("classify");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let cli: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    let cli = classify_json(&file, &["--model", &bundle, "--labels", labels]);
     assert_same_scores(&served, &cli);
 }
 
