@@ -137,6 +137,7 @@ struct Service {
     preprocessing: PreprocessConfig,
     labels: Vec<Label>,
     label_embeddings: Vec<f32>,
+    has_text_encoder: bool,
     logit_scale: f32,
     model_name: String,
     summary: serde_json::Value,
@@ -202,6 +203,7 @@ async fn run(
         preprocessing: m.preprocessing.clone(),
         labels: bundle.labels().into_iter().cloned().collect(),
         label_embeddings: bundle.label_embeddings.clone(),
+        has_text_encoder: bundle.has_text_encoder(),
         logit_scale: m.logit_scale,
         model_name: m.name.clone(),
         summary,
@@ -477,13 +479,10 @@ async fn answer(
             "the model is still loading".into(),
         ));
     }
-    let (labels, label_embeddings) = match &query.labels {
-        None => (service.labels.clone(), None),
-        Some(_)
-            if !service.summary["has_text_encoder"]
-                .as_bool()
-                .unwrap_or(false) =>
-        {
+    // Custom labels and their embeddings; None: the bundle's own (borrowed, not copied).
+    let custom: Option<(Vec<Label>, Vec<f32>)> = match &query.labels {
+        None => None,
+        Some(_) if !service.has_text_encoder => {
             return Err(Failure(
                 StatusCode::UNPROCESSABLE_ENTITY,
                 format!(
@@ -506,8 +505,15 @@ async fn answer(
                 .await
                 .map_err(|_| Failure(StatusCode::INTERNAL_SERVER_ERROR, "encoder gone".into()))?
                 .map_err(|e| Failure(StatusCode::UNPROCESSABLE_ENTITY, e))?;
-            (labels, Some(emb))
+            Some((labels, emb))
         }
+    };
+    let (labels, label_embeddings) = match &custom {
+        Some((labels, emb)) => (labels.as_slice(), emb.as_slice()),
+        None => (
+            service.labels.as_slice(),
+            service.label_embeddings.as_slice(),
+        ),
     };
     let k = query.top_k.unwrap_or(service.options.top_k);
     if k == 0 || k > labels.len() {
@@ -556,9 +562,6 @@ async fn answer(
         ));
     }
     let single = !multipart;
-    let label_embeddings = label_embeddings
-        .as_deref()
-        .unwrap_or(&service.label_embeddings);
     let mut lines = Vec::with_capacity(images.len());
     // Every image is queued before any answer is awaited, so one request's images share batches.
     let mut waiting = Vec::with_capacity(images.len());
@@ -585,7 +588,7 @@ async fn answer(
                     label_embeddings,
                     service.logit_scale,
                 );
-                crate::scoring::json_line(&name, &service.model_name, &labels, &probs, k)
+                crate::scoring::json_line(&name, &service.model_name, labels, &probs, k)
             }
             Err(e) => serde_json::json!({"file": name, "error": e}),
         };
