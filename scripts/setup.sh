@@ -3,7 +3,8 @@
 # Idempotent: whatever is already in place is reused. Everything lands under $XRAY_CLIP_CACHE
 # (default ~/.cache/xray-clip), so fresh clones on the same machine share it.
 #
-#   scripts/setup.sh            ONNX Runtime library + the small Python venv the tests use (pydicom, ...)
+#   scripts/setup.sh            ONNX Runtime library + the small Python venv the tests use (pydicom, ...),
+#                               Debian's orthanc (a PACS) and dcmtk (storescu, echoscu) for the DICOM node's tests
 #   scripts/setup.sh --dev      also the tools venv (torch, transformers, onnx) for fixtures and benchmarks,
 #                               and the export venv (below)
 #   scripts/setup.sh --export-tools   the venv of the exporters users have (HF optimum + optimum-onnx, which
@@ -72,6 +73,13 @@ install_onnxruntime
 # Test helpers: pydicom as the DICOM reference, pydicom-data for real radiographs, numpy for .npy.
 make_venv "$CACHE/testpy" numpy==2.3.5 pydicom==3.0.2 pydicom-data==1.0.0 pylibjpeg==2.1.0 \
   pylibjpeg-openjpeg==2.6.0 pylibjpeg-libjpeg==2.3.0 pillow==12.0.0 onnx==1.23.2 "onnxruntime==$ORT_VERSION"
+
+# The DICOM node's end-to-end tests: a real PACS (Orthanc) and dcmtk's storescu/echoscu.
+if ! command -v Orthanc >/dev/null || ! command -v storescu >/dev/null || ! command -v echoscu >/dev/null; then
+  log "Debian orthanc and dcmtk"
+  # (The tests start their own Orthanc on free loopback ports, whatever the package's service does.)
+  apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q orthanc dcmtk >/dev/null
+fi
 
 if [ "$want_dev" = 1 ]; then
   make_venv "$CACHE/py" "torch==$TORCH_VERSION" "transformers==5.24.0" onnx==1.23.2 "onnxruntime==$ORT_VERSION" \

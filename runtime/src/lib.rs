@@ -5,7 +5,7 @@
 //! [`engine`] (ONNX Runtime, feature `onnx`) -> embedding -> [`scoring`] -> label probabilities.
 //! [`text`] turns labels and templates into tokens for the text encoder, [`bundle`] reads and
 //! writes the model folder, [`pipeline`] runs the whole flow over many files, [`eval`] scores data
-//! sets, [`fs`] writes every file atomically, `serve` (feature `serve`) answers over HTTP. Without the `onnx` feature (the browser build)
+//! sets, [`fs`] writes every file atomically, `serve` (feature `serve`) answers over HTTP and as a DICOM node. Without the `onnx` feature (the browser build)
 //! everything but the engine and what drives it is available.
 #![warn(clippy::unwrap_used)]
 

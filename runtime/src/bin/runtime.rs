@@ -243,42 +243,75 @@ enum Command {
         #[arg(long)]
         force: bool,
     },
-    /// The classifier as an HTTP service: POST /v1/classify (an image as the body, or several as
-    /// multipart/form-data; ?top_k=, ?labels=), GET /v1/model, /healthz, /readyz, /metrics.
+    /// The classifier as a service: over HTTP (POST /v1/classify with an image as the body, or
+    /// several as multipart/form-data; ?top_k=, ?labels=; GET /v1/model, /healthz, /readyz,
+    /// /metrics) and/or as a DICOM node (C-STORE and C-ECHO; one JSON line per received instance
+    /// to --results).
     #[cfg(feature = "serve")]
     Serve {
         #[command(flatten)]
         model: ModelArgs,
         #[command(flatten)]
         device: DeviceArgs,
-        /// Address to listen on (port 0: any free port, printed at start).
-        #[arg(long, value_name = "ADDR:PORT", default_value = "127.0.0.1:8080")]
-        http: std::net::SocketAddr,
+        /// HTTP address to listen on (port 0: any free port, printed at start) [default:
+        /// 127.0.0.1:8080 unless --dicom is given alone].
+        #[arg(long, value_name = "ADDR:PORT")]
+        http: Option<std::net::SocketAddr>,
+        /// DICOM address to listen on, e.g. 0.0.0.0:11112 (port 0: any free port, printed at start).
+        #[arg(long, value_name = "ADDR:PORT", requires = "results")]
+        dicom: Option<std::net::SocketAddr>,
+        /// The DICOM node's AE title (associations calling another title are rejected).
+        #[arg(long, default_value = "XRAYCLIP", requires = "dicom")]
+        ae_title: String,
+        /// File the DICOM node appends one JSON line to per received instance (UIDs,
+        /// BodyPartExamined, prediction, the body-part term it implies, whether they disagree).
+        #[arg(long, value_name = "FILE", requires = "dicom")]
+        results: Option<PathBuf>,
+        /// Also POST each DICOM result line as JSON to this URL (http://HOST[:PORT]/PATH).
+        #[arg(long, value_name = "URL", requires = "dicom")]
+        post: Option<String>,
+        /// Keep received DICOM instances, unchanged, in this folder as <SOPInstanceUID>.dcm (never
+        /// replacing a file); without it nothing received is kept.
+        #[arg(long, value_name = "DIR", requires = "dicom")]
+        store: Option<PathBuf>,
+        /// Largest PDU the DICOM node receives, in bytes (announced to senders; larger PDUs end the
+        /// association). At least 16 KiB: an association request proposing every storage class
+        /// (as storescu does) is a PDU of about 12 kB.
+        #[arg(long, default_value_t = 65_536, value_parser = clap::value_parser!(u32).range(16_384..=16_777_216), requires = "dicom")]
+        max_pdu: u32,
+        /// DICOM associations served at once (more wait to be accepted).
+        #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=1_024), requires = "dicom")]
+        max_associations: u32,
+        /// Close a DICOM association that sends nothing for this many milliseconds.
+        #[arg(long, default_value_t = 60_000, requires = "dicom")]
+        dicom_timeout_ms: u64,
         /// Most images in one encoder call.
         #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..=256))]
         max_batch: u16,
         /// How long the encoder waits for more images once one is waiting, in milliseconds.
         #[arg(long, default_value_t = 5)]
         max_wait_ms: u64,
-        /// Images that may wait for the encoder; beyond, requests get 503 with Retry-After.
+        /// Images that may wait for the encoder; beyond, HTTP requests get 503 with Retry-After
+        /// (DICOM senders wait for their response).
         #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..=65_536))]
         queue: u32,
-        /// Largest request body in bytes (413 beyond).
+        /// Largest HTTP request body or DICOM instance in bytes (HTTP 413, C-STORE status A700).
         #[arg(long, default_value_t = 64 << 20)]
         max_body: usize,
-        /// Longest a request may take, in milliseconds (504 beyond).
+        /// Longest an HTTP request may take, in milliseconds (504 beyond).
         #[arg(long, default_value_t = 30_000)]
         timeout_ms: u64,
-        /// Images decoded at once [default: one per core].
+        /// Images the HTTP service decodes at once [default: one per core].
         #[arg(long)]
         workers: Option<usize>,
         /// Labels per image in the answer unless the request says ?top_k=.
         #[arg(long, short = 'k', default_value_t = 3)]
         top_k: usize,
-        /// Close a connection whose request head has not arrived within this many milliseconds.
+        /// Close an HTTP connection whose request head has not arrived within this many
+        /// milliseconds.
         #[arg(long, default_value_t = 10_000)]
         header_timeout_ms: u64,
-        /// Most connections open at once (more wait to be accepted).
+        /// Most HTTP connections open at once (more wait to be accepted).
         #[arg(long, default_value_t = 512, value_parser = clap::value_parser!(u32).range(1..=65_536))]
         max_connections: u32,
     },
@@ -707,6 +740,14 @@ fn main() -> ExitCode {
                 model,
                 device,
                 http,
+                dicom,
+                ae_title,
+                results,
+                post,
+                store,
+                max_pdu,
+                max_associations,
+                dicom_timeout_ms,
                 max_batch,
                 max_wait_ms,
                 queue,
@@ -717,6 +758,8 @@ fn main() -> ExitCode {
                 header_timeout_ms,
                 max_connections,
             } => {
+                use runtime::serve::{DicomOptions, HttpOptions, Listening, ServeOptions};
+                use std::time::Duration;
                 tracing_subscriber::fmt()
                     .with_writer(std::io::stderr)
                     .with_env_filter(
@@ -724,26 +767,59 @@ fn main() -> ExitCode {
                             .unwrap_or_else(|_| "info".into()),
                     )
                     .init();
+                let post = post
+                    .map(|u| {
+                        u.parse::<axum::http::Uri>()
+                            .map_err(|e| anyhow::anyhow!("--post {u}: {e}"))
+                    })
+                    .transpose()?;
                 let bundle = model.load()?;
                 let labels = bundle.manifest.labels.len();
                 if top_k == 0 || top_k > labels {
                     anyhow::bail!("-k {top_k} is not between 1 and the bundle's {labels} labels");
                 }
-                let options = runtime::serve::ServeOptions {
-                    http,
+                // HTTP on its default address unless the DICOM node is asked for alone.
+                let http = match (http, dicom) {
+                    (Some(addr), _) => Some(addr),
+                    (None, None) => Some(std::net::SocketAddr::from(([127, 0, 0, 1], 8080))),
+                    (None, Some(_)) => None,
+                };
+                let options = ServeOptions {
+                    http: http.map(|addr| HttpOptions {
+                        addr,
+                        max_body,
+                        timeout: Duration::from_millis(timeout_ms),
+                        header_timeout: Duration::from_millis(header_timeout_ms),
+                        max_connections: max_connections as usize,
+                    }),
+                    dicom: dicom.map(|addr| DicomOptions {
+                        addr,
+                        ae_title: ae_title.clone(),
+                        results: results
+                            .clone()
+                            .expect("clap requires --results with --dicom"),
+                        post: post.clone(),
+                        store: store.clone(),
+                        max_pdu,
+                        max_associations: max_associations as usize,
+                        idle_timeout: Duration::from_millis(dicom_timeout_ms),
+                        max_instance: max_body,
+                    }),
                     max_batch: max_batch.into(),
-                    max_wait: std::time::Duration::from_millis(max_wait_ms),
+                    max_wait: Duration::from_millis(max_wait_ms),
                     queue: queue as usize,
-                    max_body,
-                    timeout: std::time::Duration::from_millis(timeout_ms),
                     workers: workers.unwrap_or_else(runtime::pipeline::default_workers),
                     top_k,
-                    header_timeout: std::time::Duration::from_millis(header_timeout_ms),
-                    max_connections: max_connections as usize,
                 };
-                runtime::serve::serve(bundle, device.options(), options, |addr| {
-                    // The first line on stdout, for scripts and tests that asked for port 0.
-                    println!("listening on http://{addr}");
+                let ae = ae_title.trim().to_string();
+                runtime::serve::serve(bundle, device.options(), options, |listening| {
+                    // First lines on stdout, for scripts and tests that asked for port 0.
+                    match listening {
+                        Listening::Http(addr) => println!("listening on http://{addr}"),
+                        Listening::Dicom(addr) => {
+                            println!("listening on dicom://{addr} (AE title {ae})")
+                        }
+                    }
                 })?;
             }
         }
