@@ -489,7 +489,34 @@ impl Drop for Orthanc {
 fn orthanc_sends_real_radiographs_to_the_node() {
     let dir = common::tmpdir("dicom-orthanc");
     let data = common::pydicom_data();
-    let node = Node::start(dir.path(), false, &[]);
+    // Each result is also POSTed to a hook (a plain HTTP listener here).
+    let hook = TcpListener::bind("127.0.0.1:0").expect("hook");
+    let hook_url = format!("http://{}/hook", hook.local_addr().unwrap());
+    let posted = std::thread::spawn(move || {
+        (0..2)
+            .map(|_| {
+                let (mut s, _) = hook.accept().expect("a post");
+                let mut reader = BufReader::new(s.try_clone().unwrap());
+                let mut length = 0;
+                loop {
+                    let mut line = String::new();
+                    reader.read_line(&mut line).unwrap();
+                    if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                        length = v.trim().parse().unwrap();
+                    }
+                    if line == "\r\n" {
+                        break;
+                    }
+                }
+                let mut body = vec![0; length];
+                reader.read_exact(&mut body).unwrap();
+                s.write_all(b"HTTP/1.1 204 No Content\r\nContent-Length: 0\r\n\r\n")
+                    .unwrap();
+                serde_json::from_slice::<serde_json::Value>(&body).expect("posted JSON")
+            })
+            .collect::<Vec<_>>()
+    });
+    let node = Node::start(dir.path(), false, &["--post", &hook_url]);
     let pacs = Orthanc::start(&dir.path().join("orthanc"), node.dicom_port);
     let echo = http(&pacs.http, "POST", "/modalities/xrayclip/echo", b"{}");
     assert_eq!(echo.0, 200, "C-ECHO from Orthanc: {echo:?}");
@@ -523,4 +550,9 @@ fn orthanc_sends_real_radiographs_to_the_node() {
         assert_eq!(line["calling_ae_title"], "ORTHANC");
         assert!(line["stored"].is_null(), "nothing kept without --store");
     }
+    assert_eq!(
+        posted.join().expect("hook"),
+        lines,
+        "--post sends each line"
+    );
 }

@@ -332,6 +332,70 @@ fn batches_form_under_load() {
     );
 }
 
+#[test]
+fn a_full_queue_answers_503_with_retry_after_and_serves_again_after() {
+    let dir = tempfile::tempdir().expect("tmp");
+    // One image may wait; decoding (4 workers, a small PNG) outpaces the encoder by far.
+    let server = Server::start(&["--queue", "1", "--max-batch", "1", "--workers", "4"]);
+    let bytes = std::fs::read(png(dir.path(), "x.png", 5)).expect("read");
+    let replies: Vec<Reply> = std::thread::scope(|s| {
+        let senders: Vec<_> = (0..24)
+            .map(|_| {
+                s.spawn(|| {
+                    (0..4)
+                        .map(|_| server.post_image("", &bytes))
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        senders
+            .into_iter()
+            .flat_map(|t| t.join().expect("client"))
+            .collect()
+    });
+    let busy: Vec<&Reply> = replies.iter().filter(|r| r.0 == 503).collect();
+    assert!(!busy.is_empty(), "96 requests on a queue of 1: no 503");
+    for (status, head, body) in &replies {
+        assert!(*status == 200 || *status == 503, "{status} {body}");
+        if *status == 503 {
+            assert!(head.contains("retry-after: 1"), "{head}");
+            assert!(body.contains("busy"), "{body}");
+        }
+    }
+    let ok = replies.iter().filter(|r| r.0 == 200).count();
+    assert!(ok > 0, "nothing served");
+    // Once the burst is over, it serves as before, and the metrics count both answers.
+    assert_eq!(server.post_image("", &bytes).0, 200);
+    let (_, _, metrics) = server.get("/metrics");
+    assert!(
+        metrics.contains(&format!(
+            "xray_clip_http_requests_total{{status=\"503\"}} {}",
+            busy.len()
+        )),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(&format!(
+            "xray_clip_http_requests_total{{status=\"200\"}} {}",
+            ok + 1
+        )),
+        "{metrics}"
+    );
+}
+
+#[test]
+fn a_request_over_the_timeout_gets_504() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let server = Server::start(&["--timeout-ms", "1"]);
+    let big = dir.path().join("big.png");
+    image::GrayImage::from_fn(1024, 1024, |x, y| image::Luma([((x ^ y) % 256) as u8]))
+        .save(&big)
+        .expect("png");
+    let (status, _, body) = server.post_image("", &std::fs::read(&big).expect("read"));
+    assert_eq!(status, 504, "{body}");
+    assert!(body.contains("no answer within 1 ms"), "{body}");
+}
+
 fn runtime_cmd(args: &[&str]) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_runtime"))
         .args(args)
