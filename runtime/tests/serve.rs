@@ -335,7 +335,7 @@ fn batches_form_under_load() {
 #[test]
 fn a_full_queue_answers_503_with_retry_after_and_serves_again_after() {
     let dir = tempfile::tempdir().expect("tmp");
-    // One image may wait; decoding (4 workers, a small PNG) outpaces the encoder by far.
+    // One image at a time is taken in; 24 clients at once find it busy.
     let server = Server::start(&["--queue", "1", "--max-batch", "1", "--workers", "4"]);
     let bytes = std::fs::read(png(dir.path(), "x.png", 5)).expect("read");
     let replies: Vec<Reply> = std::thread::scope(|s| {

@@ -291,8 +291,9 @@ enum Command {
         /// How long the encoder waits for more images once one is waiting, in milliseconds.
         #[arg(long, default_value_t = 5)]
         max_wait_ms: u64,
-        /// Images that may wait for the encoder; beyond, HTTP requests get 503 with Retry-After
-        /// (DICOM senders wait for their response).
+        /// Images the HTTP service takes in at once (being decoded, waiting for the encoder or in
+        /// it); beyond, requests get 503 with Retry-After before their body is read. DICOM senders
+        /// wait for their response instead.
         #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..=65_536))]
         queue: u32,
         /// Largest HTTP request body or DICOM instance in bytes (HTTP 413, C-STORE status A700).

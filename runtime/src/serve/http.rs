@@ -16,7 +16,7 @@ use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
-use tokio::sync::{oneshot, Semaphore};
+use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
 
 use super::{Job, Refused, Service, StatusLabel};
 use crate::image::decode::decode_bytes;
@@ -45,6 +45,8 @@ struct Http {
     options: HttpOptions,
     /// Images decoded at once (`--workers`).
     decode: Semaphore,
+    /// Images admitted at once (`--queue`).
+    admission: Arc<Semaphore>,
 }
 
 /// An answer that is not 200: the status and a one-line reason, as JSON `{"error": ...}`.
@@ -74,6 +76,7 @@ pub(super) async fn serve(
         .expect("the HTTP service runs only with HTTP options");
     let http = Arc::new(Http {
         decode: Semaphore::new(service.options.workers.max(1)),
+        admission: Arc::new(Semaphore::new(service.options.queue.max(1))),
         service,
         options: options.clone(),
     });
@@ -187,6 +190,9 @@ async fn answer(http: &Http, query: ClassifyQuery, request: Request) -> Result<R
             "the model is still loading".into(),
         ));
     }
+    // Admission before any work: a refused request costs neither reading its body nor decoding it,
+    // so an overloaded server spends its time on the requests it will answer.
+    let mut admitted = vec![admit(http)?];
     // Custom labels and their embeddings; None: the bundle's own (borrowed, not copied).
     let custom: Option<(Vec<Label>, Vec<f32>)> = match &query.labels {
         None => None,
@@ -273,7 +279,10 @@ async fn answer(http: &Http, query: ClassifyQuery, request: Request) -> Result<R
     let mut lines = Vec::with_capacity(images.len());
     // Every image is queued before any answer is awaited, so one request's images share batches.
     let mut waiting = Vec::with_capacity(images.len());
-    for (name, bytes) in images {
+    for (i, (name, bytes)) in images.into_iter().enumerate() {
+        if i > 0 {
+            admitted.push(admit(http)?);
+        }
         match tensor(http, &name, bytes).await {
             Ok(pixels) => {
                 let (reply, answer) = oneshot::channel();
@@ -328,6 +337,22 @@ fn request_labels(spec: &str) -> Result<Vec<Label>, Failure> {
         )));
     }
     Ok(list)
+}
+
+/// One image's place among the `--queue` images admitted at once (being decoded, waiting for the
+/// encoder or in it); none left: 503.
+fn admit(http: &Http) -> Result<OwnedSemaphorePermit, Failure> {
+    Arc::clone(&http.admission)
+        .try_acquire_owned()
+        .map_err(|_| {
+            Failure(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!(
+                    "busy: {} images are being processed",
+                    http.service.options.queue
+                ),
+            )
+        })
 }
 
 fn enqueue(service: &Service, job: Job) -> Result<(), Failure> {

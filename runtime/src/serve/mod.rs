@@ -4,7 +4,8 @@
 //! ```text
 //! HTTP body / C-STORE instance -> decode + preprocess (HTTP: blocking pool, --workers at a time;
 //!                                 DICOM: the association's own thread)
-//!              -> bounded queue (--queue; full: HTTP 503 + Retry-After, DICOM waits)
+//!              -> bounded queue (--queue; HTTP: admitted before its body is read, else 503 +
+//!                 Retry-After; DICOM waits)
 //!              -> one encoder thread, batching what arrives together (--max-batch, --max-wait-ms)
 //!              -> scores -> the JSON line of `classify --json` (DICOM: with the instance's UIDs and
 //!                 body part, to --results)
@@ -46,7 +47,8 @@ pub struct ServeOptions {
     pub max_batch: usize,
     /// How long the encoder waits for more images after the first of a batch.
     pub max_wait: Duration,
-    /// Images waiting for the encoder; beyond it HTTP requests get 503 and DICOM senders wait.
+    /// Images the HTTP service takes in at once (decoding, waiting, in the encoder; beyond: 503),
+    /// and the encoder queue's bound (DICOM senders wait for room).
     pub queue: usize,
     /// Images decoded at once by the HTTP service.
     pub workers: usize,
