@@ -23,7 +23,7 @@ use dicom_ul::pdu::{PDataValue, PDataValueType, PresentationContextResultReason}
 use dicom_ul::{Pdu, ServerAssociation, ServerAssociationOptions};
 use tokio::sync::{oneshot, Semaphore};
 
-use super::{DicomStatusLabel, Job, Service};
+use super::model::{DicomStatusLabel, Job, Service};
 use crate::fs::{StreamMode, StreamedFile};
 use crate::image::decode::decode_bytes;
 use crate::image::preprocess::preprocess;
@@ -704,7 +704,7 @@ fn classify(shared: &Shared, file: &[u8], name: &Path) -> Result<Scored, (u16, S
         &service.model_name,
         &service.labels,
         &probs,
-        service.options.top_k,
+        service.top_k,
     );
     Ok(Scored {
         line,

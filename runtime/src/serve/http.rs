@@ -18,7 +18,7 @@ use axum::routing::{get, post};
 use axum::Router;
 use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
 
-use super::{Job, Refused, Service, StatusLabel};
+use super::model::{Job, Refused, Service, StatusLabel};
 use crate::image::decode::decode_bytes;
 use crate::image::preprocess::preprocess;
 use crate::text::labels::{self, Label};
@@ -67,16 +67,12 @@ impl IntoResponse for Failure {
 pub(super) async fn serve(
     listener: tokio::net::TcpListener,
     service: Arc<Service>,
+    options: HttpOptions,
     shutdown: impl std::future::Future<Output = ()>,
 ) {
-    let options = service
-        .options
-        .http
-        .clone()
-        .expect("the HTTP service runs only with HTTP options");
     let http = Arc::new(Http {
-        decode: Semaphore::new(service.options.workers.max(1)),
-        admission: Arc::new(Semaphore::new(service.options.queue.max(1))),
+        decode: Semaphore::new(service.workers.max(1)),
+        admission: Arc::new(Semaphore::new(service.queue.max(1))),
         service,
         options: options.clone(),
     });
@@ -229,7 +225,7 @@ async fn answer(http: &Http, query: ClassifyQuery, request: Request) -> Result<R
             service.label_embeddings.as_slice(),
         ),
     };
-    let k = query.top_k.unwrap_or(service.options.top_k);
+    let k = query.top_k.unwrap_or(service.top_k);
     if k == 0 || k > labels.len() {
         return Err(Failure(
             StatusCode::BAD_REQUEST,
@@ -347,10 +343,7 @@ fn admit(http: &Http) -> Result<OwnedSemaphorePermit, Failure> {
         .map_err(|_| {
             Failure(
                 StatusCode::SERVICE_UNAVAILABLE,
-                format!(
-                    "busy: {} images are being processed",
-                    http.service.options.queue
-                ),
+                format!("busy: {} images are being processed", http.service.queue),
             )
         })
 }
@@ -359,10 +352,7 @@ fn enqueue(service: &Service, job: Job) -> Result<(), Failure> {
     service.try_enqueue(job).map_err(|refused| match refused {
         Refused::Full => Failure(
             StatusCode::SERVICE_UNAVAILABLE,
-            format!(
-                "busy: {} images are waiting for the encoder",
-                service.options.queue
-            ),
+            format!("busy: {} images are waiting for the encoder", service.queue),
         ),
         Refused::Stopped => Failure(
             StatusCode::SERVICE_UNAVAILABLE,

@@ -15,25 +15,20 @@
 //! finish; then the process exits.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use prometheus_client::encoding::EncodeLabelSet;
-use prometheus_client::metrics::counter::Counter;
-use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::metrics::histogram::Histogram;
-use prometheus_client::registry::Registry;
 use tokio::sync::{oneshot, watch};
 
 use crate::bundle::Bundle;
-use crate::engine::{Engine, EngineOptions};
-use crate::image::preprocess::PreprocessConfig;
-use crate::text::labels::Label;
+use crate::engine::EngineOptions;
 
 pub mod dicom;
 pub mod http;
+mod model;
+
+use self::model::{encoder_loop, load_checked, Metrics, Service};
 
 pub use dicom::DicomOptions;
 pub use http::HttpOptions;
@@ -61,136 +56,6 @@ pub struct ServeOptions {
 pub enum Listening {
     Http(SocketAddr),
     Dicom(SocketAddr),
-}
-
-/// What the encoder thread is asked to do.
-enum Job {
-    /// One preprocessed image: its embedding (normalised by the scorer).
-    Image {
-        pixels: Vec<f32>,
-        reply: oneshot::Sender<Result<Vec<f32>, String>>,
-    },
-    /// Custom labels: their normalised embeddings from the bundle's text encoder.
-    Labels {
-        labels: Vec<Label>,
-        reply: oneshot::Sender<Result<Vec<f32>, String>>,
-    },
-}
-
-/// Why a job was not queued.
-enum Refused {
-    /// `--queue` images are already waiting.
-    Full,
-    /// The encoder has ended (the model failed to load, or the server is stopping).
-    Stopped,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct StatusLabel {
-    status: u16,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct DicomStatusLabel {
-    /// The C-STORE response status, as DICOM writes it: 4 hex digits (`0000` success).
-    status: String,
-}
-
-struct Metrics {
-    registry: Registry,
-    requests: Family<StatusLabel, Counter>,
-    latency: Histogram,
-    batch_size: Histogram,
-    queue_depth: Gauge<i64, AtomicI64>,
-    instances: Family<DicomStatusLabel, Counter>,
-}
-
-impl Metrics {
-    fn new() -> Metrics {
-        let mut registry = Registry::with_prefix("xray_clip");
-        let requests = Family::<StatusLabel, Counter>::default();
-        let latency = Histogram::new([
-            0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
-        ]);
-        let batch_size = Histogram::new([1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0]);
-        let queue_depth = Gauge::<i64, AtomicI64>::default();
-        let instances = Family::<DicomStatusLabel, Counter>::default();
-        registry.register(
-            "http_requests",
-            "HTTP requests answered, by status",
-            requests.clone(),
-        );
-        registry.register(
-            "http_request_duration_seconds",
-            "Time from request to answer",
-            latency.clone(),
-        );
-        registry.register(
-            "encoder_batch_size",
-            "Images per encoder call",
-            batch_size.clone(),
-        );
-        registry.register(
-            "queue_depth",
-            "Images waiting for the encoder",
-            queue_depth.clone(),
-        );
-        registry.register(
-            "dicom_instances",
-            "DICOM instances received by C-STORE, by response status",
-            instances.clone(),
-        );
-        Metrics {
-            registry,
-            requests,
-            latency,
-            batch_size,
-            queue_depth,
-            instances,
-        }
-    }
-}
-
-/// The model as both front ends see it: the queue to the encoder and what scoring needs.
-struct Service {
-    jobs: mpsc::SyncSender<Job>,
-    ready: AtomicBool,
-    preprocessing: PreprocessConfig,
-    labels: Vec<Label>,
-    label_embeddings: Vec<f32>,
-    has_text_encoder: bool,
-    logit_scale: f32,
-    model_name: String,
-    summary: serde_json::Value,
-    options: ServeOptions,
-    metrics: Metrics,
-}
-
-impl Service {
-    fn is_ready(&self) -> bool {
-        self.ready.load(Ordering::SeqCst)
-    }
-
-    /// Queues a job if there is room (the HTTP service: a full queue is answered 503).
-    fn try_enqueue(&self, job: Job) -> Result<(), Refused> {
-        self.metrics.queue_depth.inc();
-        self.jobs.try_send(job).map_err(|e| {
-            self.metrics.queue_depth.dec();
-            match e {
-                mpsc::TrySendError::Full(_) => Refused::Full,
-                mpsc::TrySendError::Disconnected(_) => Refused::Stopped,
-            }
-        })
-    }
-
-    /// Queues a job, waiting for room (the DICOM node: the sender waits for its response).
-    fn enqueue_waiting(&self, job: Job) -> Result<(), Refused> {
-        self.metrics.queue_depth.inc();
-        self.jobs.send(job).map_err(|_| {
-            self.metrics.queue_depth.dec();
-            Refused::Stopped
-        })
-    }
 }
 
 /// Serves `bundle` until SIGTERM or Ctrl-C. `on_listening` gets each bound address before the model
@@ -257,7 +122,9 @@ async fn run(
         logit_scale: m.logit_scale,
         model_name: m.name.clone(),
         summary,
-        options: options.clone(),
+        queue: options.queue,
+        top_k: options.top_k,
+        workers: options.workers,
         metrics: Metrics::new(),
     });
     let load_error = Arc::new(Mutex::new(None));
@@ -273,8 +140,7 @@ async fn run(
                     service.ready.store(true, Ordering::SeqCst);
                     let batch_size = service.metrics.batch_size.clone();
                     let depth = service.metrics.queue_depth.clone();
-                    let (max_batch, max_wait) =
-                        (service.options.max_batch, service.options.max_wait);
+                    let (max_batch, max_wait) = (options.max_batch, options.max_wait);
                     let templates = engine.bundle.manifest.templates.clone();
                     // The thread holds no sender: it ends when the front ends (the last senders)
                     // are gone.
@@ -309,13 +175,16 @@ async fn run(
     let stopped = |mut rx: watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;
     };
-    let http_task = http_listener.map(|listener| {
-        tokio::spawn(http::serve(
-            listener,
-            Arc::clone(&service),
-            stopped(stopping.clone()),
-        ))
-    });
+    let http_task = http_listener
+        .zip(options.http.clone())
+        .map(|(listener, http)| {
+            tokio::spawn(http::serve(
+                listener,
+                Arc::clone(&service),
+                http,
+                stopped(stopping.clone()),
+            ))
+        });
     let dicom_task = dicom_node
         .map(|node| tokio::spawn(node.serve(Arc::clone(&service), stopped(stopping.clone()))));
     drop(service);
@@ -334,21 +203,6 @@ async fn run(
         anyhow::bail!("not serving: {e}");
     }
     Ok(())
-}
-
-/// The engine, once the bundle has reproduced its self-check on this device.
-fn load_checked(bundle: Bundle, options: EngineOptions) -> crate::Result<Engine> {
-    let mut engine = Engine::load(bundle, options)?;
-    match engine.self_check()? {
-        Some(diff) => tracing::info!(
-            "model loaded, self-check passed on {} (largest difference {diff:.1e}): ready",
-            engine.device().name()
-        ),
-        None => tracing::warn!(
-            "model loaded: ready (the bundle has no self-check; written before they existed)"
-        ),
-    }
-    Ok(engine)
 }
 
 async fn shutdown_signal() {
@@ -371,72 +225,4 @@ async fn shutdown_signal() {
         _ = term => {},
     }
     tracing::info!("shutting down");
-}
-
-/// The encoder thread: takes the first waiting job, gathers what else arrives within `max_wait`
-/// (up to `max_batch` images), runs them as one batch, answers each.
-fn encoder_loop(
-    mut engine: Engine,
-    queue: mpsc::Receiver<Job>,
-    max_batch: usize,
-    max_wait: Duration,
-    templates: &[String],
-    batch_size: &Histogram,
-    depth: &Gauge<i64, AtomicI64>,
-) {
-    let dim = engine.bundle.manifest.embedding_dim;
-    let mut pending: Option<Job> = None;
-    loop {
-        let first = match pending.take() {
-            Some(job) => job,
-            None => match queue.recv() {
-                Ok(job) => job,
-                Err(_) => return,
-            },
-        };
-        depth.dec();
-        let (pixels, reply) = match first {
-            Job::Labels { labels, reply } => {
-                let result =
-                    crate::pipeline::text_label_embeddings(&mut engine, &labels, templates)
-                        .map_err(|e| e.to_string());
-                let _ = reply.send(result);
-                continue;
-            }
-            Job::Image { pixels, reply } => (pixels, reply),
-        };
-        let mut batch = pixels;
-        let mut replies = vec![reply];
-        let deadline = Instant::now() + max_wait;
-        while replies.len() < max_batch {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match queue.recv_timeout(left) {
-                Ok(Job::Image { pixels, reply }) => {
-                    depth.dec();
-                    batch.extend_from_slice(&pixels);
-                    replies.push(reply);
-                }
-                Ok(labels) => {
-                    // Counted when it is taken up, at the top of the loop.
-                    pending = Some(labels);
-                    break;
-                }
-                Err(_) => break,
-            }
-        }
-        batch_size.observe(replies.len() as f64);
-        match engine.embed_images(&batch, replies.len()) {
-            Ok(embeddings) => {
-                for (reply, e) in replies.into_iter().zip(embeddings.chunks_exact(dim)) {
-                    let _ = reply.send(Ok(e.to_vec()));
-                }
-            }
-            Err(e) => {
-                tracing::error!("encoder: {e}");
-                for reply in replies {
-                    let _ = reply.send(Err(format!("encoder: {e}")));
-                }
-            }
-        }
-    }
 }
