@@ -254,6 +254,30 @@ fn answers_as_classify_and_refuses_bad_requests_clearly() {
 }
 
 #[test]
+fn png_jpeg_and_dicom_bodies_answer_as_classify() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let server = Server::start(&[]);
+    let png = png(dir.path(), "a.png", 4);
+    let jpeg = dir.path().join("a.jpg");
+    image::GrayImage::from_fn(48, 40, |x, y| image::Luma([((x * 7 + y * 2) % 256) as u8]))
+        .save(&jpeg)
+        .expect("jpeg");
+    let pixels = (0..64 * 48).map(|i| (i * 13 % 4096) as u16).collect();
+    let dicom = common::write_dicom(
+        dir.path(),
+        "a.dcm",
+        common::image_object(64, 48, pixels, "MONOCHROME2"),
+        "1.2.840.10008.1.2.1",
+    );
+    for file in [&png, &jpeg, &dicom] {
+        let (status, _, body) = server.post_image("", &std::fs::read(file).expect("read"));
+        assert_eq!(status, 200, "{}: {body}", file.display());
+        let served: serde_json::Value = serde_json::from_str(&body).expect("json");
+        assert_same_scores(&served, &classify_json(file, &[]));
+    }
+}
+
+#[test]
 fn requests_arriving_together_share_encoder_calls_and_sigterm_finishes_them() {
     let dir = tempfile::tempdir().expect("tmp");
     let server = Server::start(&["--max-batch", "8", "--max-wait-ms", "200", "--workers", "2"]);
