@@ -199,6 +199,8 @@ pub struct ResultPrinter<W: std::io::Write = std::io::Stdout> {
     pub k: usize,
     /// Width of the file column.
     pub width: usize,
+    /// The bundle's "unknown" rule: below this top-1 probability the answer is `unknown`.
+    pub reject_below: Option<f32>,
     out: W,
     header_done: bool,
 }
@@ -218,6 +220,7 @@ impl<W: std::io::Write> ResultPrinter<W> {
             json,
             k,
             width: 4,
+            reject_below: None,
             out,
             header_done: false,
         }
@@ -255,18 +258,28 @@ impl<W: std::io::Write> ResultPrinter<W> {
         labels: &[Label],
         probs: &[f32],
     ) -> std::io::Result<()> {
+        let top = crate::scoring::top_k(probs, 1)[0];
+        let unknown = self.reject_below.is_some_and(|t| probs[top] < t);
         if self.json {
-            return writeln!(
-                self.out,
-                "{}",
-                crate::scoring::json_line(&show_path(file), model, labels, probs, self.k)
-            );
+            let mut line =
+                crate::scoring::json_line(&show_path(file), model, labels, probs, self.k);
+            if self.reject_below.is_some() {
+                // The scores stay: "unknown" says the top one is not to be trusted.
+                line["unknown"] = unknown.into();
+            }
+            return writeln!(self.out, "{line}");
         }
         self.header()?;
-        let cells: String = crate::scoring::top_k(probs, self.k)
+        let mut cells: String = crate::scoring::top_k(probs, self.k)
             .iter()
             .map(|&i| format!("{:<28}", format!("{} {:.4}", labels[i].name, probs[i])))
             .collect();
+        if unknown {
+            cells = format!(
+                "unknown (below {:.4}): {cells}",
+                self.reject_below.unwrap_or(0.0)
+            );
+        }
         writeln!(
             self.out,
             "{:<width$}  {}",

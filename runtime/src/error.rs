@@ -105,6 +105,9 @@ pub enum Error {
     /// A data set that cannot be read or split as asked.
     #[error("{0}")]
     Dataset(String),
+    /// A calibration that cannot be fitted from the images given.
+    #[error("{0}")]
+    Calibration(String),
     /// A path that cannot be used as given (a folder where a file is wanted, a name that leaves
     /// its folder).
     #[error("{0}")]

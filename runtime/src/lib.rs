@@ -10,6 +10,7 @@
 #![warn(clippy::unwrap_used)]
 
 pub mod bundle;
+pub mod calibration;
 pub mod error;
 pub mod eval;
 pub mod fs;

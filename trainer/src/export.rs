@@ -107,6 +107,7 @@ pub fn export(spec: ExportSpec, out: &Path, force: bool) -> Result<Bundle> {
         provenance,
         quantization: None,
         self_check: None,
+        calibration: None,
     };
     let mut text = None;
     if !spec.without_text_encoder {

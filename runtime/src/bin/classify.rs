@@ -30,9 +30,14 @@ struct Cli {
     /// How many labels to show per image (at most the number of labels).
     #[arg(long, short = 'k', default_value_t = 3, value_parser = clap::value_parser!(u16).range(1..))]
     top_k: u16,
-    /// JSON lines instead of a table (one per file; a file that failed has "error").
+    /// JSON lines instead of a table (one per file; a file that failed has "error"; with a
+    /// calibrated bundle, "unknown": true when the top label is below its threshold).
     #[arg(long)]
     json: bool,
+    /// Show the top label even where the bundle's calibration answers "unknown" (the calibrated
+    /// probabilities stay).
+    #[arg(long)]
+    no_reject: bool,
     #[command(flatten)]
     labels: LabelArgs,
     #[command(flatten)]
@@ -119,7 +124,15 @@ fn main() -> ExitCode {
         let mut engine = Engine::load(bundle, cli.device.options())?;
         let (labels, label_emb) = cli.labels.resolve(&mut engine)?;
         let model_name = engine.bundle.manifest.name.clone();
-        let scale = engine.bundle.manifest.logit_scale;
+        // The bundle's calibration holds for its own labels only.
+        let own_labels = cli.labels.labels.is_none() && cli.labels.templates.is_empty();
+        let manifest = &engine.bundle.manifest;
+        let (scale, reject_below) = if own_labels {
+            let reject = manifest.reject_below().filter(|_| !cli.no_reject);
+            (manifest.calibrated_logit_scale(), reject)
+        } else {
+            (manifest.logit_scale, None)
+        };
         let k = runtime::cli::top_k(cli.top_k as usize, labels.len());
         let output = open_output(&cli)?;
         let out_name = cli
@@ -127,6 +140,7 @@ fn main() -> ExitCode {
             .as_deref()
             .map_or_else(|| "stdout".to_string(), show_path);
         let mut printer = runtime::cli::ResultPrinter::to(cli.json, k, output);
+        printer.reject_below = reject_below;
         let (listed, skipped) = (AtomicUsize::new(0), AtomicUsize::new(0));
         let listing = || {
             let given = files::list(cli.paths.clone());

@@ -224,6 +224,48 @@ enum Command {
         #[arg(long)]
         force: bool,
     },
+    /// Fit a bundle's calibration and write a calibrated copy to --out: a temperature for its label
+    /// probabilities, fitted on held-out labelled images (never the model's own test images), and
+    /// an "unknown" threshold on the calibrated top-1 probability, chosen on --ood images (none
+    /// of its labels) for --target-false-accept. classify then answers "unknown" below it.
+    Calibrate {
+        /// The bundle (or --model).
+        #[arg(value_name = "BUNDLE")]
+        bundle: Option<PathBuf>,
+        #[command(flatten)]
+        model: ModelArgs,
+        /// Labelled images to fit the temperature on: folder, unifesp or irma (as runtime eval).
+        #[arg(long)]
+        dataset: runtime::eval::datasets::DatasetKind,
+        #[command(flatten)]
+        data: runtime::cli::DataArgs,
+        /// Which images of --dataset, as runtime eval's --split (all, train, test or a split
+        /// spec). Images of the model's recorded test part are refused: calibrate on held-out
+        /// images, evaluate on the test ones.
+        #[arg(long)]
+        split: String,
+        /// Images that are none of the bundle's labels (a folder, searched recursively, or a
+        /// file): the "unknown" threshold is chosen on them. Without it only the temperature is
+        /// fitted.
+        #[arg(long, value_name = "DIR")]
+        ood: Option<PathBuf>,
+        /// The largest share of the --ood images the "unknown" rule may let through.
+        #[arg(long, default_value_t = 0.05)]
+        target_false_accept: f64,
+        /// Folder of the calibrated bundle (a folder of other things: the bundle goes inside it).
+        #[arg(long)]
+        out: PathBuf,
+        /// Name of the calibrated bundle [default: the source's name + "-calibrated"].
+        #[arg(long)]
+        name: Option<String>,
+        #[command(flatten)]
+        device: DeviceArgs,
+        #[command(flatten)]
+        batch: BatchArgs,
+        /// Replace an existing bundle at --out.
+        #[arg(long)]
+        force: bool,
+    },
     /// Recompute a bundle's label embeddings with its text encoder; writes a new bundle to --out.
     Prompts {
         #[command(flatten)]
@@ -512,6 +554,117 @@ fn main() -> ExitCode {
                     b.manifest.preprocessing.image_size, found.preprocessing_from
                 );
                 wrote(&b);
+            }
+            Command::Calibrate {
+                bundle,
+                model,
+                dataset,
+                data,
+                split,
+                ood,
+                target_false_accept,
+                out,
+                name,
+                device,
+                batch,
+                force,
+            } => {
+                use runtime::bundle::calibrate;
+                if !(0.0..=1.0).contains(&target_false_accept) {
+                    anyhow::bail!(
+                        "--target-false-accept {target_false_accept} is not a fraction in [0, 1]"
+                    );
+                }
+                let src = match (bundle, &model.model) {
+                    (Some(_), Some(_)) => {
+                        anyhow::bail!("give the bundle once: BUNDLE or --model, not both")
+                    }
+                    (Some(b), None) => Bundle::load(&b)?,
+                    (None, _) => model.load()?,
+                };
+                let ds = data.load(dataset)?;
+                // The model's own test images are never used to fit anything.
+                let recorded_test: std::collections::HashSet<PathBuf> =
+                    if src.manifest.provenance.dataset == ds.name {
+                        eval_samples(&src, &ds, dataset, None, None)?
+                            .1
+                            .into_iter()
+                            .map(|s| s.path)
+                            .collect()
+                    } else {
+                        Default::default()
+                    };
+                let (split_name, samples) =
+                    eval_samples(&src, &ds, dataset, Some(split.clone()), None)?;
+                if samples.iter().any(|s| recorded_test.contains(&s.path)) {
+                    anyhow::bail!(
+                        "--split {split} holds images of {}'s test part (provenance: {} {}): calibrate on held-out training images, not on the test images",
+                        src.manifest.name,
+                        src.manifest.provenance.dataset,
+                        src.manifest.provenance.split
+                    );
+                }
+                let mine: Vec<&runtime::text::labels::Label> = src.labels();
+                let index =
+                    runtime::text::labels::match_labels(&mine, &ds.labels).ok_or_else(|| {
+                        anyhow::anyhow!(
+                            "the labels of {} are not all among the bundle's {}",
+                            ds.name,
+                            mine.len()
+                        )
+                    })?;
+                let images: Vec<(PathBuf, usize)> = samples
+                    .iter()
+                    .map(|s| (s.path.clone(), index[s.primary()]))
+                    .collect();
+                let ood_files: Vec<PathBuf> = match &ood {
+                    Some(dir) => runtime::image::files::list([dir.clone()])
+                        .filter_map(|l| l.ok())
+                        .collect(),
+                    None => Vec::new(),
+                };
+                if ood.is_some() && ood_files.is_empty() {
+                    anyhow::bail!("--ood {}: no images found", ood.as_ref().unwrap().display());
+                }
+                let set = calibrate::CalibrationSet {
+                    data: format!("{} ({split_name})", ds.name),
+                    images: &images,
+                    ood_data: ood
+                        .as_ref()
+                        .map_or(String::new(), |p| p.display().to_string()),
+                    ood: &ood_files,
+                    target_false_accept,
+                };
+                let mut engine = Engine::load(src.clone(), device.options())?;
+                let fitted = calibrate::fit(&mut engine, &set, &batch.pipeline(true))?;
+                let c = &fitted.calibration;
+                let f = &c.fitted_on;
+                println!(
+                    "temperature {:.4} on {} images of {}: NLL {:.4} -> {:.4}, ECE {:.4} -> {:.4}",
+                    c.temperature,
+                    f.images,
+                    f.data,
+                    f.nll_before,
+                    f.nll_after,
+                    f.ece_before,
+                    f.ece_after
+                );
+                if let (Some(t), Some(r)) = (c.reject_below, &f.reject) {
+                    println!(
+                        "unknown below {t:.4} (top-1 probability): {:.4} of {} --ood images let through (target {:.4}); {:.4} of the labelled images kept, top-1 {:.4} on them; AUROC {:.4}",
+                        r.false_accept, r.ood_images, r.target_false_accept, r.in_distribution_accepted, r.accuracy_accepted, r.auroc
+                    );
+                }
+                if fitted.skipped > 0 {
+                    eprintln!(
+                        "warning: {} images could not be decoded and were left out",
+                        fitted.skipped
+                    );
+                }
+                let name = name.unwrap_or_else(|| format!("{}-calibrated", src.manifest.name));
+                let written =
+                    calibrate::write_bundle(&src, fitted.calibration, &name, &out, force)?;
+                wrote(&written);
             }
             Command::Quantize {
                 bundle,

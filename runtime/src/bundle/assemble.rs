@@ -126,6 +126,7 @@ pub fn assemble_from(
         provenance: spec.provenance,
         quantization: None,
         self_check: None,
+        calibration: None,
     };
     let (img_in, img_out) = (
         image.input_name().to_string(),

@@ -18,6 +18,8 @@ use crate::text::labels::Label;
 #[cfg(feature = "onnx")]
 pub mod assemble;
 #[cfg(feature = "onnx")]
+pub mod calibrate;
+#[cfg(feature = "onnx")]
 pub mod import;
 pub mod npy;
 pub mod quantization;
@@ -29,6 +31,9 @@ mod write;
 pub use write::{folder_name, hf_preprocessor_config, BundleWriter};
 
 pub const FORMAT_VERSION: u32 = 1;
+/// The format of a bundle with a `calibration` (a temperature and an "unknown" rule): version 2,
+/// so that a runtime that would ignore the rule refuses the bundle instead. Version 1 still loads.
+pub const CALIBRATED_FORMAT_VERSION: u32 = 2;
 pub const MANIFEST: &str = "manifest.json";
 
 /// File roles a bundle can hold.
@@ -126,6 +131,24 @@ pub struct Manifest {
     /// absent in bundles written before it existed, which then load unchecked.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub self_check: Option<self_check::SelfCheck>,
+    /// A temperature for the label probabilities and an "unknown" rule (`runtime calibrate`);
+    /// format version 2.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub calibration: Option<crate::calibration::Calibration>,
+}
+
+impl Manifest {
+    /// The scale of the label logits for probabilities: `logit_scale`, divided by the calibrated
+    /// temperature when there is one.
+    pub fn calibrated_logit_scale(&self) -> f32 {
+        self.logit_scale / self.calibration.as_ref().map_or(1.0, |c| c.temperature)
+    }
+
+    /// Below this top-1 probability (of [`Manifest::calibrated_logit_scale`]) the answer is
+    /// `unknown`.
+    pub fn reject_below(&self) -> Option<f32> {
+        self.calibration.as_ref().and_then(|c| c.reject_below)
+    }
 }
 
 /// Files of a bundle compiled into a binary: (path inside the bundle, bytes).
@@ -328,11 +351,28 @@ pub fn verify_bytes(dir: &Path, name: &str, entry: &FileEntry, bytes: &[u8]) -> 
 impl Manifest {
     pub fn validate(&self, dir: &Path) -> Result<()> {
         let fail = |reason: String| Err(Error::bundle(dir, reason));
-        if self.format_version != FORMAT_VERSION {
+        if !(FORMAT_VERSION..=CALIBRATED_FORMAT_VERSION).contains(&self.format_version) {
             return fail(format!(
-                "format version {} is not supported (this runtime reads version {FORMAT_VERSION})",
+                "format version {} is not supported (this runtime reads versions {FORMAT_VERSION} to {CALIBRATED_FORMAT_VERSION})",
                 self.format_version
             ));
+        }
+        if let Some(c) = &self.calibration {
+            if self.format_version < CALIBRATED_FORMAT_VERSION {
+                return fail(format!(
+                    "a calibration needs format version {CALIBRATED_FORMAT_VERSION}, not {}",
+                    self.format_version
+                ));
+            }
+            if !(c.temperature.is_finite() && c.temperature > 0.0) {
+                return fail(format!(
+                    "calibration temperature {} is not positive",
+                    c.temperature
+                ));
+            }
+            if c.reject_below.is_some_and(|t| !(0.0..=1.0).contains(&t)) {
+                return fail("calibration reject_below is not a probability".into());
+            }
         }
         if self.labels.is_empty() {
             return fail("manifest has no labels".into());
