@@ -258,15 +258,9 @@ impl<W: std::io::Write> ResultPrinter<W> {
         labels: &[Label],
         probs: &[f32],
     ) -> std::io::Result<()> {
-        let top = crate::scoring::top_k(probs, 1)[0];
-        let unknown = self.reject_below.is_some_and(|t| probs[top] < t);
+        let mut line = crate::scoring::json_line(&show_path(file), model, labels, probs, self.k);
+        let unknown = crate::scoring::mark_unknown(&mut line, probs, self.reject_below);
         if self.json {
-            let mut line =
-                crate::scoring::json_line(&show_path(file), model, labels, probs, self.k);
-            if self.reject_below.is_some() {
-                // The scores stay: "unknown" says the top one is not to be trusted.
-                line["unknown"] = unknown.into();
-            }
             return writeln!(self.out, "{line}");
         }
         self.header()?;

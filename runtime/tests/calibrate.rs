@@ -157,4 +157,71 @@ fn calibrate_writes_a_bundle_whose_unknown_rule_classify_applies() {
     // The source bundle is unchanged and still answers without a verdict.
     let plain = classify(&[ood[0].to_str().unwrap()]);
     assert!(plain[0].get("unknown").is_none());
+
+    // runtime serve answers as classify does, and ?no_reject=true as --no-reject.
+    let mut server = Command::new(env!("CARGO_BIN_EXE_runtime"))
+        .args([
+            "serve",
+            "--http",
+            "127.0.0.1:0",
+            "--device",
+            "cpu",
+            "--threads",
+            "1",
+        ])
+        .args(["--model", out.to_str().unwrap()])
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("serve");
+    let mut first = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(server.stdout.take().unwrap()),
+        &mut first,
+    )
+    .unwrap();
+    let addr = first
+        .trim()
+        .strip_prefix("listening on http://")
+        .unwrap()
+        .to_string();
+    let body = std::fs::read(&ood[0]).unwrap();
+    let post = |query: &str| -> serde_json::Value {
+        for _ in 0..600 {
+            let (status, text) = http_post(&addr, &format!("/v1/classify{query}"), &body);
+            if status == 200 {
+                return serde_json::from_str(&text).expect("json");
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        panic!("no answer from runtime serve");
+    };
+    let served = post("");
+    assert_eq!(served["unknown"], lines[0]["unknown"], "{served}");
+    assert!(post("?no_reject=true").get("unknown").is_none());
+    let _ = server.kill();
+    let _ = server.wait();
+}
+
+fn http_post(addr: &str, path: &str, body: &[u8]) -> (u16, String) {
+    use std::io::{Read, Write};
+    let Ok(mut s) = std::net::TcpStream::connect(addr) else {
+        return (0, String::new());
+    };
+    write!(
+        s,
+        "POST {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    )
+    .unwrap();
+    s.write_all(body).unwrap();
+    let mut raw = String::new();
+    let _ = s.read_to_string(&mut raw);
+    let (head, body) = raw.split_once("\r\n\r\n").unwrap_or((&raw, ""));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    (status, body.to_string())
 }

@@ -623,8 +623,8 @@ fn main() -> ExitCode {
                         .collect(),
                     None => Vec::new(),
                 };
-                if ood.is_some() && ood_files.is_empty() {
-                    anyhow::bail!("--ood {}: no images found", ood.as_ref().unwrap().display());
+                if let Some(dir) = ood.as_ref().filter(|_| ood_files.is_empty()) {
+                    anyhow::bail!("--ood {}: no images found", dir.display());
                 }
                 let set = calibrate::CalibrationSet {
                     data: format!("{} ({split_name})", ds.name),

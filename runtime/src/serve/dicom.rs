@@ -637,7 +637,12 @@ fn process(
     let examined = line["body_part_examined"].as_str().map(str::to_string);
     line["model"] = scored.line["model"].clone();
     line["top"] = scored.line["top"].clone();
-    line["prediction"] = scored.line["top"][0]["label"].clone();
+    line["prediction"] = if scored.line["unknown"] == true {
+        line["unknown"] = true.into();
+        "unknown".into()
+    } else {
+        scored.line["top"][0]["label"].clone()
+    };
     line["body_part_predicted"] = scored.term.into();
     line["body_part_mismatch"] = match (examined, scored.term) {
         (Some(e), Some(p)) => (!body_part::agrees(&e, p)).into(),
@@ -696,19 +701,26 @@ fn classify(shared: &Shared, file: &[u8], name: &Path) -> Result<Scored, (u16, S
         .blocking_recv()
         .map_err(|_| (status::PROCESSING_FAILURE, "encoder gone".to_string()))?
         .map_err(|e| (status::PROCESSING_FAILURE, e))?;
-    let probs =
-        crate::scoring::probabilities(&embedding, &service.label_embeddings, service.logit_scale);
+    let probs = crate::scoring::probabilities(
+        &embedding,
+        &service.label_embeddings,
+        service.calibrated_scale,
+    );
     let top = crate::scoring::top_k(&probs, 1)[0];
-    let line = crate::scoring::json_line(
+    let mut line = crate::scoring::json_line(
         &name.display().to_string(),
         &service.model_name,
         &service.labels,
         &probs,
         service.top_k,
     );
+    let unknown = crate::scoring::mark_unknown(&mut line, &probs, service.reject_below);
     Ok(Scored {
         line,
-        term: body_part::term_for(&service.labels[top]),
+        // An "unknown" answer implies no body part.
+        term: (!unknown)
+            .then(|| body_part::term_for(&service.labels[top]))
+            .flatten(),
     })
 }
 

@@ -141,6 +141,9 @@ async fn serve_connections(
 struct ClassifyQuery {
     top_k: Option<usize>,
     labels: Option<String>,
+    /// The top label even where a calibrated bundle says unknown.
+    #[serde(default)]
+    no_reject: bool,
 }
 
 async fn classify(
@@ -226,6 +229,14 @@ async fn answer(http: &Http, query: ClassifyQuery, request: Request) -> Result<R
         ),
     };
     let k = query.top_k.unwrap_or(service.top_k);
+    // A calibration holds for the bundle's own labels only.
+    let (scale, reject_below) = match custom {
+        Some(_) => (service.logit_scale, None),
+        None => (
+            service.calibrated_scale,
+            service.reject_below.filter(|_| !query.no_reject),
+        ),
+    };
     if k == 0 || k > labels.len() {
         return Err(Failure(
             StatusCode::BAD_REQUEST,
@@ -296,12 +307,11 @@ async fn answer(http: &Http, query: ClassifyQuery, request: Request) -> Result<R
                     .await
                     .map_err(|_| Failure(StatusCode::INTERNAL_SERVER_ERROR, "encoder gone".into()))?
                     .map_err(|e| Failure(StatusCode::INTERNAL_SERVER_ERROR, e))?;
-                let probs = crate::scoring::probabilities(
-                    &embedding,
-                    label_embeddings,
-                    service.logit_scale,
-                );
-                crate::scoring::json_line(&name, &service.model_name, labels, &probs, k)
+                let probs = crate::scoring::probabilities(&embedding, label_embeddings, scale);
+                let mut line =
+                    crate::scoring::json_line(&name, &service.model_name, labels, &probs, k);
+                crate::scoring::mark_unknown(&mut line, &probs, reject_below);
+                line
             }
             Err(e) => serde_json::json!({"file": name, "error": e}),
         };

@@ -120,6 +120,8 @@ async fn run(
         label_embeddings: bundle.label_embeddings.clone(),
         has_text_encoder: bundle.has_text_encoder(),
         logit_scale: m.logit_scale,
+        calibrated_scale: m.calibrated_logit_scale(),
+        reject_below: m.reject_below(),
         model_name: m.name.clone(),
         summary,
         queue: options.queue,
