@@ -84,7 +84,8 @@ pub fn nll(logits: &[f32], classes: usize, truth: &[usize], temperature: f64) ->
 
 /// The temperature that minimises the mean negative log-likelihood of the true classes. The NLL is
 /// convex in the inverse temperature, so Newton's method on it (with a bisection guard) finds the
-/// minimum exactly; `None` when there is nothing to fit (no rows, or every row's logits equal).
+/// minimum exactly, within [1e-4, 1e4] (a model no better than chance gets the flattest); `None`
+/// when there is nothing to fit (no rows, or every row's logits equal).
 pub fn fit_temperature(logits: &[f32], classes: usize, truth: &[usize]) -> Option<f32> {
     if truth.is_empty() || classes < 2 || logits.len() != truth.len() * classes {
         return None;
@@ -123,7 +124,8 @@ pub fn fit_temperature(logits: &[f32], classes: usize, truth: &[usize]) -> Optio
         return Some((1.0 / hi) as f32);
     }
     if derivatives(lo).0 >= 0.0 {
-        return None;
+        // The scores are no better than chance: the flattest temperature is the best one.
+        return Some((1.0 / lo) as f32);
     }
     let mut beta = 1.0f64.clamp(lo, hi);
     for _ in 0..200 {

@@ -651,7 +651,7 @@ fn main() -> ExitCode {
                 );
                 if let (Some(t), Some(r)) = (c.reject_below, &f.reject) {
                     println!(
-                        "unknown below {t:.4} (top-1 probability): {:.4} of {} --ood images let through (target {:.4}); {:.4} of the labelled images kept, top-1 {:.4} on them; AUROC {:.4}",
+                        "unknown below {t:.6} (top-1 probability): {:.4} of {} --ood images let through (target {:.4}); {:.4} of the labelled images kept, top-1 {:.4} on them; AUROC {:.4}",
                         r.false_accept, r.ood_images, r.target_false_accept, r.in_distribution_accepted, r.accuracy_accepted, r.auroc
                     );
                 }
