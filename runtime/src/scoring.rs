@@ -3,6 +3,14 @@
 
 /// Probabilities over labels for one image embedding. `labels` is `[n x dim]`, rows normalised.
 pub fn probabilities(image_embedding: &[f32], labels: &[f32], logit_scale: f32) -> Vec<f32> {
+    if image_embedding.is_empty() {
+        return vec![];
+    }
+    softmax(&logits(image_embedding, labels, logit_scale))
+}
+
+/// `logit_scale` x the cosine of one image embedding with each label embedding (rows normalised).
+pub fn logits(image_embedding: &[f32], labels: &[f32], logit_scale: f32) -> Vec<f32> {
     let dim = image_embedding.len();
     if dim == 0 {
         return vec![];
@@ -16,7 +24,7 @@ pub fn probabilities(image_embedding: &[f32], labels: &[f32], logit_scale: f32) 
         .sum::<f32>()
         .sqrt()
         .max(f32::MIN_POSITIVE);
-    let logits: Vec<f32> = labels
+    labels
         .chunks_exact(dim)
         .map(|l| {
             logit_scale
@@ -26,8 +34,7 @@ pub fn probabilities(image_embedding: &[f32], labels: &[f32], logit_scale: f32) 
                     .sum::<f32>()
                 / norm
         })
-        .collect();
-    softmax(&logits)
+        .collect()
 }
 
 /// Cosine similarity of two vectors (0 when either is zero).

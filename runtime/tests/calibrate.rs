@@ -64,23 +64,6 @@ fn runtime(args: &[&str]) -> std::process::Output {
         .expect("runtime")
 }
 
-fn classify(args: &[&str]) -> Vec<serde_json::Value> {
-    let out = Command::new(env!("CARGO_BIN_EXE_classify"))
-        .args(["--json", "--device", "cpu"])
-        .args(args)
-        .output()
-        .expect("classify");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(|l| serde_json::from_str(l).expect("json line"))
-        .collect()
-}
-
 #[test]
 fn calibrate_writes_a_bundle_whose_unknown_rule_classify_applies() {
     common::require_setup();
@@ -139,7 +122,7 @@ fn calibrate_writes_a_bundle_whose_unknown_rule_classify_applies() {
     let ood: Vec<PathBuf> = (0..20).map(|i| d.join(format!("ood/{i}.png"))).collect();
     let mut args = vec!["--model", out.to_str().unwrap()];
     args.extend(ood.iter().map(|p| p.to_str().unwrap()));
-    let lines = classify(&args);
+    let lines = common::classify_lines(&args, &[]);
     assert_eq!(lines.len(), 20);
     let answered = lines.iter().filter(|l| l["unknown"] == false).count();
     assert!(answered <= 2, "{answered} of 20 answered");
@@ -149,13 +132,13 @@ fn calibrate_writes_a_bundle_whose_unknown_rule_classify_applies() {
     }
     // --no-reject: the same calibrated scores, no verdict.
     args.insert(0, "--no-reject");
-    let raw = classify(&args);
+    let raw = common::classify_lines(&args, &[]);
     for (a, b) in raw.iter().zip(&lines) {
         assert!(a.get("unknown").is_none());
         assert_eq!(a["top"], b["top"]);
     }
     // The source bundle is unchanged and still answers without a verdict.
-    let plain = classify(&[ood[0].to_str().unwrap()]);
+    let plain = common::classify_lines(&[], &[&ood[0]]);
     assert!(plain[0].get("unknown").is_none());
 
     // runtime serve answers as classify does, and ?no_reject=true as --no-reject.

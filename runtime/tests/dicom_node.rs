@@ -144,21 +144,6 @@ fn storescu(port: u16, extra: &[&str], files: &[&Path]) -> Output {
     dcmtk("storescu", &args)
 }
 
-/// `classify --json -k 3` on a file: its line.
-fn classify_json(file: &Path) -> serde_json::Value {
-    let out = Command::new(env!("CARGO_BIN_EXE_classify"))
-        .args(["--json", "--device", "cpu", "-k", "3"])
-        .arg(file)
-        .output()
-        .expect("classify");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).expect("json")
-}
-
 fn uid_of(file: &Path, tag: dicom_core::Tag) -> String {
     let obj = OpenFileOptions::new()
         .read_until(tags::PIXEL_DATA)
@@ -202,21 +187,9 @@ fn assert_same_data_set(kept: &Path, src: &Path) {
 
 /// A line for `file` says what `classify --json` says about it, with its UIDs and body part.
 fn assert_line_for(line: &serde_json::Value, file: &Path, body_part_examined: Option<&str>) {
-    let cli = classify_json(file);
-    let (served, expected) = (
-        line["top"].as_array().expect("top"),
-        cli["top"].as_array().unwrap(),
-    );
-    assert_eq!(served.len(), expected.len(), "{line}");
-    for (a, b) in served.iter().zip(expected) {
-        assert_eq!(a["label"], b["label"], "{line} vs {cli}");
-        let (p, q) = (
-            a["probability"].as_f64().unwrap(),
-            b["probability"].as_f64().unwrap(),
-        );
-        assert!((p - q).abs() < 1e-5, "{p} vs {q}");
-    }
-    assert_eq!(line["model"], cli["model"]);
+    let cli = common::classify_json(file, &[]);
+    common::assert_same_scores(line, &cli);
+    let expected = cli["top"].as_array().unwrap();
     assert_eq!(line["prediction"], expected[0]["label"]);
     for (key, tag) in [
         ("sop_instance_uid", tags::SOP_INSTANCE_UID),

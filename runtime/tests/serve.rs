@@ -119,40 +119,6 @@ fn png(dir: &Path, name: &str, shade: u32) -> PathBuf {
     p
 }
 
-/// `classify --json --device cpu -k 3 EXTRA FILE`: its one JSON line.
-fn classify_json(file: &Path, extra: &[&str]) -> serde_json::Value {
-    let out = Command::new(env!("CARGO_BIN_EXE_classify"))
-        .args(["--json", "--device", "cpu", "-k", "3"])
-        .args(extra)
-        .arg(file)
-        .output()
-        .expect("classify");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).expect("json")
-}
-
-fn assert_same_scores(served: &serde_json::Value, cli: &serde_json::Value) {
-    let (a, b) = (
-        served["top"].as_array().unwrap(),
-        cli["top"].as_array().unwrap(),
-    );
-    assert_eq!(a.len(), b.len());
-    for (x, y) in a.iter().zip(b) {
-        assert_eq!(x["label"], y["label"], "{served} vs {cli}");
-        let (p, q) = (
-            x["probability"].as_f64().unwrap(),
-            y["probability"].as_f64().unwrap(),
-        );
-        // Batched with others or alone, the encoder's sums may differ in the last bits.
-        assert!((p - q).abs() < 1e-5, "{p} vs {q}");
-    }
-    assert_eq!(served["model"], cli["model"]);
-}
-
 #[test]
 fn answers_as_classify_and_refuses_bad_requests_clearly() {
     let dir = tempfile::tempdir().expect("tmp");
@@ -165,7 +131,7 @@ fn answers_as_classify_and_refuses_bad_requests_clearly() {
     assert!(head.contains("content-type: application/json"), "{head}");
     let served: serde_json::Value = serde_json::from_str(&body).expect("json");
     assert_eq!(served["file"], "body");
-    assert_same_scores(&served, &classify_json(&file, &[]));
+    common::assert_same_scores(&served, &common::classify_json(&file, &[]));
 
     let (status, _, body) = server.post_image("?top_k=1", &bytes);
     assert_eq!(status, 200, "{body}");
@@ -201,14 +167,14 @@ fn answers_as_classify_and_refuses_bad_requests_clearly() {
         .collect();
     assert_eq!(lines.len(), 3, "{body}");
     assert_eq!(lines[0]["file"], "a.png");
-    assert_same_scores(&lines[0], &served);
+    common::assert_same_scores(&lines[0], &served);
     assert_eq!(lines[1]["file"], "junk.png");
     assert!(
         lines[1]["error"].as_str().unwrap().contains("junk.png"),
         "{}",
         lines[1]
     );
-    assert_same_scores(&lines[2], &served);
+    common::assert_same_scores(&lines[2], &served);
 
     // An unreadable image: 422 with the one-line error.
     let (status, _, body) = server.post_image("", b"\x89PNG\r\n\x1a\ntruncated");
@@ -273,7 +239,7 @@ fn png_jpeg_and_dicom_bodies_answer_as_classify() {
         let (status, _, body) = server.post_image("", &std::fs::read(file).expect("read"));
         assert_eq!(status, 200, "{}: {body}", file.display());
         let served: serde_json::Value = serde_json::from_str(&body).expect("json");
-        assert_same_scores(&served, &classify_json(file, &[]));
+        common::assert_same_scores(&served, &common::classify_json(file, &[]));
     }
 }
 
@@ -505,8 +471,8 @@ fn custom_labels_score_as_classify_labels() {
     );
     assert_eq!(status, 200, "{body}");
     let served: serde_json::Value = serde_json::from_str(&body).expect("json");
-    let cli = classify_json(&file, &["--model", &bundle, "--labels", labels]);
-    assert_same_scores(&served, &cli);
+    let cli = common::classify_json(&file, &["--model", &bundle, "--labels", labels]);
+    common::assert_same_scores(&served, &cli);
 }
 
 #[test]

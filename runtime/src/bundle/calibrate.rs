@@ -54,17 +54,7 @@ fn probabilities(embeddings: &[Vec<f32>], labels: &[f32], scale: f32) -> Vec<f32
 fn logits(embeddings: &[Vec<f32>], labels: &[f32], scale: f32) -> Vec<f32> {
     embeddings
         .iter()
-        .flat_map(|e| {
-            let norm = e
-                .iter()
-                .map(|v| v * v)
-                .sum::<f32>()
-                .sqrt()
-                .max(f32::MIN_POSITIVE);
-            labels
-                .chunks_exact(e.len())
-                .map(move |l| scale * l.iter().zip(e).map(|(a, b)| a * b).sum::<f32>() / norm)
-        })
+        .flat_map(|e| crate::scoring::logits(e, labels, scale))
         .collect()
 }
 
@@ -168,13 +158,7 @@ pub fn write_bundle(
 ) -> Result<super::Bundle> {
     let mut manifest = src.manifest.clone();
     manifest.name = name.to_string();
-    manifest.files.clear();
     manifest.format_version = super::CALIBRATED_FORMAT_VERSION;
     manifest.calibration = Some(calibration);
-    let mut w = super::BundleWriter::create(out, manifest, force)?;
-    for (role, entry) in &src.manifest.files {
-        let io = entry.input.as_deref().zip(entry.output.as_deref());
-        w.add_file(role, &entry.path, &src.read_verified(role)?, io)?;
-    }
-    w.finish()
+    super::write_copy(src, manifest, out, force, |_| super::CopiedFile::Same)
 }

@@ -28,7 +28,7 @@ pub mod quantize;
 pub mod self_check;
 mod write;
 
-pub use write::{folder_name, hf_preprocessor_config, BundleWriter};
+pub use write::{folder_name, hf_preprocessor_config, write_copy, BundleWriter, CopiedFile};
 
 pub const FORMAT_VERSION: u32 = 1;
 /// The format of a bundle with a `calibration` (a temperature and an "unknown" rule): version 2,

@@ -550,22 +550,12 @@ pub fn write_bundle(
 ) -> Result<super::Bundle> {
     let mut manifest = src.manifest.clone();
     manifest.name = name.to_string();
-    manifest.files.clear();
     manifest.quantization = Some(quantization);
-    let mut w = super::BundleWriter::create(out, manifest, force)?;
-    for (role, entry) in &src.manifest.files {
-        let bytes = match role.as_str() {
-            super::IMAGE_ENCODER => image.to_vec(),
-            super::TEXT_ENCODER => match text {
-                Some(t) => t.to_vec(),
-                None => continue,
-            },
-            _ => src.read_verified(role)?,
-        };
-        let io = entry.input.as_deref().zip(entry.output.as_deref());
-        w.add_file(role, &entry.path, &bytes, io)?;
-    }
-    w.finish()
+    super::write_copy(src, manifest, out, force, |role| match role {
+        super::IMAGE_ENCODER => super::CopiedFile::Bytes(image),
+        super::TEXT_ENCODER => text.map_or(super::CopiedFile::Drop, super::CopiedFile::Bytes),
+        _ => super::CopiedFile::Same,
+    })
 }
 
 /// Labelled images to check an int8 bundle on.

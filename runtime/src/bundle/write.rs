@@ -54,6 +54,39 @@ pub fn folder_name(name: &str) -> String {
     }
 }
 
+/// Where a file of a copied bundle comes from (see [`write_copy`]).
+pub enum CopiedFile<'a> {
+    /// As the source bundle has it (verified).
+    Same,
+    /// These bytes instead.
+    Bytes(&'a [u8]),
+    /// Left out.
+    Drop,
+}
+
+/// Writes a new bundle at `out` from `src`'s files (each as `source(role)` says) under `manifest`
+/// (its file list is rebuilt from what is written).
+pub fn write_copy<'a>(
+    src: &Bundle,
+    mut manifest: Manifest,
+    out: &Path,
+    force: bool,
+    source: impl Fn(&str) -> CopiedFile<'a>,
+) -> Result<Bundle> {
+    manifest.files.clear();
+    let mut w = BundleWriter::create(out, manifest, force)?;
+    for (role, entry) in &src.manifest.files {
+        let bytes = match source(role) {
+            CopiedFile::Same => src.read_verified(role)?,
+            CopiedFile::Bytes(b) => b.to_vec(),
+            CopiedFile::Drop => continue,
+        };
+        let io = entry.input.as_deref().zip(entry.output.as_deref());
+        w.add_file(role, &entry.path, &bytes, io)?;
+    }
+    w.finish()
+}
+
 impl BundleWriter {
     /// Starts a bundle for `--out requested` by the rule of [`fs::resolve_output`]: a missing
     /// or empty folder becomes the bundle, an existing bundle is replaced only with `force`, any

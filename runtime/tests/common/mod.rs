@@ -218,3 +218,48 @@ pub fn tmpdir(name: &str) -> tempfile::TempDir {
         .tempdir()
         .expect("temporary folder")
 }
+
+/// `classify --json --device cpu -k 3 EXTRA FILES`: its JSON lines (a failed run fails the test).
+pub fn classify_lines(extra: &[&str], files: &[&Path]) -> Vec<serde_json::Value> {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_classify"))
+        .args(["--json", "--device", "cpu", "-k", "3"])
+        .args(extra)
+        .args(files)
+        .output()
+        .expect("classify");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("a JSON line"))
+        .collect()
+}
+
+/// `classify --json --device cpu -k 3 EXTRA FILE`: its one JSON line.
+pub fn classify_json(file: &Path, extra: &[&str]) -> serde_json::Value {
+    let mut lines = classify_lines(extra, &[file]);
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    lines.remove(0)
+}
+
+/// Two result lines give the same labels in the same order, probabilities within 1e-5, same model.
+pub fn assert_same_scores(served: &serde_json::Value, cli: &serde_json::Value) {
+    let (a, b) = (
+        served["top"].as_array().unwrap(),
+        cli["top"].as_array().unwrap(),
+    );
+    assert_eq!(a.len(), b.len());
+    for (x, y) in a.iter().zip(b) {
+        assert_eq!(x["label"], y["label"], "{served} vs {cli}");
+        let (p, q) = (
+            x["probability"].as_f64().unwrap(),
+            y["probability"].as_f64().unwrap(),
+        );
+        // Batched with others or alone, the encoder's sums may differ in the last bits.
+        assert!((p - q).abs() < 1e-5, "{p} vs {q}");
+    }
+    assert_eq!(served["model"], cli["model"]);
+}
