@@ -47,6 +47,69 @@ pub struct RejectReport {
     pub auroc: f64,
 }
 
+/// How a calibrated bundle does on evaluated images (`runtime eval`): calibration error and
+/// negative log-likelihood without and with its temperature, and its "unknown" rule's effect.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Evaluated {
+    pub temperature: f32,
+    pub ece_uncalibrated: f64,
+    pub ece_calibrated: f64,
+    pub nll_uncalibrated: f64,
+    pub nll_calibrated: f64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reject_below: Option<f32>,
+    /// The share of the images answered (not `unknown`), and the top-1 accuracy on them.
+    pub answered: f64,
+    pub top1_answered: f64,
+    /// Reliability diagram of the calibrated probabilities (15 bins).
+    pub reliability: Vec<ReliabilityBin>,
+}
+
+/// [`Evaluated`] from the logits (`rows x classes`) of labelled images.
+pub fn evaluate(
+    logits: &[f32],
+    classes: usize,
+    truth: &[usize],
+    calibration: &Calibration,
+) -> Evaluated {
+    let t = calibration.temperature;
+    let raw = softmax_rows(logits, classes, 1.0);
+    let calibrated = softmax_rows(logits, classes, t);
+    let (mut answered, mut correct) = (0usize, 0usize);
+    for (row, &y) in calibrated.chunks_exact(classes).zip(truth) {
+        let (best, p) = row
+            .iter()
+            .enumerate()
+            .fold((0, f32::NEG_INFINITY), |(bi, bp), (i, &p)| {
+                if p > bp {
+                    (i, p)
+                } else {
+                    (bi, bp)
+                }
+            });
+        if calibration.reject_below.is_none_or(|r| p >= r) {
+            answered += 1;
+            correct += (best == y) as usize;
+        }
+    }
+    let n = truth.len().max(1) as f64;
+    Evaluated {
+        temperature: t,
+        ece_uncalibrated: expected_calibration_error(&raw, classes, truth, 15),
+        ece_calibrated: expected_calibration_error(&calibrated, classes, truth, 15),
+        nll_uncalibrated: nll(logits, classes, truth, 1.0),
+        nll_calibrated: nll(logits, classes, truth, t as f64),
+        reject_below: calibration.reject_below,
+        answered: answered as f64 / n,
+        top1_answered: if answered > 0 {
+            correct as f64 / answered as f64
+        } else {
+            0.0
+        },
+        reliability: reliability(&calibrated, classes, truth, 15),
+    }
+}
+
 /// Softmax of `logits / temperature`, row by row (`classes` per row).
 pub fn softmax_rows(logits: &[f32], classes: usize, temperature: f32) -> Vec<f32> {
     let mut out = Vec::with_capacity(logits.len());
@@ -152,7 +215,7 @@ pub fn fit_temperature(logits: &[f32], classes: usize, truth: &[usize]) -> Optio
 }
 
 /// One bin of a reliability diagram: images whose top-1 probability falls in `[lower, upper)`.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ReliabilityBin {
     pub lower: f64,
     pub upper: f64,

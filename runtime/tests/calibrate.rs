@@ -141,6 +141,55 @@ fn calibrate_writes_a_bundle_whose_unknown_rule_classify_applies() {
     let plain = common::classify_lines(&[], &[&ood[0]]);
     assert!(plain[0].get("unknown").is_none());
 
+    // runtime eval reports the calibration on the labelled images (in report.json too).
+    let report = d.join("eval");
+    let ev = runtime(&[
+        "eval",
+        "--model",
+        out.to_str().unwrap(),
+        "--dataset",
+        "folder",
+        "--data",
+        d.join("labelled").to_str().unwrap(),
+        "--split",
+        "all",
+        "--device",
+        "cpu",
+        "--out",
+        report.to_str().unwrap(),
+    ]);
+    let text = String::from_utf8_lossy(&ev.stdout).to_string();
+    assert!(
+        ev.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&ev.stderr)
+    );
+    assert!(text.contains("calibration (temperature "), "{text}");
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(report.join("report.json")).unwrap())
+            .unwrap();
+    let cal = &json["calibration"];
+    // The same images the temperature was fitted on: eval's figures are calibrate's.
+    for (a, b) in [
+        ("ece_uncalibrated", "ece_before"),
+        ("ece_calibrated", "ece_after"),
+    ] {
+        let (x, y) = (
+            cal[a].as_f64().unwrap(),
+            c["fitted_on"][b].as_f64().unwrap(),
+        );
+        assert!((x - y).abs() < 1e-6, "{a} {x} vs {b} {y}");
+    }
+    assert_eq!(
+        cal["reliability"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|b| b["count"].as_u64().unwrap())
+            .sum::<u64>(),
+        24
+    );
+
     // runtime serve answers as classify does, and ?no_reject=true as --no-reject.
     let mut server = Command::new(env!("CARGO_BIN_EXE_runtime"))
         .args([

@@ -835,6 +835,9 @@ fn main() -> ExitCode {
                     best.template,
                     runtime::eval::report::class_table(&ev, &best.report)
                 );
+                if let Some(c) = &ev.calibration {
+                    println!("{}", runtime::eval::report::calibration_line(c));
+                }
                 for (p, e) in ev.unreadable.iter().take(20) {
                     eprintln!("unreadable: {}: {e}", p.display());
                 }

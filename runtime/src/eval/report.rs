@@ -39,6 +39,21 @@ pub fn class_table(ev: &Evaluation, r: &Report) -> String {
 
 /// Writes report.json, report.md, confusion.csv and confusion.png (best template) as the report
 /// folder `requested` (see [`crate::fs::resolve_output`]); returns where it went.
+/// One line on a calibrated bundle's calibration over the evaluated images.
+pub fn calibration_line(c: &crate::calibration::Evaluated) -> String {
+    let rule = match c.reject_below {
+        Some(t) => format!(
+            "; answered {:.4} of the images (unknown below {t:.4}), top-1 {:.4} on them",
+            c.answered, c.top1_answered
+        ),
+        None => String::new(),
+    };
+    format!(
+        "calibration (temperature {:.4}): ECE {:.4} -> {:.4}, NLL {:.4} -> {:.4}{rule}",
+        c.temperature, c.ece_uncalibrated, c.ece_calibrated, c.nll_uncalibrated, c.nll_calibrated
+    )
+}
+
 pub fn write_reports(ev: &Evaluation, requested: &Path, force: bool) -> Result<PathBuf> {
     let target = crate::fs::resolve_output(
         requested,
@@ -78,6 +93,9 @@ pub fn write_reports(ev: &Evaluation, requested: &Path, force: bool) -> Result<P
     md.push_str(
         "## Confusion matrix (rows: true, columns: predicted)\n\n![confusion](confusion.png)\n",
     );
+    if let Some(c) = &ev.calibration {
+        md.push_str(&format!("\n## Calibration\n\n{}\n", calibration_line(c)));
+    }
     if !ev.unreadable.is_empty() {
         md.push_str("\n## Unreadable images\n\n");
         for (p, e) in &ev.unreadable {

@@ -56,6 +56,10 @@ pub struct Evaluation {
     pub score_seconds: f64,
     pub images_per_second: f64,
     pub results: Vec<TemplateResult>,
+    /// For a calibrated bundle scored with its own label embeddings: its calibration on these
+    /// images, over all of its labels (each image's first label as the truth).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub calibration: Option<crate::calibration::Evaluated>,
 }
 
 impl Evaluation {
@@ -177,6 +181,22 @@ pub fn evaluate(
     let scale = engine.bundle.manifest.logit_scale;
     let t_rank = Instant::now();
     let truth: Vec<Vec<usize>> = kept.iter().map(|(_, l)| l.clone()).collect();
+    // Over all of the bundle's labels, as its temperature was fitted (and as classify scores).
+    let calibration = match &engine.bundle.manifest.calibration {
+        Some(c) if opts.templates.is_empty() => {
+            let mine = engine.bundle.labels();
+            let index = crate::text::labels::match_labels(&mine, labels)
+                .ok_or_else(|| Error::Dataset(missing_labels_hint(&engine.bundle, labels)))?;
+            let all = &engine.bundle.label_embeddings;
+            let logits: Vec<f32> = kept
+                .iter()
+                .flat_map(|(e, _)| scoring::logits(e, all, scale))
+                .collect();
+            let first: Vec<usize> = truth.iter().map(|l| index[l[0]]).collect();
+            Some(crate::calibration::evaluate(&logits, mine.len(), &first, c))
+        }
+        _ => None,
+    };
     let results = label_sets
         .into_iter()
         .map(|(template, emb)| {
@@ -204,5 +224,6 @@ pub fn evaluate(
         score_seconds,
         images_per_second: samples.len() as f64 / encode_seconds.max(1e-9),
         results,
+        calibration,
     })
 }
