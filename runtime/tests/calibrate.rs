@@ -220,7 +220,13 @@ fn calibrate_writes_a_bundle_whose_unknown_rule_classify_applies() {
     let body = std::fs::read(&ood[0]).unwrap();
     let post = |query: &str| -> serde_json::Value {
         for _ in 0..600 {
-            let (status, text) = http_post(&addr, &format!("/v1/classify{query}"), &body);
+            let (status, _, text) = common::http_request(
+                &addr,
+                "POST",
+                &format!("/v1/classify{query}"),
+                "image/png",
+                &body,
+            );
             if status == 200 {
                 return serde_json::from_str(&text).expect("json");
             }
@@ -233,27 +239,4 @@ fn calibrate_writes_a_bundle_whose_unknown_rule_classify_applies() {
     assert!(post("?no_reject=true").get("unknown").is_none());
     let _ = server.kill();
     let _ = server.wait();
-}
-
-fn http_post(addr: &str, path: &str, body: &[u8]) -> (u16, String) {
-    use std::io::{Read, Write};
-    let Ok(mut s) = std::net::TcpStream::connect(addr) else {
-        return (0, String::new());
-    };
-    write!(
-        s,
-        "POST {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        body.len()
-    )
-    .unwrap();
-    s.write_all(body).unwrap();
-    let mut raw = String::new();
-    let _ = s.read_to_string(&mut raw);
-    let (head, body) = raw.split_once("\r\n\r\n").unwrap_or((&raw, ""));
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    (status, body.to_string())
 }

@@ -4,7 +4,7 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader, Read};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -60,27 +60,9 @@ impl Server {
 
     /// One HTTP/1.1 request on a fresh connection: (status, headers, body).
     fn request(&self, method: &str, path: &str, content_type: &str, body: &[u8]) -> Reply {
-        let mut s = TcpStream::connect(&self.addr).expect("connect");
-        s.set_read_timeout(Some(Duration::from_secs(60))).ok();
-        write!(
-            s,
-            "{method} {path} HTTP/1.1\r\nHost: {}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-            self.addr,
-            body.len()
-        )
-        .expect("head");
-        // A server may answer (413) before it has read a large body: a failed write is fine.
-        let _ = s.write_all(body);
-        let mut raw = Vec::new();
-        let _ = s.read_to_end(&mut raw);
-        let text = String::from_utf8_lossy(&raw).to_string();
-        let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-        let status = head
-            .split_whitespace()
-            .nth(1)
-            .and_then(|c| c.parse().ok())
-            .unwrap_or_else(|| panic!("no status in {head:?}"));
-        (status, head.to_ascii_lowercase(), body.to_string())
+        let reply = common::http_request(&self.addr, method, path, content_type, body);
+        assert_ne!(reply.0, 0, "no HTTP status from {path}: {reply:?}");
+        reply
     }
 
     fn get(&self, path: &str) -> Reply {

@@ -263,3 +263,39 @@ pub fn assert_same_scores(served: &serde_json::Value, cli: &serde_json::Value) {
     }
     assert_eq!(served["model"], cli["model"]);
 }
+
+/// One HTTP/1.1 request on a fresh connection: (status, head in lower case, body); status 0 when
+/// nothing could be connected to or no status came back.
+pub fn http_request(
+    addr: &str,
+    method: &str,
+    path: &str,
+    content_type: &str,
+    body: &[u8],
+) -> (u16, String, String) {
+    use std::io::{Read, Write};
+    let Ok(mut s) = std::net::TcpStream::connect(addr) else {
+        return (0, String::new(), String::new());
+    };
+    s.set_read_timeout(Some(std::time::Duration::from_secs(120)))
+        .ok();
+    let head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    if s.write_all(head.as_bytes()).is_err() {
+        return (0, String::new(), String::new());
+    }
+    // A server may answer (413, 503) before it has read a large body: a failed write is fine.
+    let _ = s.write_all(body);
+    let mut raw = Vec::new();
+    let _ = s.read_to_end(&mut raw);
+    let text = String::from_utf8_lossy(&raw).to_string();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    (status, head.to_ascii_lowercase(), body.to_string())
+}
