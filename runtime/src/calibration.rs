@@ -75,24 +75,7 @@ pub fn evaluate(
     let t = calibration.temperature;
     let raw = softmax_rows(logits, classes, 1.0);
     let calibrated = softmax_rows(logits, classes, t);
-    let (mut answered, mut correct) = (0usize, 0usize);
-    for (row, &y) in calibrated.chunks_exact(classes).zip(truth) {
-        let (best, p) = row
-            .iter()
-            .enumerate()
-            .fold((0, f32::NEG_INFINITY), |(bi, bp), (i, &p)| {
-                if p > bp {
-                    (i, p)
-                } else {
-                    (bi, bp)
-                }
-            });
-        if calibration.reject_below.is_none_or(|r| p >= r) {
-            answered += 1;
-            correct += (best == y) as usize;
-        }
-    }
-    let n = truth.len().max(1) as f64;
+    let (answered, top1_answered) = answered(&calibrated, classes, truth, calibration.reject_below);
     Evaluated {
         temperature: t,
         ece_uncalibrated: expected_calibration_error(&raw, classes, truth, 15),
@@ -100,29 +83,21 @@ pub fn evaluate(
         nll_uncalibrated: nll(logits, classes, truth, 1.0),
         nll_calibrated: nll(logits, classes, truth, t as f64),
         reject_below: calibration.reject_below,
-        answered: answered as f64 / n,
-        top1_answered: if answered > 0 {
-            correct as f64 / answered as f64
-        } else {
-            0.0
-        },
+        answered,
+        top1_answered,
         reliability: reliability(&calibrated, classes, truth, 15),
     }
 }
 
 /// Softmax of `logits / temperature`, row by row (`classes` per row).
 pub fn softmax_rows(logits: &[f32], classes: usize, temperature: f32) -> Vec<f32> {
-    let mut out = Vec::with_capacity(logits.len());
-    for row in logits.chunks_exact(classes) {
-        let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
-        let exp: Vec<f64> = row
-            .iter()
-            .map(|&v| (((v - max) / temperature) as f64).exp())
-            .collect();
-        let sum: f64 = exp.iter().sum();
-        out.extend(exp.iter().map(|e| (e / sum) as f32));
-    }
-    out
+    logits
+        .chunks_exact(classes)
+        .flat_map(|row| {
+            let scaled: Vec<f32> = row.iter().map(|v| v / temperature).collect();
+            crate::scoring::softmax(&scaled)
+        })
+        .collect()
 }
 
 /// Mean negative log-likelihood of the true classes at a temperature.
@@ -230,19 +205,34 @@ fn confidences(probs: &[f32], classes: usize, truth: &[usize]) -> Vec<(f64, bool
         .chunks_exact(classes)
         .zip(truth)
         .map(|(row, &y)| {
-            let (best, p) =
-                row.iter()
-                    .enumerate()
-                    .fold((0, f32::NEG_INFINITY), |(bi, bp), (i, &p)| {
-                        if p > bp {
-                            (i, p)
-                        } else {
-                            (bi, bp)
-                        }
-                    });
-            (p as f64, best == y)
+            let best = crate::scoring::top_k(row, 1)[0];
+            (row[best] as f64, best == y)
         })
         .collect()
+}
+
+/// The share of rows whose top-1 probability is at least `threshold` (every row without one), and
+/// the top-1 accuracy on them.
+pub fn answered(
+    probs: &[f32],
+    classes: usize,
+    truth: &[usize],
+    threshold: Option<f32>,
+) -> (f64, f64) {
+    let (mut kept, mut correct) = (0usize, 0usize);
+    for (p, right) in confidences(probs, classes, truth) {
+        if threshold.is_none_or(|t| p >= t as f64) {
+            kept += 1;
+            correct += right as usize;
+        }
+    }
+    let share = kept as f64 / truth.len().max(1) as f64;
+    let accuracy = if kept > 0 {
+        correct as f64 / kept as f64
+    } else {
+        0.0
+    };
+    (share, accuracy)
 }
 
 /// Reliability diagram bins (`bins` equal widths over [0, 1]).

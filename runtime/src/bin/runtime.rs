@@ -575,13 +575,7 @@ fn main() -> ExitCode {
                         "--target-false-accept {target_false_accept} is not a fraction in [0, 1]"
                     );
                 }
-                let src = match (bundle, &model.model) {
-                    (Some(_), Some(_)) => {
-                        anyhow::bail!("give the bundle once: BUNDLE or --model, not both")
-                    }
-                    (Some(b), None) => Bundle::load(&b)?,
-                    (None, _) => model.load()?,
-                };
+                let src = source_bundle(bundle, &model)?;
                 let ds = data.load(dataset)?;
                 // The model's own test images are never used to fit anything.
                 let recorded_test: std::collections::HashSet<PathBuf> =
@@ -684,13 +678,7 @@ fn main() -> ExitCode {
                 if !(0.0..=1.0).contains(&min_agreement) {
                     anyhow::bail!("--min-agreement {min_agreement} is not a fraction in [0, 1]");
                 }
-                let src = match (bundle, &model.model) {
-                    (Some(_), Some(_)) => {
-                        anyhow::bail!("give the bundle once: BUNDLE or --model, not both")
-                    }
-                    (Some(b), None) => Bundle::load(&b)?,
-                    (None, _) => model.load()?,
-                };
+                let src = source_bundle(bundle, &model)?;
                 if let Some(q) = &src.manifest.quantization {
                     anyhow::bail!(
                         "{} is already {} (made from {}); quantize the fp32 bundle",
@@ -1059,6 +1047,15 @@ fn info(b: &Bundle, json: bool) -> anyhow::Result<()> {
 /// The images `runtime eval` (and `runtime quantize`'s check) scores: by default the test part of
 /// the split the model was trained with, when it was trained on this data set (what it has not
 /// seen), else all; returns a description of the choice and the samples.
+/// The bundle a command works from: BUNDLE or --model (the built-in one when neither is given).
+fn source_bundle(bundle: Option<PathBuf>, model: &ModelArgs) -> anyhow::Result<Bundle> {
+    match (bundle, &model.model) {
+        (Some(_), Some(_)) => anyhow::bail!("give the bundle once: BUNDLE or --model, not both"),
+        (Some(b), None) => Ok(Bundle::load(&b)?),
+        (None, _) => Ok(model.load()?),
+    }
+}
+
 fn eval_samples(
     bundle: &runtime::bundle::Bundle,
     ds: &runtime::eval::datasets::Dataset,

@@ -112,28 +112,15 @@ pub fn fit(engine: &mut Engine, set: &CalibrationSet, options: &PipelineOptions)
         let scores = top1(&after);
         let threshold =
             calibration::threshold_for_false_accept(&ood_scores, set.target_false_accept);
-        let accepted: Vec<usize> = (0..scores.len())
-            .filter(|&i| scores[i] >= threshold)
-            .collect();
-        let correct = accepted
-            .iter()
-            .filter(|&&i| {
-                let row = &after[i * classes..(i + 1) * classes];
-                crate::scoring::top_k(row, 1)[0] == truth[i]
-            })
-            .count();
+        let (kept, accuracy) = calibration::answered(&after, classes, &truth, Some(threshold));
         report.reject = Some(RejectReport {
             ood_data: set.ood_data.clone(),
             ood_images: ood_scores.len(),
             target_false_accept: set.target_false_accept,
             false_accept: ood_scores.iter().filter(|&&s| s >= threshold).count() as f64
                 / ood_scores.len() as f64,
-            in_distribution_accepted: accepted.len() as f64 / scores.len() as f64,
-            accuracy_accepted: if accepted.is_empty() {
-                0.0
-            } else {
-                correct as f64 / accepted.len() as f64
-            },
+            in_distribution_accepted: kept,
+            accuracy_accepted: accuracy,
             auroc: calibration::auroc(&scores, &ood_scores),
         });
         reject_below = Some(threshold);
