@@ -1,18 +1,55 @@
 //! Scores a user can trust: temperature scaling (Guo et al. 2017) fitted on held-out labelled
-//! images, and an "unknown" rule (a threshold on the calibrated top-1 probability) chosen for a
-//! false-accept rate on out-of-distribution images; with the measures that judge both (negative
-//! log-likelihood, expected calibration error, reliability bins, AUROC of the rejection score).
+//! images, and an "unknown" rule (a threshold on the cosine to the nearest class centroid, or on
+//! the calibrated top-1 probability) chosen for a false-accept rate on out-of-distribution images;
+//! with the measures that judge both (negative log-likelihood, expected calibration error,
+//! reliability bins, AUROC of the rejection score, accuracy against coverage).
 
 use serde::{Deserialize, Serialize};
+
+/// The score an "unknown" rule thresholds (higher: more like the bundle's labels).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "cli", derive(clap::ValueEnum))]
+#[serde(rename_all = "snake_case")]
+pub enum RejectScore {
+    /// The calibrated top-1 probability: low for an image between two labels, but often high for
+    /// one unlike all of them (a softmax has to put its mass somewhere).
+    #[default]
+    Probability,
+    /// The cosine between the image embedding and the nearest class centroid (each label's mean
+    /// image embedding over labelled images, the bundle file `class_centroids`): low for an image
+    /// unlike every label's images.
+    Centroid,
+}
+
+impl RejectScore {
+    /// The name in results (`"reject_score"`) and reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            RejectScore::Probability => "calibrated top-1 probability",
+            RejectScore::Centroid => "cosine to the nearest class centroid",
+        }
+    }
+
+    /// A few words for the table of `classify`.
+    pub fn short_name(self) -> &'static str {
+        match self {
+            RejectScore::Probability => "probability",
+            RejectScore::Centroid => "centroid cosine",
+        }
+    }
+}
 
 /// What a bundle's manifest records under `calibration`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Calibration {
     /// Logits are divided by it before the softmax (1: unchanged).
     pub temperature: f32,
-    /// Below this calibrated top-1 probability the answer is `unknown`; none: never.
+    /// Below this score (of `reject_score`) the answer is `unknown`; none: never.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reject_below: Option<f32>,
+    /// What `reject_below` thresholds (bundles of format 2 before it existed: the probability).
+    #[serde(default)]
+    pub reject_score: RejectScore,
     /// The figures it was fitted on.
     pub fitted_on: FitReport,
 }
@@ -34,6 +71,11 @@ pub struct FitReport {
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RejectReport {
+    /// The labelled images the class centroids were computed from (centroid rule).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub centroid_data: String,
+    #[serde(default)]
+    pub centroid_images: usize,
     pub ood_data: String,
     pub ood_images: usize,
     /// The largest share of out-of-distribution images the threshold lets through (asked).
@@ -43,8 +85,105 @@ pub struct RejectReport {
     /// The share of the labelled images it keeps, and their top-1 accuracy.
     pub in_distribution_accepted: f64,
     pub accuracy_accepted: f64,
-    /// Area under the ROC curve of the calibrated top-1 probability, in- vs out-of-distribution.
+    /// Area under the ROC curve of the rejection score, in- vs out-of-distribution.
     pub auroc: f64,
+}
+
+/// A bundle's "unknown" rule, ready to apply to an image's embedding and probabilities.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RejectRule {
+    pub score: RejectScore,
+    pub below: f32,
+    /// `[labels x dim]`, rows L2-normalised (the centroid rule's; empty otherwise).
+    centroids: Vec<f32>,
+    dim: usize,
+}
+
+impl RejectRule {
+    /// A rule on the probability, or on the centroids (`[labels x dim]`, normalised here).
+    pub fn new(score: RejectScore, below: f32, centroids: &[f32], dim: usize) -> RejectRule {
+        RejectRule {
+            score,
+            below,
+            centroids: crate::scoring::normalize_rows(centroids, dim),
+            dim,
+        }
+    }
+
+    /// The rule's score of one image, from its embedding and calibrated label probabilities.
+    pub fn score(&self, embedding: &[f32], probs: &[f32]) -> f32 {
+        match self.score {
+            RejectScore::Probability => probs.iter().fold(0f32, |m, &p| m.max(p)),
+            RejectScore::Centroid => nearest_centroid_cosine(embedding, &self.centroids, self.dim),
+        }
+    }
+
+    /// Whether the answer is `unknown`, and the score it was decided on.
+    pub fn judge(&self, embedding: &[f32], probs: &[f32]) -> (bool, f32) {
+        let s = self.score(embedding, probs);
+        (self.rejects(s), s)
+    }
+
+    /// Whether a score is below the threshold (NaN, from a broken embedding, is too).
+    pub fn rejects(&self, score: f32) -> bool {
+        score.is_nan() || score < self.below
+    }
+}
+
+/// With an "unknown" rule (a calibrated bundle's), says in a result line whether the image is
+/// unknown (`"unknown"`; the scores stay) and the score it was judged on (`"reject_score"`).
+/// Returns the verdict.
+pub fn mark_unknown(
+    line: &mut serde_json::Value,
+    embedding: &[f32],
+    probs: &[f32],
+    rule: Option<&RejectRule>,
+) -> bool {
+    let Some(rule) = rule else {
+        return false;
+    };
+    let (unknown, score) = rule.judge(embedding, probs);
+    line["unknown"] = unknown.into();
+    line["reject_score"] =
+        serde_json::Number::from_f64(score as f64).map_or(serde_json::Value::Null, Into::into);
+    unknown
+}
+
+/// The largest cosine between `embedding` and the rows of `centroids` (normalised, `dim` wide);
+/// -1 without centroids.
+pub fn nearest_centroid_cosine(embedding: &[f32], centroids: &[f32], dim: usize) -> f32 {
+    let norm = embedding.iter().map(|v| v * v).sum::<f32>().sqrt();
+    if dim == 0 || embedding.len() != dim {
+        return -1.0;
+    }
+    centroids
+        .chunks_exact(dim)
+        .map(|c| c.iter().zip(embedding).map(|(a, b)| a * b).sum::<f32>() / norm.max(1e-12))
+        .fold(-1.0, f32::max)
+}
+
+/// Each label's centroid: the normalised mean of the normalised embeddings of its images
+/// (`[labels x dim]`); labels without an image are listed in the error.
+pub fn class_centroids(
+    embeddings: &[Vec<f32>],
+    truth: &[usize],
+    labels: usize,
+    dim: usize,
+) -> std::result::Result<Vec<f32>, Vec<usize>> {
+    let mut sum = vec![0f32; labels * dim];
+    let mut count = vec![0usize; labels];
+    for (e, &y) in embeddings.iter().zip(truth) {
+        let e = crate::scoring::normalize_rows(e, dim);
+        for (s, v) in sum[y * dim..(y + 1) * dim].iter_mut().zip(&e) {
+            *s += v;
+        }
+        count[y] += 1;
+    }
+    let missing: Vec<usize> = (0..labels).filter(|&l| count[l] == 0).collect();
+    if !missing.is_empty() {
+        return Err(missing);
+    }
+    Ok(crate::scoring::normalize_rows(&sum, dim))
 }
 
 /// How a calibrated bundle does on evaluated images (`runtime eval`): calibration error and
@@ -58,24 +197,66 @@ pub struct Evaluated {
     pub nll_calibrated: f64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reject_below: Option<f32>,
+    pub reject_score: RejectScore,
     /// The share of the images answered (not `unknown`), and the top-1 accuracy on them.
     pub answered: f64,
     pub top1_answered: f64,
-    /// Reliability diagram of the calibrated probabilities (15 bins).
+    /// Reliability diagram of the calibrated probabilities (15 bins), and of the uncalibrated.
     pub reliability: Vec<ReliabilityBin>,
+    pub reliability_uncalibrated: Vec<ReliabilityBin>,
+    /// Top-1 accuracy against the share answered, as the threshold on the rejection score moves
+    /// (empty without an "unknown" rule).
+    pub coverage: Vec<CoveragePoint>,
+    /// Out-of-distribution images (`runtime eval --ood`): how the rule does on them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ood: Option<OodEvaluated>,
 }
 
-/// [`Evaluated`] from the logits (`rows x classes`) of labelled images.
+/// One point of the accuracy-coverage curve: answering the images whose score is at least
+/// `threshold` answers `coverage` of them, with this top-1 accuracy.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CoveragePoint {
+    pub threshold: f32,
+    pub coverage: f64,
+    pub accuracy: f64,
+}
+
+/// The "unknown" rule on images that are none of the labels.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct OodEvaluated {
+    pub data: String,
+    pub images: usize,
+    pub unreadable: usize,
+    /// The share answered `unknown` (the rule's true rejections).
+    pub unknown: f64,
+    /// Area under the ROC curve of the rejection score, evaluated vs out-of-distribution images.
+    pub auroc: f64,
+}
+
+/// [`Evaluated`] from the logits (`rows x classes`) of labelled images and their rejection scores
+/// (one per row; ignored without a rule).
 pub fn evaluate(
     logits: &[f32],
     classes: usize,
     truth: &[usize],
+    reject_scores: &[f32],
     calibration: &Calibration,
 ) -> Evaluated {
     let t = calibration.temperature;
     let raw = softmax_rows(logits, classes, 1.0);
     let calibrated = softmax_rows(logits, classes, t);
-    let (answered, top1_answered) = answered(&calibrated, classes, truth, calibration.reject_below);
+    let (answered, top1_answered) = answered(
+        &calibrated,
+        classes,
+        truth,
+        reject_scores,
+        calibration.reject_below,
+    );
+    let coverage = if calibration.reject_below.is_some() {
+        coverage_curve(&calibrated, classes, truth, reject_scores, 100)
+    } else {
+        Vec::new()
+    };
     Evaluated {
         temperature: t,
         ece_uncalibrated: expected_calibration_error(&raw, classes, truth, 15),
@@ -83,10 +264,47 @@ pub fn evaluate(
         nll_uncalibrated: nll(logits, classes, truth, 1.0),
         nll_calibrated: nll(logits, classes, truth, t as f64),
         reject_below: calibration.reject_below,
+        reject_score: calibration.reject_score,
         answered,
         top1_answered,
         reliability: reliability(&calibrated, classes, truth, 15),
+        reliability_uncalibrated: reliability(&raw, classes, truth, 15),
+        coverage,
+        ood: None,
     }
+}
+
+/// Accuracy against coverage: the images ordered by rejection score, best first; at most
+/// `points` points, the last at full coverage.
+pub fn coverage_curve(
+    probs: &[f32],
+    classes: usize,
+    truth: &[usize],
+    scores: &[f32],
+    points: usize,
+) -> Vec<CoveragePoint> {
+    let right: Vec<bool> = confidences(probs, classes, truth)
+        .into_iter()
+        .map(|(_, r)| r)
+        .collect();
+    let mut order: Vec<usize> = (0..right.len().min(scores.len())).collect();
+    order.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]));
+    let n = order.len();
+    let step = n.div_ceil(points.max(1)).max(1);
+    let mut out = Vec::new();
+    let mut correct = 0usize;
+    for (i, &ix) in order.iter().enumerate() {
+        correct += right[ix] as usize;
+        let kept = i + 1;
+        if kept % step == 0 || kept == n {
+            out.push(CoveragePoint {
+                threshold: scores[ix],
+                coverage: kept as f64 / n as f64,
+                accuracy: correct as f64 / kept as f64,
+            });
+        }
+    }
+    out
 }
 
 /// Softmax of `logits / temperature`, row by row (`classes` per row).
@@ -211,17 +429,19 @@ fn confidences(probs: &[f32], classes: usize, truth: &[usize]) -> Vec<(f64, bool
         .collect()
 }
 
-/// The share of rows whose top-1 probability is at least `threshold` (every row without one), and
+/// The share of rows whose rejection score is at least `threshold` (every row without one), and
 /// the top-1 accuracy on them.
 pub fn answered(
     probs: &[f32],
     classes: usize,
     truth: &[usize],
+    scores: &[f32],
     threshold: Option<f32>,
 ) -> (f64, f64) {
     let (mut kept, mut correct) = (0usize, 0usize);
-    for (p, right) in confidences(probs, classes, truth) {
-        if threshold.is_none_or(|t| p >= t as f64) {
+    for (i, (_, right)) in confidences(probs, classes, truth).into_iter().enumerate() {
+        let score = scores.get(i).copied().unwrap_or(f32::NAN);
+        if threshold.is_none_or(|t| score >= t) {
             kept += 1;
             correct += right as usize;
         }
@@ -321,7 +541,8 @@ pub fn threshold_for_false_accept(out_of_distribution: &[f32], target_false_acce
     s.sort_by(|a, b| b.total_cmp(a));
     let allowed = (target_false_accept.clamp(0.0, 1.0) * s.len() as f64).floor() as usize;
     let Some(&stop) = s.get(allowed) else {
-        return 0.0;
+        // Everything may pass: the lowest score either rule can give.
+        return -1.0;
     };
     // The lowest score above `stop` (ties with it are stopped too).
     match s[..allowed].iter().rev().find(|&&v| v > stop) {
@@ -406,7 +627,49 @@ mod tests {
         // Ties at the limit are stopped together.
         let tied = threshold_for_false_accept(&[0.5, 0.5, 0.5, 0.2], 0.5);
         assert!(tied > 0.5);
-        assert_eq!(threshold_for_false_accept(&ood, 1.0), 0.0);
+        assert_eq!(threshold_for_false_accept(&ood, 1.0), -1.0);
+    }
+
+    #[test]
+    fn the_centroid_rule_scores_the_nearest_centroid() {
+        // Two labels whose images point along x and along y.
+        let embeddings = vec![vec![2.0, 0.0], vec![1.0, 0.1], vec![0.0, 3.0]];
+        let centroids = class_centroids(&embeddings, &[0, 0, 1], 2, 2).expect("both labels");
+        assert!((centroids[0] - 0.9988).abs() < 1e-3 && (centroids[3] - 1.0).abs() < 1e-6);
+        assert_eq!(
+            class_centroids(&embeddings, &[0, 0, 0], 3, 2),
+            Err(vec![1, 2]),
+            "labels without images are named"
+        );
+        let rule = RejectRule::new(RejectScore::Centroid, 0.9, &centroids, 2);
+        let probs = [0.99, 0.01];
+        // Along y: the second centroid, cosine 1.
+        assert_eq!(rule.judge(&[0.0, 5.0], &probs), (false, 1.0));
+        // Along the diagonal: cosine ~0.71 to both, unknown whatever the probabilities say.
+        let (unknown, s) = rule.judge(&[1.0, -1.0], &probs);
+        assert!(unknown && s < 0.72, "{s}");
+        assert!(rule.judge(&[f32::NAN, 0.0], &probs).0, "NaN is unknown");
+        let by_probability = RejectRule::new(RejectScore::Probability, 0.9, &[], 2);
+        assert_eq!(by_probability.judge(&[1.0, -1.0], &probs), (false, 0.99));
+        assert!(by_probability.judge(&[1.0, -1.0], &[0.6, 0.4]).0);
+    }
+
+    #[test]
+    fn the_coverage_curve_answers_the_surest_first() {
+        // Four rows, two classes; scores rank the right ones first.
+        let probs = [0.9, 0.1, 0.8, 0.2, 0.3, 0.7, 0.6, 0.4];
+        let truth = [0, 0, 0, 1];
+        let scores = [0.9, 0.8, 0.2, 0.1];
+        let curve = coverage_curve(&probs, 2, &truth, &scores, 100);
+        let acc: Vec<f64> = curve.iter().map(|p| p.accuracy).collect();
+        assert_eq!(acc, vec![1.0, 1.0, 2.0 / 3.0, 0.5]);
+        assert_eq!(curve.last().map(|p| p.coverage), Some(1.0));
+        assert_eq!(
+            answered(&probs, 2, &truth, &scores, Some(0.5)),
+            (0.5, 1.0),
+            "the two above 0.5, both right"
+        );
+        assert_eq!(coverage_curve(&probs, 2, &truth, &scores, 2).len(), 2);
     }
 
     #[test]

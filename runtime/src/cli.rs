@@ -199,8 +199,8 @@ pub struct ResultPrinter<W: std::io::Write = std::io::Stdout> {
     pub k: usize,
     /// Width of the file column.
     pub width: usize,
-    /// The bundle's "unknown" rule: below this top-1 probability the answer is `unknown`.
-    pub reject_below: Option<f32>,
+    /// The bundle's "unknown" rule (a calibrated bundle scored on its own labels).
+    pub reject: Option<crate::calibration::RejectRule>,
     out: W,
     header_done: bool,
 }
@@ -220,7 +220,7 @@ impl<W: std::io::Write> ResultPrinter<W> {
             json,
             k,
             width: 4,
-            reject_below: None,
+            reject: None,
             out,
             header_done: false,
         }
@@ -256,10 +256,12 @@ impl<W: std::io::Write> ResultPrinter<W> {
         file: &Path,
         model: &str,
         labels: &[Label],
+        embedding: &[f32],
         probs: &[f32],
     ) -> std::io::Result<()> {
         let mut line = crate::scoring::json_line(&show_path(file), model, labels, probs, self.k);
-        let unknown = crate::scoring::mark_unknown(&mut line, probs, self.reject_below);
+        let unknown =
+            crate::calibration::mark_unknown(&mut line, embedding, probs, self.reject.as_ref());
         if self.json {
             return writeln!(self.out, "{line}");
         }
@@ -268,10 +270,12 @@ impl<W: std::io::Write> ResultPrinter<W> {
             .iter()
             .map(|&i| format!("{:<28}", format!("{} {:.4}", labels[i].name, probs[i])))
             .collect();
-        if unknown {
+        if let Some(rule) = self.reject.as_ref().filter(|_| unknown) {
             cells = format!(
-                "unknown (below {:.4}): {cells}",
-                self.reject_below.unwrap_or(0.0)
+                "unknown ({} {:.4} < {:.4}): {cells}",
+                rule.score.short_name(),
+                line["reject_score"].as_f64().unwrap_or(f64::NAN),
+                rule.below
             );
         }
         writeln!(

@@ -79,23 +79,6 @@ pub fn json_line(
     serde_json::json!({"file": file, "model": model, "top": entries})
 }
 
-/// With an "unknown" rule (a calibrated bundle's `reject_below`), says in a result line whether the
-/// top label falls below it (`"unknown": true`; the scores stay). Returns that verdict.
-pub fn mark_unknown(
-    line: &mut serde_json::Value,
-    probs: &[f32],
-    reject_below: Option<f32>,
-) -> bool {
-    let Some(threshold) = reject_below else {
-        return false;
-    };
-    let unknown = top_k(probs, 1)
-        .first()
-        .is_none_or(|&i| probs[i] < threshold);
-    line["unknown"] = unknown.into();
-    unknown
-}
-
 /// Averages normalised embeddings of several templates per label, then normalises again.
 /// `per_template` is `[templates][labels x dim]`.
 pub fn ensemble(per_template: &[Vec<f32>], dim: usize) -> Vec<f32> {

@@ -1,6 +1,7 @@
 //! Calibration: the temperature matches SciPy's L-BFGS-B on the same logits
 //! (`fixtures/calibration`, scripts/make_calibration_fixtures.py), and `runtime calibrate` writes a
-//! bundle whose "unknown" rule `classify` applies.
+//! bundle whose "unknown" rule (class centroids, or the calibrated probability) `classify`,
+//! `runtime eval`, `runtime serve` apply; older formats still load.
 
 mod common;
 
@@ -64,111 +65,156 @@ fn runtime(args: &[&str]) -> std::process::Output {
         .expect("runtime")
 }
 
-#[test]
-fn calibrate_writes_a_bundle_whose_unknown_rule_classify_applies() {
-    common::require_setup();
-    let dir = common::tmpdir("calibrate");
-    let d = dir.path();
-    // Labelled images in three of the demonstration bundle's classes, and images of none of them.
-    for (class, shift) in [("CXR", 0u32), ("Hand", 1), ("HeadCT", 2)] {
-        for i in 0..8u32 {
-            png(&d.join(format!("labelled/{class}/{i}.png")), |x, y| {
+/// Runs `runtime ARGS`, asserts success, returns stdout.
+fn runtime_ok(args: &[&str]) -> String {
+    let run = runtime(args);
+    let stdout = String::from_utf8_lossy(&run.stdout).to_string();
+    assert!(
+        run.status.success(),
+        "runtime {args:?}: {stdout}{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    stdout
+}
+
+/// Labelled images (`per` of each of `classes`, generated patterns) under `dir/labelled`, and 20
+/// images of none of them under `dir/ood`; returns the OOD files.
+fn images(dir: &Path, classes: &[&str], per: u32) -> Vec<PathBuf> {
+    for (shift, class) in classes.iter().enumerate() {
+        let shift = shift as u32;
+        for i in 0..per {
+            png(&dir.join(format!("labelled/{class}/{i}.png")), |x, y| {
                 ((x * (shift + 1) + y * (i + 2) + shift * 60) % 256) as u8
             });
         }
     }
-    for i in 0..20u32 {
-        png(&d.join(format!("ood/{i}.png")), |x, y| {
-            ((x * (i + 3) + y * (2 * i + 1) + i * 40) % 256) as u8
-        });
-    }
+    (0..20u32)
+        .map(|i| {
+            let p = dir.join(format!("ood/{i}.png"));
+            png(&p, |x, y| {
+                ((x * (i + 3) + y * (2 * i + 1) + i * 40) % 256) as u8
+            });
+            p
+        })
+        .collect()
+}
+
+fn manifest(bundle: &Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(bundle.join("manifest.json")).unwrap()).unwrap()
+}
+
+const DEMO_CLASSES: [&str; 6] = ["AbdomenCT", "BreastMRI", "CXR", "ChestCT", "Hand", "HeadCT"];
+
+#[test]
+fn the_centroid_rule_is_fitted_written_and_applied_by_classify_eval_and_serve() {
+    common::require_setup();
+    let dir = common::tmpdir("calibrate");
+    let d = dir.path();
+    let ood = images(d, &DEMO_CLASSES, 6);
     let out = d.join("calibrated");
-    let run = runtime(&[
+    let (labelled, ood_dir, out_s) = (
+        d.join("labelled"),
+        d.join("ood"),
+        out.to_str().unwrap().to_string(),
+    );
+    let stdout = runtime_ok(&[
         "calibrate",
         "--dataset",
         "folder",
         "--data",
-        d.join("labelled").to_str().unwrap(),
+        labelled.to_str().unwrap(),
         "--split",
         "all",
         "--ood",
-        d.join("ood").to_str().unwrap(),
+        ood_dir.to_str().unwrap(),
         "--target-false-accept",
         "0.1",
         "--out",
-        out.to_str().unwrap(),
+        &out_s,
         "--device",
         "cpu",
     ]);
-    let stdout = String::from_utf8_lossy(&run.stdout).to_string();
     assert!(
-        run.status.success(),
-        "{stdout}{}",
-        String::from_utf8_lossy(&run.stderr)
+        stdout.contains("cosine to the nearest class centroid"),
+        "{stdout}"
     );
-    assert!(stdout.contains("temperature "), "{stdout}");
-    let manifest: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(out.join("manifest.json")).unwrap()).unwrap();
-    assert_eq!(manifest["format_version"], 2);
-    let c = &manifest["calibration"];
-    assert!(c["temperature"].as_f64().unwrap() > 0.0, "{c}");
-    assert_eq!(c["fitted_on"]["images"], 24);
-    let threshold = c["reject_below"].as_f64().expect("a threshold") as f32;
+    let m = manifest(&out);
+    assert_eq!(m["format_version"], 3, "a centroid rule needs format 3");
+    assert!(m["files"]["class_centroids"]["sha256"].is_string(), "{m}");
+    let c = &m["calibration"];
+    assert_eq!(c["reject_score"], "centroid");
+    assert_eq!(c["fitted_on"]["images"], 36);
+    let threshold = c["reject_below"].as_f64().expect("a threshold");
+    assert!((-1.0..=1.0).contains(&threshold));
     let reject = &c["fitted_on"]["reject"];
-    assert_eq!(reject["ood_images"], 20);
+    assert_eq!(
+        (
+            reject["ood_images"].clone(),
+            reject["centroid_images"].clone()
+        ),
+        (20.into(), 36.into())
+    );
     assert!(reject["false_accept"].as_f64().unwrap() <= 0.1);
 
-    // classify with the calibrated bundle: at most 2 of the 20 OOD images (10%) are answered.
-    let ood: Vec<PathBuf> = (0..20).map(|i| d.join(format!("ood/{i}.png"))).collect();
-    let mut args = vec!["--model", out.to_str().unwrap()];
-    args.extend(ood.iter().map(|p| p.to_str().unwrap()));
-    let lines = common::classify_lines(&args, &[]);
+    // The centroids are each label's mean image embedding: an image of a label scores near its
+    // centroid, and classify's verdict is its score against the threshold.
+    let ood_refs: Vec<&Path> = ood.iter().map(PathBuf::as_path).collect();
+    let lines = common::classify_lines(&["--model", &out_s], &ood_refs);
     assert_eq!(lines.len(), 20);
     let answered = lines.iter().filter(|l| l["unknown"] == false).count();
     assert!(answered <= 2, "{answered} of 20 answered");
     for l in &lines {
-        let top = l["top"][0]["probability"].as_f64().unwrap() as f32;
-        assert_eq!(l["unknown"], top < threshold, "{l}");
+        let score = l["reject_score"].as_f64().expect("a score");
+        assert_eq!(l["unknown"], score < threshold, "{l}");
     }
+    let own = labelled.join("Hand/0.png");
+    let id = common::classify_json(&own, &["--model", &out_s]);
+    let id_score = id["reject_score"].as_f64().unwrap();
+    let worst_ood = lines
+        .iter()
+        .map(|l| l["reject_score"].as_f64().unwrap())
+        .fold(-1.0, f64::max);
+    assert!(id_score > 0.5, "{id}");
     // --no-reject: the same calibrated scores, no verdict.
-    args.insert(0, "--no-reject");
-    let raw = common::classify_lines(&args, &[]);
+    let raw = common::classify_lines(&["--no-reject", "--model", &out_s], &ood_refs);
     for (a, b) in raw.iter().zip(&lines) {
-        assert!(a.get("unknown").is_none());
+        assert!(a.get("unknown").is_none() && a.get("reject_score").is_none());
         assert_eq!(a["top"], b["top"]);
     }
     // The source bundle is unchanged and still answers without a verdict.
     let plain = common::classify_lines(&[], &[&ood[0]]);
     assert!(plain[0].get("unknown").is_none());
 
-    // runtime eval reports the calibration on the labelled images (in report.json too).
+    // runtime eval --ood: the same verdicts on the OOD images, the figures and both pictures.
     let report = d.join("eval");
-    let ev = runtime(&[
+    let text = runtime_ok(&[
         "eval",
         "--model",
-        out.to_str().unwrap(),
+        &out_s,
         "--dataset",
         "folder",
         "--data",
-        d.join("labelled").to_str().unwrap(),
+        labelled.to_str().unwrap(),
         "--split",
         "all",
+        "--ood",
+        ood_dir.to_str().unwrap(),
         "--device",
         "cpu",
         "--out",
         report.to_str().unwrap(),
     ]);
-    let text = String::from_utf8_lossy(&ev.stdout).to_string();
-    assert!(
-        ev.status.success(),
-        "{text}{}",
-        String::from_utf8_lossy(&ev.stderr)
-    );
-    assert!(text.contains("calibration (temperature "), "{text}");
+    assert!(text.contains("answered unknown, AUROC"), "{text}");
     let json: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(report.join("report.json")).unwrap())
             .unwrap();
     let cal = &json["calibration"];
+    let unknown_share = cal["ood"]["unknown"].as_f64().unwrap();
+    assert_eq!(unknown_share, (20 - answered) as f64 / 20.0, "{cal}");
+    assert_eq!(cal["ood"]["images"], 20);
+    assert!(
+        (cal["ood"]["auroc"].as_f64().unwrap() - reject["auroc"].as_f64().unwrap()).abs() < 1e-9
+    );
     // The same images the temperature was fitted on: eval's figures are calibrate's.
     for (a, b) in [
         ("ece_uncalibrated", "ece_before"),
@@ -180,6 +226,13 @@ fn calibrate_writes_a_bundle_whose_unknown_rule_classify_applies() {
         );
         assert!((x - y).abs() < 1e-6, "{a} {x} vs {b} {y}");
     }
+    assert!(
+        (cal["answered"].as_f64().unwrap() - reject["in_distribution_accepted"].as_f64().unwrap())
+            .abs()
+            < 1e-9
+    );
+    let coverage = cal["coverage"].as_array().unwrap();
+    assert_eq!(coverage.last().unwrap()["coverage"], 1.0);
     assert_eq!(
         cal["reliability"]
             .as_array()
@@ -187,8 +240,28 @@ fn calibrate_writes_a_bundle_whose_unknown_rule_classify_applies() {
             .iter()
             .map(|b| b["count"].as_u64().unwrap())
             .sum::<u64>(),
-        24
+        36
     );
+    for png in ["reliability.png", "coverage.png", "confusion.png"] {
+        let bytes = std::fs::read(report.join(png)).unwrap_or_default();
+        assert!(bytes.starts_with(b"\x89PNG"), "{png} missing");
+    }
+    // --ood needs a rule to score.
+    let refused = runtime(&[
+        "eval",
+        "--dataset",
+        "folder",
+        "--data",
+        labelled.to_str().unwrap(),
+        "--split",
+        "all",
+        "--ood",
+        ood_dir.to_str().unwrap(),
+        "--device",
+        "cpu",
+    ]);
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("calibrated bundle"));
 
     // runtime serve answers as classify does, and ?no_reject=true as --no-reject.
     let mut server = Command::new(env!("CARGO_BIN_EXE_runtime"))
@@ -201,7 +274,7 @@ fn calibrate_writes_a_bundle_whose_unknown_rule_classify_applies() {
             "--threads",
             "1",
         ])
-        .args(["--model", out.to_str().unwrap()])
+        .args(["--model", &out_s])
         .env("RUST_LOG", "warn")
         .stdout(std::process::Stdio::piped())
         .spawn()
@@ -217,8 +290,8 @@ fn calibrate_writes_a_bundle_whose_unknown_rule_classify_applies() {
         .strip_prefix("listening on http://")
         .unwrap()
         .to_string();
-    let body = std::fs::read(&ood[0]).unwrap();
-    let post = |query: &str| -> serde_json::Value {
+    let post = |file: &Path, query: &str| -> serde_json::Value {
+        let body = std::fs::read(file).unwrap();
         for _ in 0..600 {
             let (status, _, text) = common::http_request(
                 &addr,
@@ -234,9 +307,207 @@ fn calibrate_writes_a_bundle_whose_unknown_rule_classify_applies() {
         }
         panic!("no answer from runtime serve");
     };
-    let served = post("");
-    assert_eq!(served["unknown"], lines[0]["unknown"], "{served}");
-    assert!(post("?no_reject=true").get("unknown").is_none());
+    for (file, cli) in [(ood[0].as_path(), &lines[0]), (own.as_path(), &id)] {
+        let served = post(file, "");
+        assert_eq!(served["unknown"], cli["unknown"], "{served}");
+        let (a, b) = (
+            served["reject_score"].as_f64().unwrap(),
+            cli["reject_score"].as_f64().unwrap(),
+        );
+        assert!((a - b).abs() < 1e-5, "{a} vs {b}");
+    }
+    assert!(post(&ood[0], "?no_reject=true").get("unknown").is_none());
     let _ = server.kill();
     let _ = server.wait();
+    eprintln!(
+        "centroid rule: threshold {threshold:.4}, own image {id_score:.4}, best OOD {worst_ood:.4}"
+    );
+}
+
+#[test]
+fn the_probability_rule_needs_no_centroids_and_format_2_bundles_still_load() {
+    common::require_setup();
+    let dir = common::tmpdir("calibrate-probability");
+    let d = dir.path();
+    // Three of the bundle's six labels: enough for a temperature, not for class centroids.
+    let ood = images(d, &["CXR", "Hand", "HeadCT"], 8);
+    let (labelled, ood_dir) = (d.join("labelled"), d.join("ood"));
+    let base = [
+        "calibrate",
+        "--dataset",
+        "folder",
+        "--data",
+        labelled.to_str().unwrap(),
+        "--split",
+        "all",
+        "--ood",
+        ood_dir.to_str().unwrap(),
+        "--target-false-accept",
+        "0.1",
+        "--device",
+        "cpu",
+        "--out",
+    ];
+    let centroid_out = d.join("centroid");
+    let mut args = base.to_vec();
+    args.push(centroid_out.to_str().unwrap());
+    let refused = runtime(&args);
+    let err = String::from_utf8_lossy(&refused.stderr).to_string();
+    assert!(!refused.status.success());
+    assert!(
+        err.contains("has none of: abdomen CT, breast MRI, chest CT"),
+        "{err}"
+    );
+    assert!(!centroid_out.exists(), "nothing written");
+
+    let out = d.join("calibrated");
+    let out_s = out.to_str().unwrap();
+    let mut args = base.to_vec();
+    args.extend([out_s, "--reject-score", "probability"]);
+    runtime_ok(&args);
+    let m = manifest(&out);
+    assert_eq!(m["format_version"], 2);
+    assert!(m["files"].get("class_centroids").is_none());
+    let threshold = m["calibration"]["reject_below"].as_f64().unwrap() as f32;
+    let ood_refs: Vec<&Path> = ood.iter().map(PathBuf::as_path).collect();
+    let lines = common::classify_lines(&["--model", out_s], &ood_refs);
+    assert!(lines.iter().filter(|l| l["unknown"] == false).count() <= 2);
+    for l in &lines {
+        let top = l["top"][0]["probability"].as_f64().unwrap() as f32;
+        assert_eq!(l["unknown"], top < threshold, "{l}");
+        assert_eq!(l["reject_score"].as_f64().unwrap() as f32, top);
+    }
+    // A format-2 manifest written before `reject_score` existed reads as the probability rule.
+    let mut old = m.clone();
+    old["calibration"]
+        .as_object_mut()
+        .unwrap()
+        .remove("reject_score");
+    std::fs::write(out.join("manifest.json"), old.to_string()).unwrap();
+    let again = common::classify_lines(&["--model", out_s], &ood_refs);
+    for (a, b) in again.iter().zip(&lines) {
+        assert_eq!((&a["unknown"], &a["top"]), (&b["unknown"], &b["top"]));
+    }
+    // A centroid rule claimed in format 2 is refused (a version-2 runtime would misread it).
+    let mut forged = m;
+    forged["calibration"]["reject_score"] = "centroid".into();
+    std::fs::write(out.join("manifest.json"), forged.to_string()).unwrap();
+    let run = Command::new(env!("CARGO_BIN_EXE_classify"))
+        .args(["--model", out_s, ood[0].to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(!run.status.success());
+    assert!(
+        String::from_utf8_lossy(&run.stderr).contains("needs format version 3"),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+}
+
+#[test]
+fn split_val_names_the_validation_rows_the_model_held_out_and_test_rows_are_refused() {
+    use runtime::eval::datasets::{self, DatasetKind, Split};
+    common::require_setup();
+    let dir = common::tmpdir("calibrate-val");
+    let d = dir.path();
+    images(d, &DEMO_CLASSES, 6);
+    let labelled = d.join("labelled");
+    let ds = datasets::load(DatasetKind::Folder, &labelled).unwrap();
+    // The demonstration bundle, its provenance saying it was trained on this data set.
+    let copy = common::copy_bundle(&common::root().join("models/default"), "trained-here");
+    let bundle = copy.path();
+    let mut m = manifest(bundle);
+    m["provenance"]["dataset"] = ds.name.clone().into();
+    m["provenance"]["split"] = "random:0.25:3".into();
+    m["provenance"]["training"] = serde_json::json!({"val": 0.3, "seed": 9});
+    std::fs::write(bundle.join("manifest.json"), m.to_string()).unwrap();
+    let (train, _) =
+        datasets::split(&ds.samples, "random:0.25:3".parse::<Split>().unwrap()).unwrap();
+    let (fitted, val) = datasets::validation_split(&train, 0.3, 9).unwrap();
+    let b = bundle.to_str().unwrap();
+    let data = labelled.to_str().unwrap();
+    let count = |part: &str| -> serde_json::Value {
+        let report = d.join(format!("eval-{part}"));
+        runtime_ok(&[
+            "eval",
+            "--model",
+            b,
+            "--dataset",
+            "folder",
+            "--data",
+            data,
+            "--split",
+            part,
+            "--device",
+            "cpu",
+            "--out",
+            report.to_str().unwrap(),
+        ]);
+        let json: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(report.join("report.json")).unwrap())
+                .unwrap();
+        json["images"].clone()
+    };
+    assert_eq!(count("val"), val.len());
+    assert_eq!(
+        count("train"),
+        fitted.len(),
+        "train: the rows it trained on"
+    );
+    // Calibrating on the validation rows works; on the test rows it is refused.
+    let out = d.join("calibrated");
+    let stdout = runtime_ok(&[
+        "calibrate",
+        b,
+        "--dataset",
+        "folder",
+        "--data",
+        data,
+        "--split",
+        "val",
+        "--centroid-split",
+        "train",
+        "--ood",
+        d.join("ood").to_str().unwrap(),
+        "--device",
+        "cpu",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(
+        stdout.contains(&format!("on {} images", val.len())),
+        "{stdout}"
+    );
+    let reject = &manifest(&out)["calibration"]["fitted_on"]["reject"];
+    assert_eq!(reject["centroid_images"], fitted.len());
+    let refused = runtime(&[
+        "calibrate",
+        b,
+        "--dataset",
+        "folder",
+        "--data",
+        data,
+        "--split",
+        "test",
+        "--device",
+        "cpu",
+        "--out",
+        d.join("no").to_str().unwrap(),
+    ]);
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("test part"));
+    // A model that records no validation rows has no val part.
+    let refused = runtime(&[
+        "eval",
+        "--dataset",
+        "folder",
+        "--data",
+        data,
+        "--split",
+        "val",
+        "--device",
+        "cpu",
+    ]);
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("no validation rows"));
 }

@@ -82,6 +82,7 @@ pub fn probabilities(
 /// checks them (format, paths, label count vs embedding shape, sha256 of each file handed in).
 #[wasm_bindgen]
 pub struct DemoBundle {
+    bundle: runtime::bundle::Bundle,
     manifest: Manifest,
     embeddings: Vec<f32>,
 }
@@ -98,9 +99,50 @@ impl DemoBundle {
         )
         .map_err(|e| JsError::new(&e.to_string()))?;
         Ok(DemoBundle {
-            manifest: b.manifest,
-            embeddings: b.label_embeddings,
+            manifest: b.manifest.clone(),
+            embeddings: b.label_embeddings.clone(),
+            bundle: b,
         })
+    }
+
+    /// The file of the class centroids of a calibrated bundle's "unknown" rule, when it has one
+    /// (hand its bytes to [`DemoBundle::set_class_centroids`] before classifying).
+    pub fn class_centroids_file(&self) -> Option<String> {
+        self.manifest
+            .files
+            .get(runtime::bundle::CLASS_CENTROIDS)
+            .map(|e| e.path.clone())
+    }
+
+    /// Takes the class centroids file (checked against the manifest: sha256, shape).
+    pub fn set_class_centroids(&mut self, npy: &[u8]) -> Result<(), JsError> {
+        self.bundle
+            .set_class_centroids(npy)
+            .map_err(|e| JsError::new(&e.to_string()))
+    }
+
+    /// The verdict of a calibrated bundle's "unknown" rule on one image (its embedding and the
+    /// probabilities of [`DemoBundle::classify`]) as JSON: `{"unknown", "score", "below",
+    /// "rule"}`, as `classify --json` decides it; empty without a rule.
+    pub fn judge(&self, image_embedding: &[f32], probabilities: &[f32]) -> Result<String, JsError> {
+        let Some(rule) = self.bundle.reject_rule() else {
+            return Ok(String::new());
+        };
+        if rule.score == runtime::calibration::RejectScore::Centroid
+            && self.bundle.class_centroids.is_none()
+        {
+            return Err(JsError::new(
+                "the bundle's unknown rule needs its class centroids: set_class_centroids first",
+            ));
+        }
+        let (unknown, score) = rule.judge(image_embedding, probabilities);
+        Ok(serde_json::json!({
+            "unknown": unknown,
+            "score": score,
+            "below": rule.below,
+            "rule": rule.score.short_name(),
+        })
+        .to_string())
     }
 
     /// Checks a file of the bundle (e.g. `image_encoder`) against the manifest's size and sha256.
@@ -214,9 +256,14 @@ impl DemoBundle {
         .map_err(|e| JsError::new(&e.to_string()))
     }
 
-    /// Probabilities over the bundle's labels for one image embedding.
+    /// Probabilities over the bundle's labels for one image embedding (with a calibrated
+    /// bundle's temperature, as `classify`).
     pub fn classify(&self, image_embedding: &[f32]) -> Result<Vec<f32>, JsError> {
-        probabilities(image_embedding, &self.embeddings, self.manifest.logit_scale)
+        probabilities(
+            image_embedding,
+            &self.embeddings,
+            self.manifest.calibrated_logit_scale(),
+        )
     }
 }
 

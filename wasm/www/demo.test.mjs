@@ -1,6 +1,7 @@
 // End-to-end test of the demo page in headless Chromium (Debian's chromium, driven by playwright-core):
 // the page classifies real files as the native `classify` does (same top-1, probabilities within 1e-3),
-// and a bad file gives a visible error without killing the page.
+// a bad file gives a visible error without killing the page, and a calibrated bundle's "unknown"
+// verdict is native classify's.
 //
 //   node --test wasm/www/demo.test.mjs     (after scripts/build_wasm.sh; CLASSIFY=path/to/classify)
 import { test, before, after } from "node:test";
@@ -181,5 +182,49 @@ test("a bundle that does not reproduce its self-check is refused by the page", a
   await p.waitForFunction(() => window.xrayClip?.ready || window.xrayClip?.error, null, { timeout: 60000 });
   const error = await p.evaluate(() => window.xrayClip.error);
   assert.ok(error && error.includes("self-check failed"), error);
+  await p.close();
+});
+
+test("a calibrated bundle's unknown rule gives the page native classify's verdict", async () => {
+  // The demonstration bundle calibrated on copies of the fixture images (each label a different
+  // pair), its threshold chosen on the PNG fixture itself with no false accepts: that file must be
+  // answered "unknown", by the page as natively.
+  const work = mkdtempSync(path.join(tmpdir(), "xray-clip-calibrated-"));
+  const fixtures = ["gray_300x217.png", "gray16_150x400.png", "rgb_640x480.jpg", "small_64x64.png", "rgb_640x480_pil.png"];
+  ["AbdomenCT", "BreastMRI", "CXR", "ChestCT", "Hand", "HeadCT"].forEach((label, i) => {
+    fs.mkdirSync(path.join(work, "labelled", label), { recursive: true });
+    for (const f of [fixtures[i % 5], fixtures[(i + 2) % 5]]) {
+      fs.copyFileSync(path.join(root, "fixtures/images", f), path.join(work, "labelled", label, f));
+    }
+  });
+  const bundle = path.join(root, "target/browser-test-calibrated");
+  execFileSync(runtimeBin, ["calibrate", path.join(root, "models/default"), "--dataset", "folder",
+    "--data", path.join(work, "labelled"), "--split", "all", "--ood", png, "--target-false-accept", "0",
+    "--device", "cpu", "--out", bundle, "--force"]);
+  const p = await browser.newPage();
+  await p.goto(`http://127.0.0.1:${port}/wasm/www/index.html?bundle=../../target/browser-test-calibrated/`);
+  await p.waitForFunction(() => window.xrayClip?.ready || window.xrayClip?.error, null, { timeout: 60000 });
+  assert.equal(await p.evaluate(() => window.xrayClip.error), null);
+  for (const file of [png, dicom]) {
+    await p.evaluate(() => { window.xrayClip.last = null; });
+    await p.setInputFiles("#file", file);
+    await p.waitForFunction(() => window.xrayClip.last || window.xrayClip.error, null, { timeout: 60000 });
+    const { last, error } = await p.evaluate(() => ({ last: window.xrayClip.last, error: window.xrayClip.error }));
+    assert.equal(error, null);
+    const out = execFileSync(classifyBin, ["--device", "cpu", "--json", "-k", "100", "--model", bundle, file], { encoding: "utf8" });
+    const line = JSON.parse(out.trim());
+    assert.equal(last.unknown, line.unknown, `${file}: page ${last.unknown}, native ${line.unknown}`);
+    assert.ok(Math.abs(last.rejectScore - line.reject_score) <= 1e-3, `${last.rejectScore} vs ${line.reject_score}`);
+    // The calibrated probabilities (temperature applied) as natively.
+    const expected = Object.fromEntries(line.top.map((t) => [t.label, t.probability]));
+    let worst = 0;
+    last.labels.forEach((label, i) => { worst = Math.max(worst, Math.abs(last.probabilities[i] - expected[label])); });
+    assert.ok(worst <= 1e-3, `max probability difference ${worst}`);
+    const shown = await p.textContent("#verdict");
+    assert.equal(shown.startsWith("unknown"), line.unknown, shown);
+    console.log(`calibrated bundle: ${path.basename(file)} unknown=${line.unknown}, score ${last.rejectScore.toFixed(4)} (native ${line.reject_score.toFixed(4)})`);
+  }
+  const pngLine = JSON.parse(execFileSync(classifyBin, ["--device", "cpu", "--json", "--model", bundle, png], { encoding: "utf8" }).trim());
+  assert.equal(pngLine.unknown, true, "the file the threshold was set on is unknown");
   await p.close();
 });

@@ -25,6 +25,8 @@ async function loadBundle(read) {
   const manifest = JSON.parse(manifestText);
   const emb = await read(manifest.files.label_embeddings.path);
   const bundle = new DemoBundle(manifestText, emb);
+  const centroids = bundle.class_centroids_file();
+  if (centroids) bundle.set_class_centroids(await read(centroids));
   const encoder = JSON.parse(bundle.image_encoder());
   const onnx = await read(encoder.path);
   bundle.verify("image_encoder", onnx);
@@ -101,13 +103,21 @@ async function classify(file) {
     const probs = Array.from(state.custom
       ? probabilities(emb, state.custom.embeddings, state.bundle.logit_scale)
       : state.bundle.classify(emb));
+    // A calibrated bundle's "unknown" rule, on its own labels (as native classify).
+    const verdict = state.custom ? null : JSON.parse(state.bundle.judge(emb, probs) || "null");
     const ms = performance.now() - t0;
     drawPreview(p);
     drawBars(probs);
+    $("verdict").textContent = verdict?.unknown
+      ? `unknown: ${verdict.rule} ${verdict.score.toFixed(4)} is below the bundle's threshold ${verdict.below.toFixed(4)} (the scores below are the labels it is least unlike)`
+      : "";
     $("latency").textContent = `${ms.toFixed(1)} ms (decode, preprocess, encode, score)`;
     const order = probs.map((v, i) => i).sort((a, b) => probs[b] - probs[a]);
     const labels = currentLabels();
-    window.xrayClip.last = { file: file.name, labels, probabilities: probs, top1: labels[order[0]], ms };
+    window.xrayClip.last = {
+      file: file.name, labels, probabilities: probs, top1: labels[order[0]], ms,
+      unknown: verdict?.unknown ?? null, rejectScore: verdict?.score ?? null,
+    };
     window.xrayClip.error = null;
   } catch (e) {
     window.xrayClip.last = null;

@@ -127,8 +127,8 @@ fn main() -> ExitCode {
         // The bundle's calibration holds for its own labels only.
         let own_labels = cli.labels.labels.is_none() && cli.labels.templates.is_empty();
         let manifest = &engine.bundle.manifest;
-        let (scale, reject_below) = if own_labels {
-            let reject = manifest.reject_below().filter(|_| !cli.no_reject);
+        let (scale, reject) = if own_labels {
+            let reject = engine.bundle.reject_rule().filter(|_| !cli.no_reject);
             (manifest.calibrated_logit_scale(), reject)
         } else {
             (manifest.logit_scale, None)
@@ -140,7 +140,7 @@ fn main() -> ExitCode {
             .as_deref()
             .map_or_else(|| "stdout".to_string(), show_path);
         let mut printer = runtime::cli::ResultPrinter::to(cli.json, k, output);
-        printer.reject_below = reject_below;
+        printer.reject = reject;
         let (listed, skipped) = (AtomicUsize::new(0), AtomicUsize::new(0));
         let listing = || {
             let given = files::list(cli.paths.clone());
@@ -191,7 +191,7 @@ fn main() -> ExitCode {
                         }
                         let probs = scoring::probabilities(&emb, &label_emb, scale);
                         printer
-                            .scores(&path, &model_name, &labels, &probs)
+                            .scores(&path, &model_name, &labels, &emb, &probs)
                             .map_err(write_error)?;
                     }
                     Err(e) => {

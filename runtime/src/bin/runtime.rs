@@ -149,8 +149,9 @@ enum Command {
         data: runtime::cli::DataArgs,
         #[command(flatten)]
         model: ModelArgs,
-        /// Which images: all, train or test (parts of --split-spec), or a split whose test part
-        /// is scored: reference (the reference experiment's UNIFESP test images),
+        /// Which images: all, train, val or test (parts of --split-spec; for the model's own
+        /// split, val = the validation rows it held out of its training rows and train = the
+        /// rows it trained on), or a split whose test part is scored: reference (the reference experiment's UNIFESP test images),
         /// head:TRAIN:TEST, random:FRACTION:SEED [default: the test part of the split the model
         /// was trained with when its manifest records one for this data set, else all].
         #[arg(long)]
@@ -171,12 +172,18 @@ enum Command {
         /// Images with several labels: any (a hit on any of them) or skip.
         #[arg(long, default_value = "any")]
         multi_label: runtime::eval::MultiLabel,
+        /// Images that are none of the labels (folders, searched recursively, or files; repeat
+        /// for several): a calibrated bundle's "unknown" rule is scored on them (the share
+        /// answered unknown, the AUROC of its score against the evaluated images).
+        #[arg(long, value_name = "PATH")]
+        ood: Vec<PathBuf>,
         #[command(flatten)]
         device: DeviceArgs,
         #[command(flatten)]
         batch: BatchArgs,
-        /// Report folder to write: report.json, report.md, confusion.csv, confusion.png (a folder
-        /// of other things: the report goes inside it).
+        /// Report folder to write: report.json, report.md, confusion.csv, confusion.png (and for
+        /// a calibrated bundle reliability.png and coverage.png) (a folder of other things: the
+        /// report goes inside it).
         #[arg(long)]
         out: Option<PathBuf>,
         /// Replace an existing report at --out.
@@ -226,8 +233,9 @@ enum Command {
     },
     /// Fit a bundle's calibration and write a calibrated copy to --out: a temperature for its label
     /// probabilities, fitted on held-out labelled images (never the model's own test images), and
-    /// an "unknown" threshold on the calibrated top-1 probability, chosen on --ood images (none
-    /// of its labels) for --target-false-accept. classify then answers "unknown" below it.
+    /// an "unknown" rule: a threshold on the cosine to the nearest class centroid (or on the
+    /// calibrated top-1 probability), chosen on --ood images (none of its labels) for
+    /// --target-false-accept. classify, eval, serve and the page then answer "unknown" below it.
     Calibrate {
         /// The bundle (or --model).
         #[arg(value_name = "BUNDLE")]
@@ -239,16 +247,23 @@ enum Command {
         dataset: runtime::eval::datasets::DatasetKind,
         #[command(flatten)]
         data: runtime::cli::DataArgs,
-        /// Which images of --dataset, as runtime eval's --split (all, train, test or a split
-        /// spec). Images of the model's recorded test part are refused: calibrate on held-out
-        /// images, evaluate on the test ones.
+        /// Which images of --dataset, as runtime eval's --split (all, train, val, test or a split
+        /// spec; val: the validation rows the model held out). Images of the model's recorded
+        /// test part are refused: calibrate on held-out images, evaluate on the test ones.
         #[arg(long)]
         split: String,
-        /// Images that are none of the bundle's labels (a folder, searched recursively, or a
-        /// file): the "unknown" threshold is chosen on them. Without it only the temperature is
-        /// fitted.
-        #[arg(long, value_name = "DIR")]
-        ood: Option<PathBuf>,
+        /// What the "unknown" rule thresholds.
+        #[arg(long, value_enum, default_value_t = runtime::calibration::RejectScore::Centroid)]
+        reject_score: runtime::calibration::RejectScore,
+        /// Images of --dataset to compute the class centroids from, as --split (e.g. train: the
+        /// rows the model trained on, which hold every label) [default: the --split images].
+        #[arg(long, value_name = "SPLIT")]
+        centroid_split: Option<String>,
+        /// Images that are none of the bundle's labels (folders, searched recursively, or files;
+        /// repeat the option for several): the "unknown" threshold is chosen on them. Without it
+        /// only the temperature is fitted.
+        #[arg(long, value_name = "PATH")]
+        ood: Vec<PathBuf>,
         /// The largest share of the --ood images the "unknown" rule may let through.
         #[arg(long, default_value_t = 0.05)]
         target_false_accept: f64,
@@ -561,6 +576,8 @@ fn main() -> ExitCode {
                 dataset,
                 data,
                 split,
+                reject_score,
+                centroid_split,
                 ood,
                 target_false_accept,
                 out,
@@ -588,16 +605,6 @@ fn main() -> ExitCode {
                     } else {
                         Default::default()
                     };
-                let (split_name, samples) =
-                    eval_samples(&src, &ds, dataset, Some(split.clone()), None)?;
-                if samples.iter().any(|s| recorded_test.contains(&s.path)) {
-                    anyhow::bail!(
-                        "--split {split} holds images of {}'s test part (provenance: {} {}): calibrate on held-out training images, not on the test images",
-                        src.manifest.name,
-                        src.manifest.provenance.dataset,
-                        src.manifest.provenance.split
-                    );
-                }
                 let mine: Vec<&runtime::text::labels::Label> = src.labels();
                 let index =
                     runtime::text::labels::match_labels(&mine, &ds.labels).ok_or_else(|| {
@@ -607,26 +614,39 @@ fn main() -> ExitCode {
                             mine.len()
                         )
                     })?;
-                let images: Vec<(PathBuf, usize)> = samples
-                    .iter()
-                    .map(|s| (s.path.clone(), index[s.primary()]))
-                    .collect();
-                let ood_files: Vec<PathBuf> = match &ood {
-                    Some(dir) => runtime::image::files::list([dir.clone()])
-                        .filter_map(|l| l.ok())
-                        .collect(),
-                    None => Vec::new(),
+                // The labelled images of a --split (or --centroid-split) value, never test ones.
+                let labelled = |option: &str,
+                                split: &str|
+                 -> anyhow::Result<(String, Vec<(PathBuf, usize)>)> {
+                    let (split_name, samples) =
+                        eval_samples(&src, &ds, dataset, Some(split.to_string()), None)?;
+                    if samples.iter().any(|s| recorded_test.contains(&s.path)) {
+                        anyhow::bail!(
+                            "{option} {split} holds images of {}'s test part (provenance: {} {}): calibrate on held-out training images, not on the test images",
+                            src.manifest.name,
+                            src.manifest.provenance.dataset,
+                            src.manifest.provenance.split
+                        );
+                    }
+                    let images = samples
+                        .iter()
+                        .map(|s| (s.path.clone(), index[s.primary()]))
+                        .collect();
+                    Ok((format!("{} ({split_name})", ds.name), images))
                 };
-                if let Some(dir) = ood.as_ref().filter(|_| ood_files.is_empty()) {
-                    anyhow::bail!("--ood {}: no images found", dir.display());
-                }
+                let (data_name, images) = labelled("--split", &split)?;
+                let centroid_set = match &centroid_split {
+                    Some(c) => Some(labelled("--centroid-split", c)?),
+                    None => None,
+                };
+                let ood_files = list_images("--ood", &ood)?;
                 let set = calibrate::CalibrationSet {
-                    data: format!("{} ({split_name})", ds.name),
+                    data: data_name,
                     images: &images,
-                    ood_data: ood
-                        .as_ref()
-                        .map_or(String::new(), |p| p.display().to_string()),
+                    centroid_images: centroid_set.as_ref().map(|(n, i)| (n.clone(), &i[..])),
+                    ood_data: ood_names(&ood),
                     ood: &ood_files,
+                    score: reject_score,
                     target_false_accept,
                 };
                 let mut engine = Engine::load(src.clone(), device.options())?;
@@ -644,9 +664,15 @@ fn main() -> ExitCode {
                     f.ece_after
                 );
                 if let (Some(t), Some(r)) = (c.reject_below, &f.reject) {
+                    if !r.centroid_data.is_empty() {
+                        println!(
+                            "class centroids from {} images of {}",
+                            r.centroid_images, r.centroid_data
+                        );
+                    }
                     println!(
-                        "unknown below {t:.6} (top-1 probability): {:.4} of {} --ood images let through (target {:.4}); {:.4} of the labelled images kept, top-1 {:.4} on them; AUROC {:.4}",
-                        r.false_accept, r.ood_images, r.target_false_accept, r.in_distribution_accepted, r.accuracy_accepted, r.auroc
+                        "unknown below {t:.6} ({}): {:.4} of {} --ood images let through (target {:.4}); {:.4} of the labelled images kept, top-1 {:.4} on them; AUROC {:.4}",
+                        c.reject_score.name(), r.false_accept, r.ood_images, r.target_false_accept, r.in_distribution_accepted, r.accuracy_accepted, r.auroc
                     );
                 }
                 if fitted.skipped > 0 {
@@ -656,8 +682,7 @@ fn main() -> ExitCode {
                     );
                 }
                 let name = name.unwrap_or_else(|| format!("{}-calibrated", src.manifest.name));
-                let written =
-                    calibrate::write_bundle(&src, fitted.calibration, &name, &out, force)?;
+                let written = calibrate::write_bundle(&src, fitted, &name, &out, force)?;
                 wrote(&written);
             }
             Command::Quantize {
@@ -771,12 +796,14 @@ fn main() -> ExitCode {
                 templates_file,
                 reference_templates,
                 multi_label,
+                ood,
                 device,
                 batch,
                 out,
                 force,
             } => {
                 let ds = data.load(dataset)?;
+                let ood_files = list_images("--ood", &ood)?;
                 let mut templates = templates;
                 if reference_templates {
                     templates.extend(prompts::REFERENCE_TEMPLATES.iter().map(|t| t.to_string()));
@@ -798,6 +825,13 @@ fn main() -> ExitCode {
                     })?,
                 };
                 runtime::cli::demo_notice(&bundle);
+                if !ood.is_empty() && (bundle.reject_rule().is_none() || !templates.is_empty()) {
+                    anyhow::bail!(
+                        "--ood scores a calibrated bundle's \"unknown\" rule on its own labels: {} has none{} (runtime calibrate makes one)",
+                        bundle.manifest.name,
+                        if templates.is_empty() { "" } else { " for --template scores" }
+                    );
+                }
                 let (split, samples) = eval_samples(&bundle, &ds, dataset, split, split_spec)?;
                 let mut engine = Engine::load(bundle, device.options())?;
                 let opts = runtime::eval::EvalOptions {
@@ -806,6 +840,8 @@ fn main() -> ExitCode {
                     pipeline: batch.pipeline(true),
                     dataset: ds.name.clone(),
                     split: split.clone(),
+                    ood: ood_files,
+                    ood_data: ood_names(&ood),
                 };
                 let ev = runtime::eval::evaluate(&mut engine, &ds.labels, &samples, &opts)?;
                 println!(
@@ -1047,6 +1083,29 @@ fn info(b: &Bundle, json: bool) -> anyhow::Result<()> {
 /// The images `runtime eval` (and `runtime quantize`'s check) scores: by default the test part of
 /// the split the model was trained with, when it was trained on this data set (what it has not
 /// seen), else all; returns a description of the choice and the samples.
+/// The image files under each of `paths` (folders searched recursively, or files); a path with none
+/// is an error naming `option`.
+fn list_images(option: &str, paths: &[PathBuf]) -> anyhow::Result<Vec<PathBuf>> {
+    let mut files = Vec::new();
+    for path in paths {
+        let before = files.len();
+        files.extend(runtime::image::files::list([path.clone()]).filter_map(|l| l.ok()));
+        if files.len() == before {
+            anyhow::bail!("{option} {}: no images found", path.display());
+        }
+    }
+    Ok(files)
+}
+
+/// The paths as one line, for reports.
+fn ood_names(paths: &[PathBuf]) -> String {
+    paths
+        .iter()
+        .map(|p| p.display().to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// The bundle a command works from: BUNDLE or --model (the built-in one when neither is given).
 fn source_bundle(bundle: Option<PathBuf>, model: &ModelArgs) -> anyhow::Result<Bundle> {
     match (bundle, &model.model) {
@@ -1083,11 +1142,11 @@ fn eval_samples(
             ("test", Some(spec))
         }
         (None | Some("all"), _) => ("all", None),
-        (Some(p @ ("train" | "test")), _) => (p, Some(spec)),
+        (Some(p @ ("train" | "val" | "test")), _) => (p, Some(spec)),
         (Some(other), _) => {
             let s: Split = other
                 .parse()
-                .map_err(|e: String| anyhow::anyhow!("--split: {e}; or all, train, test"))?;
+                .map_err(|e: String| anyhow::anyhow!("--split: {e}; or all, train, val, test"))?;
             ("test", Some(s))
         }
     };
@@ -1101,8 +1160,33 @@ fn eval_samples(
                 );
             }
             let (train, test) = datasets::split(&ds.samples, s)?;
-            let samples = if part == "train" { train } else { test };
-            (format!("{part} of {s}"), samples)
+            // The validation rows the model held out of its training rows, when it did.
+            let training = &prov.training;
+            let held_out = (Some(s) == recorded)
+                .then(|| training["val"].as_f64().zip(training["seed"].as_u64()))
+                .flatten()
+                .filter(|(v, _)| *v > 0.0);
+            let samples = match (part, held_out) {
+                ("test", _) => test,
+                ("train", None) => train,
+                ("train", Some((v, seed))) => datasets::validation_split(&train, v, seed)?.0,
+                (_, Some((v, seed))) => datasets::validation_split(&train, v, seed)?.1,
+                (_, None) => anyhow::bail!(
+                    "--split val: {} records no validation rows of split {s} on {} (trained with --val 0, or on another split or data set)",
+                    bundle.manifest.name,
+                    ds.name
+                ),
+            };
+            let what = match (part, held_out) {
+                ("train", Some((v, seed))) => {
+                    format!("train of {s} without its validation rows (val {v}, seed {seed})")
+                }
+                ("val", Some((v, seed))) => {
+                    format!("validation rows (val {v}, seed {seed}) of {s}")
+                }
+                _ => format!("{part} of {s}"),
+            };
+            (what, samples)
         }
     };
     Ok((split, samples))

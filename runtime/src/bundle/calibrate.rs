@@ -1,9 +1,10 @@
 //! `runtime calibrate`: a bundle's temperature fitted on held-out labelled images and its
-//! "unknown" threshold chosen on out-of-distribution images, written into a copy of the bundle.
+//! "unknown" rule's threshold chosen on out-of-distribution images, written into a copy of the
+//! bundle.
 
 use std::path::{Path, PathBuf};
 
-use crate::calibration::{self, Calibration, FitReport, RejectReport};
+use crate::calibration::{self, Calibration, FitReport, RejectReport, RejectRule, RejectScore};
 use crate::engine::Engine;
 use crate::error::{Error, Result};
 use crate::pipeline::{embed_files, PipelineOptions};
@@ -14,8 +15,13 @@ pub struct CalibrationSet<'a> {
     /// What the labelled images are, for the record (data set, split).
     pub data: String,
     pub images: &'a [(PathBuf, usize)],
+    /// Labelled images for the class centroids (centroid rule), when not `images`; with what they
+    /// are, for the record.
+    pub centroid_images: Option<(String, &'a [(PathBuf, usize)])>,
     pub ood_data: String,
     pub ood: &'a [PathBuf],
+    /// What the "unknown" rule thresholds.
+    pub score: RejectScore,
     /// The largest share of `ood` the unknown rule may let through.
     pub target_false_accept: f64,
 }
@@ -23,34 +29,34 @@ pub struct CalibrationSet<'a> {
 /// The figures `runtime calibrate` prints (and the manifest keeps).
 pub struct Fitted {
     pub calibration: Calibration,
+    /// `[labels x dim]`: the centroid rule's class centroids.
+    pub centroids: Option<Vec<f32>>,
     /// Images that failed to decode (left out).
     pub skipped: usize,
 }
 
-/// The image embeddings of the files that decode (failures are left out and counted).
-fn embed(
+/// The image embeddings of the files that decode, with their labels (failures are left out and
+/// counted).
+fn embed_labelled(
     engine: &mut Engine,
-    files: &[PathBuf],
+    images: &[(PathBuf, usize)],
     options: &PipelineOptions,
-) -> (Vec<Option<Vec<f32>>>, usize) {
-    let mut failed = 0;
-    let out = embed_files(engine, files, options)
-        .into_iter()
-        .map(|r| r.map_err(|_| failed += 1).ok())
-        .collect();
-    (out, failed)
+) -> (Vec<Vec<f32>>, Vec<usize>, usize) {
+    let files: Vec<PathBuf> = images.iter().map(|(p, _)| p.clone()).collect();
+    let (mut embeddings, mut truth, mut failed) = (Vec::new(), Vec::new(), 0);
+    for (row, (_, y)) in embed_files(engine, &files, options).into_iter().zip(images) {
+        match row {
+            Ok(row) => {
+                embeddings.push(row);
+                truth.push(*y);
+            }
+            Err(_) => failed += 1,
+        }
+    }
+    (embeddings, truth, failed)
 }
 
-/// Label probabilities at `scale` for each embedding, computed as classify does (the same
-/// arithmetic, so a threshold chosen here holds there), flattened.
-fn probabilities(embeddings: &[Vec<f32>], labels: &[f32], scale: f32) -> Vec<f32> {
-    embeddings
-        .iter()
-        .flat_map(|e| crate::scoring::probabilities(e, labels, scale))
-        .collect()
-}
-
-/// The logits behind [`probabilities`]: `scale` x cosine.
+/// The logits behind classify's probabilities: `scale` x cosine, flattened.
 fn logits(embeddings: &[Vec<f32>], labels: &[f32], scale: f32) -> Vec<f32> {
     embeddings
         .iter()
@@ -58,22 +64,36 @@ fn logits(embeddings: &[Vec<f32>], labels: &[f32], scale: f32) -> Vec<f32> {
         .collect()
 }
 
+/// Each embedding's rejection score under `rule`, its probabilities computed as classify does
+/// (the same arithmetic, so a threshold chosen here holds there).
+fn reject_scores(
+    rule: &RejectRule,
+    embeddings: &[Vec<f32>],
+    labels: &[f32],
+    scale: f32,
+) -> Vec<f32> {
+    embeddings
+        .iter()
+        .map(|e| rule.score(e, &crate::scoring::probabilities(e, labels, scale)))
+        .collect()
+}
+
 /// Fits the temperature on `set.images` and, when `set.ood` is given, the threshold on the
-/// calibrated top-1 probability that lets through at most `target_false_accept` of them.
+/// rejection score that lets through at most `target_false_accept` of them.
 pub fn fit(engine: &mut Engine, set: &CalibrationSet, options: &PipelineOptions) -> Result<Fitted> {
-    let classes = engine.bundle.manifest.labels.len();
-    let scale = engine.bundle.manifest.logit_scale;
+    let manifest = &engine.bundle.manifest;
+    let (classes, dim, scale) = (
+        manifest.labels.len(),
+        manifest.embedding_dim,
+        manifest.logit_scale,
+    );
+    let names: Vec<String> = manifest
+        .labels
+        .iter()
+        .map(|l| l.label.name.clone())
+        .collect();
     let labels = engine.bundle.label_embeddings.clone();
-    let files: Vec<PathBuf> = set.images.iter().map(|(p, _)| p.clone()).collect();
-    let (rows, mut skipped) = embed(engine, &files, options);
-    let mut embeddings = Vec::new();
-    let mut truth = Vec::new();
-    for (row, (_, y)) in rows.into_iter().zip(set.images) {
-        if let Some(row) = row {
-            embeddings.push(row);
-            truth.push(*y);
-        }
-    }
+    let (embeddings, truth, mut skipped) = embed_labelled(engine, set.images, options);
     let flat = logits(&embeddings, &labels, scale);
     let temperature = calibration::fit_temperature(&flat, classes, &truth).ok_or_else(|| {
         Error::Calibration(format!(
@@ -81,14 +101,9 @@ pub fn fit(engine: &mut Engine, set: &CalibrationSet, options: &PipelineOptions)
             truth.len()
         ))
     })?;
-    let before = probabilities(&embeddings, &labels, scale);
-    let after = probabilities(&embeddings, &labels, scale / temperature);
-    let top1 = |probs: &[f32]| -> Vec<f32> {
-        probs
-            .chunks_exact(classes)
-            .map(|r| r.iter().fold(0f32, |m, &p| m.max(p)))
-            .collect()
-    };
+    let calibrated_scale = scale / temperature;
+    let before = calibration::softmax_rows(&flat, classes, 1.0);
+    let after = calibration::softmax_rows(&flat, classes, temperature);
     let mut report = FitReport {
         data: set.data.clone(),
         images: truth.len(),
@@ -98,22 +113,50 @@ pub fn fit(engine: &mut Engine, set: &CalibrationSet, options: &PipelineOptions)
         ece_after: calibration::expected_calibration_error(&after, classes, &truth, 15),
         reject: None,
     };
-    let mut reject_below = None;
+    let (mut reject_below, mut centroids) = (None, None);
     if !set.ood.is_empty() {
-        let (ood_rows, ood_skipped) = embed(engine, set.ood, options);
-        skipped += ood_skipped;
-        let ood: Vec<Vec<f32>> = ood_rows.into_iter().flatten().collect();
-        let ood_scores = top1(&probabilities(&ood, &labels, scale / temperature));
-        if ood_scores.is_empty() {
+        let (mut centroid_data, mut centroid_images) = (String::new(), 0);
+        if set.score == RejectScore::Centroid {
+            let (what, (rows, ys)) = match &set.centroid_images {
+                None => (set.data.clone(), (embeddings.clone(), truth.clone())),
+                Some((what, images)) => {
+                    let (rows, ys, failed) = embed_labelled(engine, images, options);
+                    skipped += failed;
+                    (what.clone(), (rows, ys))
+                }
+            };
+            let c = calibration::class_centroids(&rows, &ys, classes, dim).map_err(|missing| {
+                Error::Calibration(format!(
+                    "the centroid rule needs labelled images of every label; {what} has none of: {}",
+                    missing.iter().map(|&i| names[i].as_str()).collect::<Vec<_>>().join(", ")
+                ))
+            })?;
+            (centroid_data, centroid_images) = (what, ys.len());
+            centroids = Some(c);
+        }
+        let rule = RejectRule::new(set.score, 0.0, centroids.as_deref().unwrap_or(&[]), dim);
+        let ood_files: Vec<PathBuf> = set.ood.to_vec();
+        let mut ood = Vec::new();
+        for row in embed_files(engine, &ood_files, options) {
+            match row {
+                Ok(row) => ood.push(row),
+                Err(_) => skipped += 1,
+            }
+        }
+        if ood.is_empty() {
             return Err(Error::Calibration(
                 "none of the --ood images could be decoded".into(),
             ));
         }
-        let scores = top1(&after);
+        let ood_scores = reject_scores(&rule, &ood, &labels, calibrated_scale);
+        let scores = reject_scores(&rule, &embeddings, &labels, calibrated_scale);
         let threshold =
             calibration::threshold_for_false_accept(&ood_scores, set.target_false_accept);
-        let (kept, accuracy) = calibration::answered(&after, classes, &truth, Some(threshold));
+        let (kept, accuracy) =
+            calibration::answered(&after, classes, &truth, &scores, Some(threshold));
         report.reject = Some(RejectReport {
+            centroid_data,
+            centroid_images,
             ood_data: set.ood_data.clone(),
             ood_images: ood_scores.len(),
             target_false_accept: set.target_false_accept,
@@ -129,23 +172,39 @@ pub fn fit(engine: &mut Engine, set: &CalibrationSet, options: &PipelineOptions)
         calibration: Calibration {
             temperature,
             reject_below,
+            reject_score: if reject_below.is_some() {
+                set.score
+            } else {
+                RejectScore::default()
+            },
             fitted_on: report,
         },
+        centroids,
         skipped,
     })
 }
 
-/// Writes `src`'s files into a new bundle at `out`, its manifest recording `calibration`.
+/// Writes `src`'s files into a new bundle at `out`, its manifest recording `calibration` (and the
+/// class centroids of a centroid rule, replacing any the source had).
 pub fn write_bundle(
     src: &super::Bundle,
-    calibration: Calibration,
+    fitted: Fitted,
     name: &str,
     out: &Path,
     force: bool,
 ) -> Result<super::Bundle> {
     let mut manifest = src.manifest.clone();
     manifest.name = name.to_string();
-    manifest.format_version = super::CALIBRATED_FORMAT_VERSION;
-    manifest.calibration = Some(calibration);
-    super::write_copy(src, manifest, out, force, |_| super::CopiedFile::Same)
+    manifest.calibration = Some(fitted.calibration);
+    manifest.format_version = manifest.needed_format_version();
+    let mut w = super::copy_into(src, manifest, out, force, |role| match role {
+        super::CLASS_CENTROIDS => super::CopiedFile::Drop,
+        _ => super::CopiedFile::Same,
+    })?;
+    if let Some(c) = &fitted.centroids {
+        let rows = src.manifest.labels.len();
+        let npy = super::npy::to_bytes(&[rows, src.manifest.embedding_dim], c);
+        w.add_file(super::CLASS_CENTROIDS, "class_centroids.npy", &npy, None)?;
+    }
+    w.finish()
 }

@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::calibration::{RejectRule, RejectScore};
 use crate::error::{Error, Result};
 use crate::fs::{self, is_contained};
 use crate::image::preprocess::PreprocessConfig;
@@ -28,12 +29,20 @@ pub mod quantize;
 pub mod self_check;
 mod write;
 
-pub use write::{folder_name, hf_preprocessor_config, write_copy, BundleWriter, CopiedFile};
+pub use write::{
+    copy_into, folder_name, hf_preprocessor_config, write_copy, BundleWriter, CopiedFile,
+};
 
 pub const FORMAT_VERSION: u32 = 1;
 /// The format of a bundle with a `calibration` (a temperature and an "unknown" rule): version 2,
 /// so that a runtime that would ignore the rule refuses the bundle instead. Version 1 still loads.
 pub const CALIBRATED_FORMAT_VERSION: u32 = 2;
+/// The format of a bundle whose "unknown" rule is on the class centroids (file `class_centroids`):
+/// version 3, so that a version-2 runtime, which would read the threshold as a probability,
+/// refuses it. Versions 1 and 2 still load.
+pub const CENTROID_FORMAT_VERSION: u32 = 3;
+/// The newest format this runtime reads.
+pub const NEWEST_FORMAT_VERSION: u32 = CENTROID_FORMAT_VERSION;
 pub const MANIFEST: &str = "manifest.json";
 
 /// File roles a bundle can hold.
@@ -42,6 +51,9 @@ pub const TEXT_ENCODER: &str = "text_encoder";
 pub const LABEL_EMBEDDINGS: &str = "label_embeddings";
 pub const TOKENIZER: &str = "tokenizer";
 pub const PREPROCESSOR_CONFIG: &str = "preprocessor_config";
+/// `[labels x embedding_dim]` float32 `.npy`: each label's mean image embedding (the centroid
+/// "unknown" rule of a calibrated bundle).
+pub const CLASS_CENTROIDS: &str = "class_centroids";
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct FileEntry {
@@ -144,10 +156,13 @@ impl Manifest {
         self.logit_scale / self.calibration.as_ref().map_or(1.0, |c| c.temperature)
     }
 
-    /// Below this top-1 probability (of [`Manifest::calibrated_logit_scale`]) the answer is
-    /// `unknown`.
-    pub fn reject_below(&self) -> Option<f32> {
-        self.calibration.as_ref().and_then(|c| c.reject_below)
+    /// The format version a manifest with this calibration needs.
+    pub fn needed_format_version(&self) -> u32 {
+        match &self.calibration {
+            None => FORMAT_VERSION,
+            Some(c) if c.reject_score == RejectScore::Centroid => CENTROID_FORMAT_VERSION,
+            Some(_) => CALIBRATED_FORMAT_VERSION,
+        }
     }
 }
 
@@ -164,6 +179,9 @@ pub struct Bundle {
     pub manifest: Manifest,
     /// `[labels x embedding_dim]`, each row L2-normalised.
     pub label_embeddings: Vec<f32>,
+    /// `[labels x embedding_dim]`, each row L2-normalised: the class centroids of a calibrated
+    /// bundle's "unknown" rule (file `class_centroids`), when it has them.
+    pub class_centroids: Option<Vec<f32>>,
 }
 
 impl Bundle {
@@ -251,7 +269,52 @@ impl Bundle {
         let emb_entry = &manifest.files[LABEL_EMBEDDINGS];
         let emb_path = dir.join(&emb_entry.path);
         let bytes = read(&emb_path).map_err(|e| Error::io(&emb_path, e))?;
-        Self::from_label_embeddings(dir, manifest, &bytes)
+        let mut bundle = Self::from_label_embeddings(dir, manifest, &bytes)?;
+        if let Some(entry) = bundle.manifest.files.get(CLASS_CENTROIDS) {
+            let path = dir.join(&entry.path);
+            let bytes = read(&path).map_err(|e| Error::io(&path, e))?;
+            bundle.set_class_centroids(&bytes)?;
+        }
+        Ok(bundle)
+    }
+
+    /// Takes the bytes of the `class_centroids` file (checked against the manifest: hash, shape).
+    pub fn set_class_centroids(&mut self, npy_bytes: &[u8]) -> Result<()> {
+        let dir = &self.dir;
+        let entry = self
+            .manifest
+            .files
+            .get(CLASS_CENTROIDS)
+            .ok_or_else(|| Error::bundle(dir, "lists no class_centroids file"))?;
+        verify_bytes(dir, &entry.path, entry, npy_bytes)?;
+        let (shape, data) = npy::from_bytes(npy_bytes, &dir.join(&entry.path))?;
+        let (labels, dim) = (self.manifest.labels.len(), self.manifest.embedding_dim);
+        if shape != [labels, dim] {
+            return Err(Error::bundle(
+                dir,
+                format!("class centroids have shape {shape:?}, manifest has {labels} labels x {dim} dims"),
+            ));
+        }
+        self.class_centroids = Some(normalize_rows(&data, dim));
+        Ok(())
+    }
+
+    /// The "unknown" rule of a calibrated bundle, ready to apply to its own labels' probabilities
+    /// at [`Manifest::calibrated_logit_scale`] (none: every image is answered).
+    pub fn reject_rule(&self) -> Option<RejectRule> {
+        let c = self.manifest.calibration.as_ref()?;
+        let below = c.reject_below?;
+        let centroids = match c.reject_score {
+            RejectScore::Probability => &[][..],
+            // Loading refuses a centroid rule without its file; an empty list rejects all.
+            RejectScore::Centroid => self.class_centroids.as_deref().unwrap_or(&[]),
+        };
+        Some(RejectRule::new(
+            c.reject_score,
+            below,
+            centroids,
+            self.manifest.embedding_dim,
+        ))
     }
 
     /// A bundle from its manifest and label embeddings alone (their hash, shape and count checked);
@@ -281,6 +344,7 @@ impl Bundle {
             embedded: None,
             manifest,
             label_embeddings,
+            class_centroids: None,
         })
     }
 
@@ -351,16 +415,17 @@ pub fn verify_bytes(dir: &Path, name: &str, entry: &FileEntry, bytes: &[u8]) -> 
 impl Manifest {
     pub fn validate(&self, dir: &Path) -> Result<()> {
         let fail = |reason: String| Err(Error::bundle(dir, reason));
-        if !(FORMAT_VERSION..=CALIBRATED_FORMAT_VERSION).contains(&self.format_version) {
+        if !(FORMAT_VERSION..=NEWEST_FORMAT_VERSION).contains(&self.format_version) {
             return fail(format!(
-                "format version {} is not supported (this runtime reads versions {FORMAT_VERSION} to {CALIBRATED_FORMAT_VERSION})",
+                "format version {} is not supported (this runtime reads versions {FORMAT_VERSION} to {NEWEST_FORMAT_VERSION})",
                 self.format_version
             ));
         }
         if let Some(c) = &self.calibration {
-            if self.format_version < CALIBRATED_FORMAT_VERSION {
+            let needed = self.needed_format_version();
+            if self.format_version < needed {
                 return fail(format!(
-                    "a calibration needs format version {CALIBRATED_FORMAT_VERSION}, not {}",
+                    "its calibration needs format version {needed}, not {}",
                     self.format_version
                 ));
             }
@@ -370,8 +435,21 @@ impl Manifest {
                     c.temperature
                 ));
             }
-            if c.reject_below.is_some_and(|t| !(0.0..=1.0).contains(&t)) {
-                return fail("calibration reject_below is not a probability".into());
+            let range = match c.reject_score {
+                RejectScore::Probability => 0.0..=1.0,
+                RejectScore::Centroid => -1.0..=1.0,
+            };
+            if c.reject_below.is_some_and(|t| !range.contains(&t)) {
+                return fail(format!(
+                    "calibration reject_below is not a {} (in {range:?})",
+                    c.reject_score.name()
+                ));
+            }
+            if c.reject_below.is_some()
+                && c.reject_score == RejectScore::Centroid
+                && !self.files.contains_key(CLASS_CENTROIDS)
+            {
+                return fail("its unknown rule needs the class_centroids file, which the manifest does not list".into());
             }
         }
         if self.labels.is_empty() {

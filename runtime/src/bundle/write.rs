@@ -68,11 +68,22 @@ pub enum CopiedFile<'a> {
 /// (its file list is rebuilt from what is written).
 pub fn write_copy<'a>(
     src: &Bundle,
-    mut manifest: Manifest,
+    manifest: Manifest,
     out: &Path,
     force: bool,
     source: impl Fn(&str) -> CopiedFile<'a>,
 ) -> Result<Bundle> {
+    copy_into(src, manifest, out, force, source)?.finish()
+}
+
+/// As [`write_copy`], but unfinished: the caller adds files of its own, then finishes.
+pub fn copy_into<'a>(
+    src: &Bundle,
+    mut manifest: Manifest,
+    out: &Path,
+    force: bool,
+    source: impl Fn(&str) -> CopiedFile<'a>,
+) -> Result<BundleWriter> {
     manifest.files.clear();
     let mut w = BundleWriter::create(out, manifest, force)?;
     for (role, entry) in &src.manifest.files {
@@ -84,7 +95,7 @@ pub fn write_copy<'a>(
         let io = entry.input.as_deref().zip(entry.output.as_deref());
         w.add_file(role, &entry.path, &bytes, io)?;
     }
-    w.finish()
+    Ok(w)
 }
 
 impl BundleWriter {

@@ -603,6 +603,23 @@ pub fn split(samples: &[Sample], split: Split) -> Result<(Vec<Sample>, Vec<Sampl
     }
 }
 
+/// The validation rows held out of a split's training rows (`trainer finetune --val FRACTION`,
+/// seeded): (rows trained on, validation rows). The trainer and `runtime eval --split val` both
+/// call this, so they name the same images.
+pub fn validation_split(
+    train: &[Sample],
+    fraction: f64,
+    seed: u64,
+) -> Result<(Vec<Sample>, Vec<Sample>)> {
+    split(
+        train,
+        Split::Random {
+            test_fraction: fraction,
+            seed,
+        },
+    )
+}
+
 /// SplitMix64: a tiny seeded generator whose sequence is the same on every platform and version
 /// (splits and training-data order must not change with a dependency update).
 pub struct SplitMix64(u64);

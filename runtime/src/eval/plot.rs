@@ -1,4 +1,5 @@
-//! Pictures of results (PNG, plotters): the confusion matrix of an evaluation. Also the font set-up
+//! Pictures of results (PNG, plotters): the confusion matrix of an evaluation, and a calibrated
+//! bundle's reliability diagram and accuracy-coverage curve. Also the font set-up
 //! the trainer's curves use.
 
 use std::path::Path;
@@ -103,6 +104,137 @@ pub fn confusion(
         ("sans-serif", 13),
     ))
     .map_err(|e| err(e.to_string()))?;
+    root.present().map_err(|e| err(e.to_string()))?;
+    Ok(true)
+}
+
+/// A reliability diagram: per confidence bin, the top-1 accuracy (bars) against the mean
+/// confidence (the diagonal is perfect calibration), uncalibrated and calibrated side by side.
+pub fn reliability(
+    path: &Path,
+    before: &[crate::calibration::ReliabilityBin],
+    after: &[crate::calibration::ReliabilityBin],
+    title: &str,
+) -> Result<bool> {
+    if !ensure_font() {
+        return Ok(false);
+    }
+    let err = |e: String| Error::Plot(format!("{}: drawing failed: {e}", path.display()));
+    let root = BitMapBackend::new(path, (1000, 540)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| err(e.to_string()))?;
+    let root = root
+        .titled(&format!("reliability: {title}"), ("sans-serif", 18))
+        .map_err(|e| err(e.to_string()))?;
+    let panels = root.split_evenly((1, 2));
+    for (panel, (bins, name)) in panels
+        .iter()
+        .zip([(before, "uncalibrated"), (after, "calibrated")])
+    {
+        let mut chart = ChartBuilder::on(panel)
+            .caption(name, ("sans-serif", 16))
+            .margin(12)
+            .x_label_area_size(36)
+            .y_label_area_size(44)
+            .build_cartesian_2d(0f64..1f64, 0f64..1f64)
+            .map_err(|e| err(e.to_string()))?;
+        chart
+            .configure_mesh()
+            .x_desc("confidence (top-1 probability)")
+            .y_desc("top-1 accuracy")
+            .light_line_style(WHITE)
+            .draw()
+            .map_err(|e| err(e.to_string()))?;
+        chart
+            .draw_series(bins.iter().filter(|b| b.count > 0).map(|b| {
+                Rectangle::new(
+                    [(b.lower, 0.0), (b.upper, b.accuracy)],
+                    BLUE.mix(0.5).filled(),
+                )
+            }))
+            .map_err(|e| err(e.to_string()))?
+            .label("accuracy")
+            .legend(|(x, y)| Rectangle::new([(x, y - 5), (x + 15, y + 5)], BLUE.mix(0.5).filled()));
+        chart
+            .draw_series(
+                bins.iter()
+                    .filter(|b| b.count > 0)
+                    .map(|b| Circle::new((b.mean_confidence, b.accuracy), 3, RED.filled())),
+            )
+            .map_err(|e| err(e.to_string()))?
+            .label("(mean confidence, accuracy)")
+            .legend(|(x, y)| Circle::new((x + 7, y), 3, RED.filled()));
+        chart
+            .draw_series(LineSeries::new(
+                [(0.0, 0.0), (1.0, 1.0)],
+                BLACK.stroke_width(1),
+            ))
+            .map_err(|e| err(e.to_string()))?
+            .label("perfect calibration")
+            .legend(|(x, y)| PathElement::new([(x, y), (x + 15, y)], BLACK));
+        chart
+            .configure_series_labels()
+            .position(SeriesLabelPosition::UpperLeft)
+            .background_style(WHITE.mix(0.8))
+            .border_style(BLACK)
+            .draw()
+            .map_err(|e| err(e.to_string()))?;
+    }
+    root.present().map_err(|e| err(e.to_string()))?;
+    Ok(true)
+}
+
+/// Top-1 accuracy against the share answered as the "unknown" threshold moves, with the bundle's
+/// threshold marked.
+pub fn coverage(
+    path: &Path,
+    curve: &[crate::calibration::CoveragePoint],
+    chosen: Option<(f64, f64)>,
+    title: &str,
+) -> Result<bool> {
+    if !ensure_font() || curve.is_empty() {
+        return Ok(false);
+    }
+    let err = |e: String| Error::Plot(format!("{}: drawing failed: {e}", path.display()));
+    let root = BitMapBackend::new(path, (640, 480)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| err(e.to_string()))?;
+    let low = curve.iter().map(|p| p.accuracy).fold(1.0, f64::min);
+    let floor = ((low - 0.05) * 10.0).floor().max(0.0) / 10.0;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(title, ("sans-serif", 18))
+        .margin(12)
+        .x_label_area_size(36)
+        .y_label_area_size(44)
+        .build_cartesian_2d(0f64..1f64, floor..1.0001f64)
+        .map_err(|e| err(e.to_string()))?;
+    chart
+        .configure_mesh()
+        .x_desc("coverage (share of images answered)")
+        .y_desc("top-1 accuracy on the answered images")
+        .light_line_style(WHITE)
+        .draw()
+        .map_err(|e| err(e.to_string()))?;
+    chart
+        .draw_series(LineSeries::new(
+            curve.iter().map(|p| (p.coverage, p.accuracy)),
+            BLUE.stroke_width(2),
+        ))
+        .map_err(|e| err(e.to_string()))?
+        .label("answering the highest-scoring first")
+        .legend(|(x, y)| PathElement::new([(x, y), (x + 15, y)], BLUE.stroke_width(2)));
+    if let Some(point) = chosen {
+        chart
+            .draw_series([Circle::new(point, 5, RED.filled())])
+            .map_err(|e| err(e.to_string()))?
+            .label("the bundle's threshold")
+            .legend(|(x, y)| Circle::new((x + 7, y), 4, RED.filled()));
+    }
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::LowerLeft)
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .draw()
+        .map_err(|e| err(e.to_string()))?;
     root.present().map_err(|e| err(e.to_string()))?;
     Ok(true)
 }

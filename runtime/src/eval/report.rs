@@ -43,13 +43,22 @@ pub fn class_table(ev: &Evaluation, r: &Report) -> String {
 pub fn calibration_line(c: &crate::calibration::Evaluated) -> String {
     let rule = match c.reject_below {
         Some(t) => format!(
-            "; answered {:.4} of the images (unknown below {t:.4}), top-1 {:.4} on them",
-            c.answered, c.top1_answered
+            "; answered {:.4} of the images (unknown below {t:.4} {}), top-1 {:.4} on them",
+            c.answered,
+            c.reject_score.short_name(),
+            c.top1_answered
+        ),
+        None => String::new(),
+    };
+    let ood = match &c.ood {
+        Some(o) => format!(
+            "; out-of-distribution ({} images of {}): {:.4} answered unknown, AUROC {:.4}",
+            o.images, o.data, o.unknown, o.auroc
         ),
         None => String::new(),
     };
     format!(
-        "calibration (temperature {:.4}): ECE {:.4} -> {:.4}, NLL {:.4} -> {:.4}{rule}",
+        "calibration (temperature {:.4}): ECE {:.4} -> {:.4}, NLL {:.4} -> {:.4}{rule}{ood}",
         c.temperature, c.ece_uncalibrated, c.ece_calibrated, c.nll_uncalibrated, c.nll_calibrated
     )
 }
@@ -94,7 +103,13 @@ pub fn write_reports(ev: &Evaluation, requested: &Path, force: bool) -> Result<P
         "## Confusion matrix (rows: true, columns: predicted)\n\n![confusion](confusion.png)\n",
     );
     if let Some(c) = &ev.calibration {
-        md.push_str(&format!("\n## Calibration\n\n{}\n", calibration_line(c)));
+        md.push_str(&format!(
+            "\n## Calibration\n\n{}\n\n![reliability](reliability.png)\n",
+            calibration_line(c)
+        ));
+        if !c.coverage.is_empty() {
+            md.push_str("\n![accuracy against coverage](coverage.png)\n");
+        }
     }
     if !ev.unreadable.is_empty() {
         md.push_str("\n## Unreadable images\n\n");
@@ -128,6 +143,17 @@ pub fn write_reports(ev: &Evaluation, requested: &Path, force: bool) -> Result<P
             &best.report.confusion,
             &best.template,
         )?;
+        if let Some(c) = &ev.calibration {
+            let title = format!("{} on {}", ev.bundle, ev.dataset);
+            super::plot::reliability(
+                &out.join("reliability.png"),
+                &c.reliability_uncalibrated,
+                &c.reliability,
+                &title,
+            )?;
+            let chosen = c.reject_below.map(|_| (c.answered, c.top1_answered));
+            super::plot::coverage(&out.join("coverage.png"), &c.coverage, chosen, &title)?;
+        }
     }
     staged.commit()
 }

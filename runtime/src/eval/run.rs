@@ -79,6 +79,10 @@ pub struct EvalOptions {
     pub pipeline: PipelineOptions,
     pub dataset: String,
     pub split: String,
+    /// Images that are none of the labels (a calibrated bundle's "unknown" rule is scored on
+    /// them), and what they are, for the report.
+    pub ood: Vec<PathBuf>,
+    pub ood_data: String,
 }
 
 /// The bundle's label embeddings reordered to the data set's labels (see [`labels::match_labels`]).
@@ -182,18 +186,50 @@ pub fn evaluate(
     let t_rank = Instant::now();
     let truth: Vec<Vec<usize>> = kept.iter().map(|(_, l)| l.clone()).collect();
     // Over all of the bundle's labels, as its temperature was fitted (and as classify scores).
-    let calibration = match &engine.bundle.manifest.calibration {
+    let calibration = match engine.bundle.manifest.calibration.clone() {
         Some(c) if opts.templates.is_empty() => {
             let mine = engine.bundle.labels();
             let index = crate::text::labels::match_labels(&mine, labels)
                 .ok_or_else(|| Error::Dataset(missing_labels_hint(&engine.bundle, labels)))?;
-            let all = &engine.bundle.label_embeddings;
+            let classes = mine.len();
+            let all = engine.bundle.label_embeddings.clone();
             let logits: Vec<f32> = kept
                 .iter()
-                .flat_map(|(e, _)| scoring::logits(e, all, scale))
+                .flat_map(|(e, _)| scoring::logits(e, &all, scale))
                 .collect();
             let first: Vec<usize> = truth.iter().map(|l| index[l[0]]).collect();
-            Some(crate::calibration::evaluate(&logits, mine.len(), &first, c))
+            let rule = engine.bundle.reject_rule();
+            let calibrated_scale = engine.bundle.manifest.calibrated_logit_scale();
+            let reject_scores = |embeddings: &mut dyn Iterator<Item = &Vec<f32>>| -> Vec<f32> {
+                let Some(r) = &rule else { return Vec::new() };
+                embeddings
+                    .map(|e| r.score(e, &scoring::probabilities(e, &all, calibrated_scale)))
+                    .collect()
+            };
+            let scores = reject_scores(&mut kept.iter().map(|(e, _)| e));
+            let mut evaluated = crate::calibration::evaluate(&logits, classes, &first, &scores, &c);
+            if !opts.ood.is_empty() && rule.is_some() {
+                let (mut ood, mut unreadable) = (Vec::new(), 0);
+                for e in pipeline::embed_files(engine, &opts.ood, &opts.pipeline) {
+                    match e {
+                        Ok(e) => ood.push(e),
+                        Err(_) => unreadable += 1,
+                    }
+                }
+                let ood_scores = reject_scores(&mut ood.iter());
+                evaluated.ood = Some(crate::calibration::OodEvaluated {
+                    data: opts.ood_data.clone(),
+                    images: ood_scores.len(),
+                    unreadable,
+                    unknown: ood_scores
+                        .iter()
+                        .filter(|&&s| rule.as_ref().is_some_and(|r| r.rejects(s)))
+                        .count() as f64
+                        / ood_scores.len().max(1) as f64,
+                    auroc: crate::calibration::auroc(&scores, &ood_scores),
+                });
+            }
+            Some(evaluated)
         }
         _ => None,
     };

@@ -714,7 +714,8 @@ fn classify(shared: &Shared, file: &[u8], name: &Path) -> Result<Scored, (u16, S
         &probs,
         service.top_k,
     );
-    let unknown = crate::scoring::mark_unknown(&mut line, &probs, service.reject_below);
+    let unknown =
+        crate::calibration::mark_unknown(&mut line, &embedding, &probs, service.reject.as_ref());
     Ok(Scored {
         line,
         // An "unknown" answer implies no body part.

@@ -230,11 +230,11 @@ async fn answer(http: &Http, query: ClassifyQuery, request: Request) -> Result<R
     };
     let k = query.top_k.unwrap_or(service.top_k);
     // A calibration holds for the bundle's own labels only.
-    let (scale, reject_below) = match custom {
+    let (scale, reject) = match custom {
         Some(_) => (service.logit_scale, None),
         None => (
             service.calibrated_scale,
-            service.reject_below.filter(|_| !query.no_reject),
+            service.reject.as_ref().filter(|_| !query.no_reject),
         ),
     };
     if k == 0 || k > labels.len() {
@@ -310,7 +310,7 @@ async fn answer(http: &Http, query: ClassifyQuery, request: Request) -> Result<R
                 let probs = crate::scoring::probabilities(&embedding, label_embeddings, scale);
                 let mut line =
                     crate::scoring::json_line(&name, &service.model_name, labels, &probs, k);
-                crate::scoring::mark_unknown(&mut line, &probs, reject_below);
+                crate::calibration::mark_unknown(&mut line, &embedding, &probs, reject);
                 line
             }
             Err(e) => serde_json::json!({"file": name, "error": e}),

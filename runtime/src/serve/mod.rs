@@ -121,7 +121,7 @@ async fn run(
         has_text_encoder: bundle.has_text_encoder(),
         logit_scale: m.logit_scale,
         calibrated_scale: m.calibrated_logit_scale(),
-        reject_below: m.reject_below(),
+        reject: bundle.reject_rule(),
         model_name: m.name.clone(),
         summary,
         queue: options.queue,

@@ -118,7 +118,7 @@ pub(super) struct Service {
     /// For the bundle's own labels: the logit scale over the calibrated temperature, and the
     /// "unknown" rule (`runtime calibrate`).
     pub(super) calibrated_scale: f32,
-    pub(super) reject_below: Option<f32>,
+    pub(super) reject: Option<crate::calibration::RejectRule>,
     pub(super) model_name: String,
     pub(super) summary: serde_json::Value,
     /// `--queue`: the encoder queue's bound, and the HTTP service's admission bound.

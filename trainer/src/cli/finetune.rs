@@ -466,13 +466,7 @@ pub fn finetune(a: &FinetuneArgs) -> Result<Vec<train::RunResult>> {
     };
     // Validation rows come out of the training rows (seeded), never out of the test rows.
     let (train_samples, val_samples) = if st.val > 0.0 {
-        datasets::split(
-            &train_samples,
-            Split::Random {
-                test_fraction: st.val,
-                seed: a.seed,
-            },
-        )?
+        datasets::validation_split(&train_samples, st.val, a.seed)?
     } else {
         (train_samples, Vec::new())
     };

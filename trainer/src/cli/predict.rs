@@ -83,7 +83,7 @@ pub fn predict(a: &PredictArgs) -> Result<bool> {
         });
         let probs: Vec<f32> = Vec::<f32>::try_from(probs.reshape([-1])).map_err(Error::Torch)?;
         printer
-            .scores(f, &model_name, &labels, &probs)
+            .scores(f, &model_name, &labels, &[], &probs)
             .map_err(stdout)?;
     }
     printer.flush().map_err(stdout)?;
