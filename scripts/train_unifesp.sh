@@ -13,14 +13,19 @@
 #              50 epochs, last epoch).
 #
 # Writes OUT_DIR/init (random weights, seed 0), OUT_DIR/run (checkpoints, metrics.csv, curves.png),
-# OUT_DIR/bundle (the exported bundle), OUT_DIR/eval (runtime eval: report.json, report.md,
-# confusion.csv, confusion.png) and OUT_DIR/summary.json, and prints the table. OUT_DIR must lie
-# outside the repository (the images' licence is unknown: no model trained on them is committed).
-# An existing OUT_DIR is refused unless FORCE=1. Options after the recipe go to `trainer finetune`
-# and win over the recipe's (e.g. `--val 0`: all 1199 rows, the last epoch).
+# OUT_DIR/uncalibrated (the exported bundle), OUT_DIR/bundle (it calibrated by
+# scripts/calibrate_unifesp.sh: temperature on the validation rows, "unknown" below a cosine to the
+# nearest class centroid chosen on MedNIST's CT/MRI training images, MEDNIST=DIR, default
+# ../shared/data/mednist; it answers "unknown" out of the box), OUT_DIR/eval (runtime eval of the
+# calibrated bundle on the test images, MedNIST's CT/MRI test images as out-of-distribution:
+# report.json, report.md, confusion.csv, confusion.png, reliability.png, coverage.png) and
+# OUT_DIR/summary.json, and prints the table. OUT_DIR must lie outside the repository (the images'
+# licence is unknown: no model trained on them is committed). An existing OUT_DIR is refused unless
+# FORCE=1. Options after the recipe go to `trainer finetune` and win over the recipe's (e.g.
+# `--val 0`: all 1199 rows, the last epoch; then there are no validation rows to calibrate on).
 set -euo pipefail
 if [ $# -lt 2 ]; then
-  sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//' >&2
+  sed -n '2,27p' "$0" | sed 's/^# \{0,1\}//' >&2
   exit 2
 fi
 DATA="$(cd "$1" && pwd)" || { echo "error: no data folder $1" >&2; exit 2; }
@@ -53,13 +58,13 @@ F=(); [ "${FORCE:-0}" = 1 ] && F=(--force)
 START=$(date +%s)
 /usr/bin/time -v -o "$OUT/time.txt" \
   "$BIN/trainer" finetune --dataset unifesp --data "$DATA" --recipe "$TRAINER_RECIPE" \
-    --model "$OUT/init" --out "$OUT/run" --export "$OUT/bundle" --name "unifesp-$RECIPE" \
+    --model "$OUT/init" --out "$OUT/run" --export "$OUT/uncalibrated" --name "unifesp-$RECIPE" \
     --device cpu --threads "$THREADS" "${F[@]}" "${EXTRA[@]}" 2>&1 | tee "$OUT/train.log"
 WALL=$(( $(date +%s) - START ))
 PEAK_KB=$(awk -F': ' '/Maximum resident set size/ {print $2}' "$OUT/time.txt")
 
-"$BIN/runtime" eval --dataset unifesp --data "$DATA" --split reference --model "$OUT/bundle" \
-  --out "$OUT/eval" "${F[@]}" | tee "$OUT/eval.log"
+BIN="$BIN" scripts/calibrate_unifesp.sh "$OUT/uncalibrated" "$DATA" "$OUT/bundle" "$OUT/eval" \
+  "${MEDNIST:-$REPO/../shared/data/mednist}" | tee "$OUT/eval.log"
 
 python3 - "$OUT" "$RECIPE" "$WALL" "$PEAK_KB" <<'PY'
 import json, sys, pathlib
@@ -74,6 +79,13 @@ summary = {
     "trainer_test_top1": best["test_top1"], "eval_top1": r["top1"], "eval_macro_f1": r["macro_f1"],
     "eval_images": report["images"],
 }
+cal = report.get("calibration")
+if cal:
+    summary["calibration"] = {k: cal.get(k) for k in (
+        "temperature", "ece_uncalibrated", "ece_calibrated", "reject_below", "answered", "top1_answered")}
+    if cal.get("ood"):
+        summary["calibration"]["ood_unknown"] = cal["ood"]["unknown"]
+        summary["calibration"]["ood_auroc"] = cal["ood"]["auroc"]
 (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
 print()
 print(f"| recipe | epoch | val top-1 | test top-1 (trainer) | test top-1 (runtime eval) | macro-F1 | train wall | peak RSS |")
@@ -81,5 +93,10 @@ print(f"| --- | --- | --- | --- | --- | --- | --- | --- |")
 v = "-" if best["val_top1"] is None else f'{best["val_top1"]:.4f}'
 print(f'| {recipe} | {best["epoch"]} ({best["select"]}) | {v} | {best["test_top1"]:.4f} | {r["top1"]:.4f} '
       f'| {r["macro_f1"]:.4f} | {wall // 60} min {wall % 60} s | {peak_kb // 1024} MiB |')
+c = summary.get("calibration")
+if c:
+    print(f"\ncalibrated (T {c['temperature']:.3f}): ECE {c['ece_uncalibrated']:.4f} -> {c['ece_calibrated']:.4f}; "
+          f"answered {c['answered']:.4f} of the test images, top-1 {c['top1_answered']:.4f} on them"
+          + (f"; MedNIST CT/MRI test answered unknown {c['ood_unknown']:.4f}, AUROC {c['ood_auroc']:.4f}" if "ood_unknown" in c else ""))
 print(f"\nper-class precision/recall: {out}/eval/report.md; confusion: {out}/eval/confusion.png; curves: {out}/run/curves.png")
 PY

@@ -1047,6 +1047,25 @@ fn info(b: &Bundle, json: bool) -> anyhow::Result<()> {
         "input       {}x{} (shorter side -> {}, {} resize, {} crop)",
         p.image_size, p.image_size, p.resize_shortest_edge, p.resize_filter, p.crop
     );
+    match &m.calibration {
+        None => println!("calibration none"),
+        Some(c) => {
+            println!(
+                "calibration temperature {:.4} (on {} images of {})",
+                c.temperature, c.fitted_on.images, c.fitted_on.data
+            );
+            if let (Some(t), Some(r)) = (c.reject_below, &c.fitted_on.reject) {
+                println!(
+                    "unknown     below {t:.4} {}: chosen on {} images of {} ({:.4} let through), {:.4} of the labelled images kept",
+                    c.reject_score.name(),
+                    r.ood_images,
+                    r.ood_data,
+                    r.false_accept,
+                    r.in_distribution_accepted
+                );
+            }
+        }
+    }
     match &m.quantization {
         None => println!("precision   not quantized"),
         Some(q) => {
