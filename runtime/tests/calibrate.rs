@@ -511,3 +511,65 @@ fn split_val_names_the_validation_rows_the_model_held_out_and_test_rows_are_refu
     assert!(!refused.status.success());
     assert!(String::from_utf8_lossy(&refused.stderr).contains("no validation rows"));
 }
+
+#[test]
+fn new_labels_drop_the_calibration_fitted_on_the_old_ones() {
+    let dir = common::tmpdir("calibrate-prompts");
+    let d = dir.path();
+    let tiny = common::tiny_bundle();
+    let names: Vec<String> = manifest(tiny)["labels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        // Lower case: a folder named "Hand" reads as MedNIST's "hand X-ray".
+        .map(|l| l["name"].as_str().unwrap().to_lowercase())
+        .collect();
+    let classes: Vec<&str> = names.iter().map(String::as_str).collect();
+    images(d, &classes, 2);
+    let calibrated = d.join("calibrated");
+    runtime_ok(&[
+        "calibrate",
+        tiny.to_str().unwrap(),
+        "--dataset",
+        "folder",
+        "--data",
+        d.join("labelled").to_str().unwrap(),
+        "--split",
+        "all",
+        "--ood",
+        d.join("ood").to_str().unwrap(),
+        "--device",
+        "cpu",
+        "--out",
+        calibrated.to_str().unwrap(),
+    ]);
+    assert_eq!(manifest(&calibrated)["format_version"], 3);
+    let relabelled = d.join("relabelled");
+    let run = runtime(&[
+        "prompts",
+        "--model",
+        calibrated.to_str().unwrap(),
+        "--labels",
+        "chest, hand, knee",
+        "--device",
+        "cpu",
+        "--out",
+        relabelled.to_str().unwrap(),
+    ]);
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    assert!(String::from_utf8_lossy(&run.stderr).contains("not carried over"));
+    let m = manifest(&relabelled);
+    assert!(m.get("calibration").is_none(), "{m}");
+    assert!(m["files"].get("class_centroids").is_none());
+    assert_eq!(m["format_version"], 1);
+    let line = common::classify_json(
+        &d.join("ood/0.png"),
+        &["--model", relabelled.to_str().unwrap()],
+    );
+    assert!(line.get("unknown").is_none(), "{line}");
+    assert_eq!(line["top"].as_array().unwrap().len(), 3);
+}

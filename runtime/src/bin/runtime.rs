@@ -893,10 +893,19 @@ fn main() -> ExitCode {
                 }
                 manifest.labels = BundleLabel::fill_all(&labels, &templates)?;
                 manifest.templates = templates;
+                // A calibration was fitted on the old label embeddings (its centroids on the old
+                // labels): it does not hold for the new ones.
+                if manifest.calibration.take().is_some() {
+                    eprintln!("note: the source's calibration is not carried over (it was fitted on its labels); run runtime calibrate on the new bundle");
+                }
+                manifest.format_version = manifest.needed_format_version();
                 let files = std::mem::take(&mut manifest.files);
                 let mut writer = BundleWriter::create(&out, manifest, force)?;
                 for (role, entry) in &files {
-                    if role == LABEL_EMBEDDINGS || entry.path == MANIFEST {
+                    if role == LABEL_EMBEDDINGS
+                        || role == runtime::bundle::CLASS_CENTROIDS
+                        || entry.path == MANIFEST
+                    {
                         continue;
                     }
                     let bytes = engine.bundle.read_verified(role)?;
