@@ -73,6 +73,10 @@ pub const DEFAULT_BUNDLE: bundle::EmbeddedFiles = &[
         "preprocessor_config.json",
         include_bytes!("../../models/default/preprocessor_config.json"),
     ),
+    (
+        "self_check.npy",
+        include_bytes!("../../models/default/self_check.npy"),
+    ),
 ];
 
 /// The built-in OpenAI tokenizer.

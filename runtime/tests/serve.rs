@@ -376,6 +376,27 @@ fn runtime_cmd(args: &[&str]) -> std::process::Output {
 }
 
 #[test]
+fn the_built_in_bundle_carries_a_self_check_and_passes_it() {
+    // No --model and no XRAY_CLIP_MODEL: the bundle compiled into the binary.
+    let out = Command::new(env!("CARGO_BIN_EXE_runtime"))
+        .args(["info", "--check", "--device", "cpu"])
+        .env_remove("XRAY_CLIP_MODEL")
+        .output()
+        .expect("run runtime");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("<built-in xray-clip-default-mednist>"),
+        "{text}"
+    );
+    assert!(text.contains("self-check: passed on cpu"), "{text}");
+}
+
+#[test]
 fn a_bundle_that_does_not_reproduce_its_self_check_is_refused() {
     let good = common::tiny_bundle();
     let good_s = good.to_str().expect("utf-8");

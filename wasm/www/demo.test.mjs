@@ -84,6 +84,12 @@ for (const [name, file] of [["real chest DICOM (pydicom-data RG1)", dicom], ["PN
   });
 }
 
+test("the built-in bundle's self-check passes in the page", async () => {
+  const check = await page.evaluate(() => window.xrayClip.selfCheck);
+  assert.ok(check?.passed && check.difference <= 2e-3, JSON.stringify(check));
+  console.log(`built-in bundle: self-check in the page, largest difference ${check.difference.toExponential(2)}`);
+});
+
 test("a bad file shows an error and the page keeps working", async () => {
   const dir = mkdtempSync(path.join(tmpdir(), "xray-clip-bad-"));
   const bad = path.join(dir, "not-an-image.png");
