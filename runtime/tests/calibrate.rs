@@ -454,19 +454,15 @@ fn split_val_names_the_validation_rows_the_model_held_out_and_test_rows_are_refu
         fitted.len(),
         "train: the rows it trained on"
     );
-    // Calibrating on the validation rows works; on the test rows it is refused.
+    // Calibrating on the validation rows works, and is the default (data set from the model's
+    // provenance, --split val, centroids from the rows it trained on); on the test rows it is
+    // refused.
     let out = d.join("calibrated");
     let stdout = runtime_ok(&[
         "calibrate",
         b,
-        "--dataset",
-        "folder",
         "--data",
         data,
-        "--split",
-        "val",
-        "--centroid-split",
-        "train",
         "--ood",
         d.join("ood").to_str().unwrap(),
         "--device",
@@ -474,6 +470,10 @@ fn split_val_names_the_validation_rows_the_model_held_out_and_test_rows_are_refu
         "--out",
         out.to_str().unwrap(),
     ]);
+    assert!(
+        stdout.contains("validation rows (val 0.3, seed 9)"),
+        "{stdout}"
+    );
     assert!(
         stdout.contains(&format!("on {} images", val.len())),
         "{stdout}"

@@ -26,6 +26,9 @@ struct Cli {
 enum Command {
     /// Summary of a bundle's manifest, after checking every file's size and sha256.
     Info {
+        /// The bundle (or --model).
+        #[arg(value_name = "BUNDLE")]
+        bundle: Option<PathBuf>,
         #[command(flatten)]
         model: ModelArgs,
         /// Print the whole manifest as JSON.
@@ -242,21 +245,25 @@ enum Command {
         bundle: Option<PathBuf>,
         #[command(flatten)]
         model: ModelArgs,
-        /// Labelled images to fit the temperature on: folder, unifesp or irma (as runtime eval).
+        /// Labelled images to fit the temperature on: folder, unifesp or irma (as runtime eval)
+        /// [default: the data set the model records it was trained on].
         #[arg(long)]
-        dataset: runtime::eval::datasets::DatasetKind,
+        dataset: Option<runtime::eval::datasets::DatasetKind>,
         #[command(flatten)]
         data: runtime::cli::DataArgs,
         /// Which images of --dataset, as runtime eval's --split (all, train, val, test or a split
         /// spec; val: the validation rows the model held out). Images of the model's recorded
-        /// test part are refused: calibrate on held-out images, evaluate on the test ones.
+        /// test part are refused: calibrate on held-out images, evaluate on the test ones
+        /// [default: val when the model records validation rows of this data set, all when it
+        /// was not trained on it].
         #[arg(long)]
-        split: String,
+        split: Option<String>,
         /// What the "unknown" rule thresholds.
         #[arg(long, value_enum, default_value_t = runtime::calibration::RejectScore::Centroid)]
         reject_score: runtime::calibration::RejectScore,
         /// Images of --dataset to compute the class centroids from, as --split (e.g. train: the
-        /// rows the model trained on, which hold every label) [default: the --split images].
+        /// rows the model trained on, which hold every label) [default: train when --split is
+        /// val, else the --split images].
         #[arg(long, value_name = "SPLIT")]
         centroid_split: Option<String>,
         /// Images that are none of the bundle's labels (folders, searched recursively, or files;
@@ -379,12 +386,13 @@ fn main() -> ExitCode {
     run_main(|| {
         match Cli::parse().command {
             Command::Info {
+                bundle,
                 model,
                 json,
                 check,
                 device,
             } => {
-                let bundle = model.load()?;
+                let bundle = source_bundle(bundle, &model)?;
                 // Loading hashed everything but the ONNX files (hashed when a session loads them).
                 for role in [
                     runtime::bundle::IMAGE_ENCODER,
@@ -593,7 +601,32 @@ fn main() -> ExitCode {
                     );
                 }
                 let src = source_bundle(bundle, &model)?;
+                let prov = &src.manifest.provenance;
+                let dataset = match dataset {
+                    Some(d) => d,
+                    None => runtime::eval::datasets::DatasetKind::of_name(&prov.dataset)
+                        .ok_or_else(|| {
+                            anyhow::anyhow!(
+                                "--dataset: {} records no data set it was trained on; give --dataset folder, unifesp or irma",
+                                src.manifest.name
+                            )
+                        })?,
+                };
                 let ds = data.load(dataset)?;
+                let split = match split {
+                    Some(s) => s,
+                    None if prov.dataset != ds.name => "all".to_string(),
+                    None if prov.training["val"].as_f64().is_some_and(|v| v > 0.0) => {
+                        "val".to_string()
+                    }
+                    None => anyhow::bail!(
+                        "--split: {} was trained on {} without validation rows: give held-out labelled images (--split SPEC, or another --data); never its training or test images",
+                        src.manifest.name,
+                        ds.name
+                    ),
+                };
+                let centroid_split =
+                    centroid_split.or_else(|| (split == "val").then(|| "train".to_string()));
                 // The model's own test images are never used to fit anything.
                 let recorded_test: std::collections::HashSet<PathBuf> =
                     if src.manifest.provenance.dataset == ds.name {

@@ -51,6 +51,20 @@ pub enum DatasetKind {
 }
 
 impl DatasetKind {
+    /// The kind of a data set by the name it gives itself (`Dataset::name`, as bundle manifests
+    /// record it): `unifesp`, `irma...`, `folder:PATH`.
+    pub fn of_name(name: &str) -> Option<DatasetKind> {
+        if name == "unifesp" {
+            Some(DatasetKind::Unifesp)
+        } else if name.starts_with("irma") {
+            Some(DatasetKind::Irma)
+        } else if name.starts_with("folder:") {
+            Some(DatasetKind::Folder)
+        } else {
+            None
+        }
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             DatasetKind::Folder => "folder",
