@@ -61,11 +61,20 @@ function native(file) {
   return Object.fromEntries(line.top.map((t) => [t.label, t.probability]));
 }
 
-async function inPage(file) {
-  await page.evaluate(() => { window.xrayClip.last = null; window.xrayClip.error = null; });
-  await page.setInputFiles("#file", file);
-  await page.waitForFunction(() => window.xrayClip.last || window.xrayClip.error, null, { timeout: 60000 });
-  return page.evaluate(() => ({ last: window.xrayClip.last, error: window.xrayClip.error }));
+// Classifies a file on page `p` (the default bundle's page unless given): { last, error }.
+async function inPage(file, p = page) {
+  await p.evaluate(() => { window.xrayClip.last = null; window.xrayClip.error = null; });
+  await p.setInputFiles("#file", file);
+  await p.waitForFunction(() => window.xrayClip.last || window.xrayClip.error, null, { timeout: 60000 });
+  return p.evaluate(() => ({ last: window.xrayClip.last, error: window.xrayClip.error }));
+}
+
+// A new page on the bundle folder target/NAME, loaded (or failed).
+async function bundlePage(name) {
+  const p = await browser.newPage();
+  await p.goto(`http://127.0.0.1:${port}/wasm/www/index.html?bundle=../../target/${name}/`);
+  await p.waitForFunction(() => window.xrayClip?.ready || window.xrayClip?.error, null, { timeout: 60000 });
+  return p;
 }
 
 for (const [name, file] of [["real chest DICOM (pydicom-data RG1)", dicom], ["PNG fixture", png]]) {
@@ -113,9 +122,7 @@ test("custom labels through the bundle's text encoder equal native classify --la
     "--text-encoder", path.join(root, "fixtures/tiny/text_encoder.onnx"),
     "--tokenizer", path.join(root, "models/tokenizer/tokenizer.json"), "--out", bundle, "--force"]);
   const labels = "chest x-ray, hand x-ray, knee";
-  const p = await browser.newPage();
-  await p.goto(`http://127.0.0.1:${port}/wasm/www/index.html?bundle=../../target/browser-test-bundle/`);
-  await p.waitForFunction(() => window.xrayClip?.ready || window.xrayClip?.error, null, { timeout: 60000 });
+  const p = await bundlePage("browser-test-bundle");
   assert.ok(await p.isVisible("#custom"), "the custom-label box shows for a bundle with a text encoder");
   // An image is on display with the bundle's own labels ...
   await p.setInputFiles("#file", png);
@@ -143,19 +150,14 @@ test("custom labels through the bundle's text encoder equal native classify --la
 test("an int8 bundle (runtime quantize) runs in the page as natively", async () => {
   const bundle = path.join(root, "target/browser-test-int8");
   execFileSync(runtimeBin, ["quantize", path.join(root, "models/default"), "--out", bundle, "--force"]);
-  const p = await browser.newPage();
-  await p.goto(`http://127.0.0.1:${port}/wasm/www/index.html?bundle=../../target/browser-test-int8/`);
-  await p.waitForFunction(() => window.xrayClip?.ready || window.xrayClip?.error, null, { timeout: 60000 });
+  const p = await bundlePage("browser-test-int8");
   assert.equal(await p.evaluate(() => window.xrayClip.error), null);
   // Its self-check (written by runtime quantize on the native CPU) is reproduced by ONNX Runtime Web.
   const check = await p.evaluate(() => window.xrayClip.selfCheck);
   assert.ok(check?.passed && check.difference <= 2e-3, JSON.stringify(check));
   console.log(`int8 bundle: self-check in the page, largest difference ${check.difference.toExponential(2)}`);
   for (const file of [png, dicom]) {
-    await p.evaluate(() => { window.xrayClip.last = null; });
-    await p.setInputFiles("#file", file);
-    await p.waitForFunction(() => window.xrayClip.last || window.xrayClip.error, null, { timeout: 60000 });
-    const { last, error } = await p.evaluate(() => ({ last: window.xrayClip.last, error: window.xrayClip.error }));
+    const { last, error } = await inPage(file, p);
     assert.equal(error, null);
     const out = execFileSync(classifyBin, ["--device", "cpu", "--json", "-k", "100", "--model", bundle, file], { encoding: "utf8" });
     const expected = Object.fromEntries(JSON.parse(out.trim()).top.map((t) => [t.label, t.probability]));
@@ -183,9 +185,7 @@ test("a bundle that does not reproduce its self-check is refused by the page", a
   const manifest = JSON.parse(fs.readFileSync(path.join(bundle, "manifest.json"), "utf8"));
   manifest.files.self_check.sha256 = crypto.createHash("sha256").update(npy).digest("hex");
   fs.writeFileSync(path.join(bundle, "manifest.json"), JSON.stringify(manifest, null, 2));
-  const p = await browser.newPage();
-  await p.goto(`http://127.0.0.1:${port}/wasm/www/index.html?bundle=../../target/browser-test-badcheck/`);
-  await p.waitForFunction(() => window.xrayClip?.ready || window.xrayClip?.error, null, { timeout: 60000 });
+  const p = await bundlePage("browser-test-badcheck");
   const error = await p.evaluate(() => window.xrayClip.error);
   assert.ok(error && error.includes("self-check failed"), error);
   await p.close();
@@ -207,15 +207,10 @@ test("a calibrated bundle's unknown rule gives the page native classify's verdic
   execFileSync(runtimeBin, ["calibrate", path.join(root, "models/default"), "--dataset", "folder",
     "--data", path.join(work, "labelled"), "--split", "all", "--ood", png, "--target-false-accept", "0",
     "--device", "cpu", "--out", bundle, "--force"]);
-  const p = await browser.newPage();
-  await p.goto(`http://127.0.0.1:${port}/wasm/www/index.html?bundle=../../target/browser-test-calibrated/`);
-  await p.waitForFunction(() => window.xrayClip?.ready || window.xrayClip?.error, null, { timeout: 60000 });
+  const p = await bundlePage("browser-test-calibrated");
   assert.equal(await p.evaluate(() => window.xrayClip.error), null);
   for (const file of [png, dicom]) {
-    await p.evaluate(() => { window.xrayClip.last = null; });
-    await p.setInputFiles("#file", file);
-    await p.waitForFunction(() => window.xrayClip.last || window.xrayClip.error, null, { timeout: 60000 });
-    const { last, error } = await p.evaluate(() => ({ last: window.xrayClip.last, error: window.xrayClip.error }));
+    const { last, error } = await inPage(file, p);
     assert.equal(error, null);
     const out = execFileSync(classifyBin, ["--device", "cpu", "--json", "-k", "100", "--model", bundle, file], { encoding: "utf8" });
     const line = JSON.parse(out.trim());
