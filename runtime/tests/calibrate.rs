@@ -58,15 +58,33 @@ fn png(path: &Path, f: impl Fn(u32, u32) -> u8) {
         .expect("png");
 }
 
-fn runtime(args: &[&str]) -> std::process::Output {
+fn runtime<S: AsRef<std::ffi::OsStr> + std::fmt::Debug>(args: &[S]) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_runtime"))
         .args(args)
         .output()
         .expect("runtime")
 }
 
+/// The arguments of `runtime COMMAND` on every image of `dir/labelled` (folder layout) with
+/// `dir/ood` as the out-of-distribution images, on the CPU, then `extra`.
+fn on_images(command: &str, dir: &Path, extra: &[&str]) -> Vec<String> {
+    let path = |p: &str| dir.join(p).to_str().unwrap().to_string();
+    [command, "--dataset", "folder", "--data"]
+        .iter()
+        .map(|a| a.to_string())
+        .chain([
+            path("labelled"),
+            "--split".into(),
+            "all".into(),
+            "--ood".into(),
+        ])
+        .chain([path("ood"), "--device".into(), "cpu".into()])
+        .chain(extra.iter().map(|a| a.to_string()))
+        .collect()
+}
+
 /// Runs `runtime ARGS`, asserts success, returns stdout.
-fn runtime_ok(args: &[&str]) -> String {
+fn runtime_ok<S: AsRef<std::ffi::OsStr> + std::fmt::Debug>(args: &[S]) -> String {
     let run = runtime(args);
     let stdout = String::from_utf8_lossy(&run.stdout).to_string();
     assert!(
@@ -112,28 +130,12 @@ fn the_centroid_rule_is_fitted_written_and_applied_by_classify_eval_and_serve() 
     let d = dir.path();
     let ood = images(d, &DEMO_CLASSES, 6);
     let out = d.join("calibrated");
-    let (labelled, ood_dir, out_s) = (
-        d.join("labelled"),
-        d.join("ood"),
-        out.to_str().unwrap().to_string(),
-    );
-    let stdout = runtime_ok(&[
+    let (labelled, out_s) = (d.join("labelled"), out.to_str().unwrap().to_string());
+    let stdout = runtime_ok(&on_images(
         "calibrate",
-        "--dataset",
-        "folder",
-        "--data",
-        labelled.to_str().unwrap(),
-        "--split",
-        "all",
-        "--ood",
-        ood_dir.to_str().unwrap(),
-        "--target-false-accept",
-        "0.1",
-        "--out",
-        &out_s,
-        "--device",
-        "cpu",
-    ]);
+        d,
+        &["--target-false-accept", "0.1", "--out", &out_s],
+    ));
     assert!(
         stdout.contains("cosine to the nearest class centroid"),
         "{stdout}"
@@ -187,23 +189,11 @@ fn the_centroid_rule_is_fitted_written_and_applied_by_classify_eval_and_serve() 
 
     // runtime eval --ood: the same verdicts on the OOD images, the figures and both pictures.
     let report = d.join("eval");
-    let text = runtime_ok(&[
+    let text = runtime_ok(&on_images(
         "eval",
-        "--model",
-        &out_s,
-        "--dataset",
-        "folder",
-        "--data",
-        labelled.to_str().unwrap(),
-        "--split",
-        "all",
-        "--ood",
-        ood_dir.to_str().unwrap(),
-        "--device",
-        "cpu",
-        "--out",
-        report.to_str().unwrap(),
-    ]);
+        d,
+        &["--model", &out_s, "--out", report.to_str().unwrap()],
+    ));
     assert!(text.contains("answered unknown, AUROC"), "{text}");
     let json: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(report.join("report.json")).unwrap())
@@ -247,19 +237,7 @@ fn the_centroid_rule_is_fitted_written_and_applied_by_classify_eval_and_serve() 
         assert!(bytes.starts_with(b"\x89PNG"), "{png} missing");
     }
     // --ood needs a rule to score.
-    let refused = runtime(&[
-        "eval",
-        "--dataset",
-        "folder",
-        "--data",
-        labelled.to_str().unwrap(),
-        "--split",
-        "all",
-        "--ood",
-        ood_dir.to_str().unwrap(),
-        "--device",
-        "cpu",
-    ]);
+    let refused = runtime(&on_images("eval", d, &[]));
     assert!(!refused.status.success());
     assert!(String::from_utf8_lossy(&refused.stderr).contains("calibrated bundle"));
 
@@ -331,27 +309,13 @@ fn the_probability_rule_needs_no_centroids_and_format_2_bundles_still_load() {
     let d = dir.path();
     // Three of the bundle's six labels: enough for a temperature, not for class centroids.
     let ood = images(d, &["CXR", "Hand", "HeadCT"], 8);
-    let (labelled, ood_dir) = (d.join("labelled"), d.join("ood"));
-    let base = [
-        "calibrate",
-        "--dataset",
-        "folder",
-        "--data",
-        labelled.to_str().unwrap(),
-        "--split",
-        "all",
-        "--ood",
-        ood_dir.to_str().unwrap(),
-        "--target-false-accept",
-        "0.1",
-        "--device",
-        "cpu",
-        "--out",
-    ];
     let centroid_out = d.join("centroid");
-    let mut args = base.to_vec();
-    args.push(centroid_out.to_str().unwrap());
-    let refused = runtime(&args);
+    let fit = |extra: &[&str]| {
+        let mut args = vec!["--target-false-accept", "0.1"];
+        args.extend(extra);
+        on_images("calibrate", d, &args)
+    };
+    let refused = runtime(&fit(&["--out", centroid_out.to_str().unwrap()]));
     let err = String::from_utf8_lossy(&refused.stderr).to_string();
     assert!(!refused.status.success());
     assert!(
@@ -362,9 +326,7 @@ fn the_probability_rule_needs_no_centroids_and_format_2_bundles_still_load() {
 
     let out = d.join("calibrated");
     let out_s = out.to_str().unwrap();
-    let mut args = base.to_vec();
-    args.extend([out_s, "--reject-score", "probability"]);
-    runtime_ok(&args);
+    runtime_ok(&fit(&["--out", out_s, "--reject-score", "probability"]));
     let m = manifest(&out);
     assert_eq!(m["format_version"], 2);
     assert!(m["files"].get("class_centroids").is_none());
@@ -527,22 +489,15 @@ fn new_labels_drop_the_calibration_fitted_on_the_old_ones() {
     let classes: Vec<&str> = names.iter().map(String::as_str).collect();
     images(d, &classes, 2);
     let calibrated = d.join("calibrated");
-    runtime_ok(&[
+    runtime_ok(&on_images(
         "calibrate",
-        tiny.to_str().unwrap(),
-        "--dataset",
-        "folder",
-        "--data",
-        d.join("labelled").to_str().unwrap(),
-        "--split",
-        "all",
-        "--ood",
-        d.join("ood").to_str().unwrap(),
-        "--device",
-        "cpu",
-        "--out",
-        calibrated.to_str().unwrap(),
-    ]);
+        d,
+        &[
+            tiny.to_str().unwrap(),
+            "--out",
+            calibrated.to_str().unwrap(),
+        ],
+    ));
     assert_eq!(manifest(&calibrated)["format_version"], 3);
     let relabelled = d.join("relabelled");
     let run = runtime(&[
