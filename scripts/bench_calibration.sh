@@ -7,7 +7,8 @@
 #    radiographs of body parts it does not know (single-label rows, all but Chest and Hand; every
 #    other row, linked into a temporary folder, never copied into the repository) for a TARGET
 #    false-accept rate; then `runtime eval` on the other 900 MedNIST test images with the other
-#    half of those radiographs as the out-of-distribution set.
+#    half of those radiographs as the out-of-distribution set. Then the same fit with the rule on
+#    the calibrated top-1 probability (--reject-score probability), for comparison.
 # 2. With a UNIFESP bundle (BUNDLE, e.g. OUT_DIR/uncalibrated of scripts/train_unifesp.sh):
 #    scripts/calibrate_unifesp.sh on it (validation rows, MedNIST CT/MRI train -> test).
 #
@@ -53,6 +54,11 @@ echo "== demonstration bundle (TARGET $TARGET)"
   --ood "$WORK/ood-fit" --target-false-accept "$TARGET" --out "$WORK/demo" --device cpu --force
 "$BIN/runtime" eval --model "$WORK/demo" --dataset folder --data "$MEDNIST/test" --split train \
   --split-spec random:0.5:0 --ood "$WORK/ood-test" --out "$WORK/demo-eval" --device cpu --force | tail -n 2
+echo "== demonstration bundle, the rule on the calibrated top-1 probability instead (TARGET $TARGET)"
+"$BIN/runtime" calibrate --dataset folder --data "$MEDNIST/test" --split random:0.5:0 \
+  --reject-score probability --ood "$WORK/ood-fit" --target-false-accept "$TARGET" \
+  --out "$WORK/demo-probability" --device cpu --force | grep '^unknown below'
+
 if [ -n "$BUNDLE" ]; then
   echo "== UNIFESP bundle $BUNDLE (TARGET $TARGET)"
   BIN="$PWD/$BIN" FORCE=1 scripts/calibrate_unifesp.sh "$BUNDLE" "$UNIFESP" "$WORK/unifesp" \
