@@ -242,48 +242,11 @@ fn the_centroid_rule_is_fitted_written_and_applied_by_classify_eval_and_serve() 
     assert!(String::from_utf8_lossy(&refused.stderr).contains("calibrated bundle"));
 
     // runtime serve answers as classify does, and ?no_reject=true as --no-reject.
-    let mut server = Command::new(env!("CARGO_BIN_EXE_runtime"))
-        .args([
-            "serve",
-            "--http",
-            "127.0.0.1:0",
-            "--device",
-            "cpu",
-            "--threads",
-            "1",
-        ])
-        .args(["--model", &out_s])
-        .env("RUST_LOG", "warn")
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .expect("serve");
-    let mut first = String::new();
-    std::io::BufRead::read_line(
-        &mut std::io::BufReader::new(server.stdout.take().unwrap()),
-        &mut first,
-    )
-    .unwrap();
-    let addr = first
-        .trim()
-        .strip_prefix("listening on http://")
-        .unwrap()
-        .to_string();
+    let server = common::Server::start(&["--model", &out_s]);
     let post = |file: &Path, query: &str| -> serde_json::Value {
-        let body = std::fs::read(file).unwrap();
-        for _ in 0..600 {
-            let (status, _, text) = common::http_request(
-                &addr,
-                "POST",
-                &format!("/v1/classify{query}"),
-                "image/png",
-                &body,
-            );
-            if status == 200 {
-                return serde_json::from_str(&text).expect("json");
-            }
-            std::thread::sleep(std::time::Duration::from_millis(50));
-        }
-        panic!("no answer from runtime serve");
+        let (status, _, text) = server.post_image(query, &std::fs::read(file).unwrap());
+        assert_eq!(status, 200, "{text}");
+        serde_json::from_str(&text).expect("json")
     };
     for (file, cli) in [(ood[0].as_path(), &lines[0]), (own.as_path(), &id)] {
         let served = post(file, "");
@@ -295,8 +258,7 @@ fn the_centroid_rule_is_fitted_written_and_applied_by_classify_eval_and_serve() 
         assert!((a - b).abs() < 1e-5, "{a} vs {b}");
     }
     assert!(post(&ood[0], "?no_reject=true").get("unknown").is_none());
-    let _ = server.kill();
-    let _ = server.wait();
+    drop(server);
     eprintln!(
         "centroid rule: threshold {threshold:.4}, own image {id_score:.4}, best OOD {worst_ood:.4}"
     );

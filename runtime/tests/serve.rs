@@ -4,92 +4,13 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read};
+use std::io::Read;
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-struct Server {
-    child: Child,
-    addr: String,
-}
-
-/// `runtime serve --http 127.0.0.1:0 --device cpu --threads 1 ARGS`.
-fn spawn_serve(args: &[&str], stdout: Stdio, stderr: Stdio) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_runtime"))
-        .args([
-            "serve",
-            "--http",
-            "127.0.0.1:0",
-            "--device",
-            "cpu",
-            "--threads",
-            "1",
-        ])
-        .args(args)
-        .env("RUST_LOG", "warn")
-        .stdout(stdout)
-        .stderr(stderr)
-        .spawn()
-        .expect("start runtime serve")
-}
-
-impl Server {
-    /// `runtime serve --http 127.0.0.1:0 ARGS` (the demonstration bundle), once it is ready.
-    fn start(args: &[&str]) -> Server {
-        common::require_setup();
-        let mut child = spawn_serve(args, Stdio::piped(), Stdio::inherit());
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().expect("stdout"))
-            .read_line(&mut line)
-            .expect("first line");
-        let addr = line
-            .trim()
-            .strip_prefix("listening on http://")
-            .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
-            .to_string();
-        let server = Server { child, addr };
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while server.get("/readyz").0 != 200 {
-            assert!(Instant::now() < deadline, "not ready within 60 s");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        server
-    }
-
-    /// One HTTP/1.1 request on a fresh connection: (status, headers, body).
-    fn request(&self, method: &str, path: &str, content_type: &str, body: &[u8]) -> Reply {
-        let reply = common::http_request(&self.addr, method, path, content_type, body);
-        assert_ne!(reply.0, 0, "no HTTP status from {path}: {reply:?}");
-        reply
-    }
-
-    fn get(&self, path: &str) -> Reply {
-        match TcpStream::connect(&self.addr) {
-            Ok(_) => self.request("GET", path, "text/plain", b""),
-            Err(_) => (0, String::new(), String::new()),
-        }
-    }
-
-    fn post_image(&self, query: &str, bytes: &[u8]) -> Reply {
-        self.request(
-            "POST",
-            &format!("/v1/classify{query}"),
-            "application/octet-stream",
-            bytes,
-        )
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-type Reply = (u16, String, String);
+use common::{spawn_serve, Reply, Server};
 
 fn png(dir: &Path, name: &str, shade: u32) -> PathBuf {
     let p = dir.join(name);

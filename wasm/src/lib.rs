@@ -83,8 +83,6 @@ pub fn probabilities(
 #[wasm_bindgen]
 pub struct DemoBundle {
     bundle: runtime::bundle::Bundle,
-    manifest: Manifest,
-    embeddings: Vec<f32>,
 }
 
 #[wasm_bindgen]
@@ -98,17 +96,14 @@ impl DemoBundle {
             label_embeddings_npy,
         )
         .map_err(|e| JsError::new(&e.to_string()))?;
-        Ok(DemoBundle {
-            manifest: b.manifest.clone(),
-            embeddings: b.label_embeddings.clone(),
-            bundle: b,
-        })
+        Ok(DemoBundle { bundle: b })
     }
 
     /// The file of the class centroids of a calibrated bundle's "unknown" rule, when it has one
     /// (hand its bytes to [`DemoBundle::set_class_centroids`] before classifying).
     pub fn class_centroids_file(&self) -> Option<String> {
-        self.manifest
+        self.bundle
+            .manifest
             .files
             .get(runtime::bundle::CLASS_CENTROIDS)
             .map(|e| e.path.clone())
@@ -148,6 +143,7 @@ impl DemoBundle {
     /// Checks a file of the bundle (e.g. `image_encoder`) against the manifest's size and sha256.
     pub fn verify(&self, role: &str, bytes: &[u8]) -> Result<(), JsError> {
         let entry = self
+            .bundle
             .manifest
             .files
             .get(role)
@@ -158,17 +154,18 @@ impl DemoBundle {
 
     #[wasm_bindgen(getter)]
     pub fn name(&self) -> String {
-        self.manifest.name.clone()
+        self.bundle.manifest.name.clone()
     }
 
     #[wasm_bindgen(getter)]
     pub fn image_size(&self) -> u32 {
-        self.manifest.preprocessing.image_size
+        self.bundle.manifest.preprocessing.image_size
     }
 
     /// File name, graph input and output of the image encoder, as JSON.
     pub fn image_encoder(&self) -> Result<String, JsError> {
         let e = self
+            .bundle
             .manifest
             .files
             .get(runtime::bundle::IMAGE_ENCODER)
@@ -177,7 +174,8 @@ impl DemoBundle {
     }
 
     pub fn has_text_encoder(&self) -> bool {
-        self.manifest
+        self.bundle
+            .manifest
             .files
             .contains_key(runtime::bundle::TEXT_ENCODER)
     }
@@ -186,6 +184,7 @@ impl DemoBundle {
     pub fn labels(&self) -> String {
         serde_json::to_string(
             &self
+                .bundle
                 .manifest
                 .labels
                 .iter()
@@ -197,17 +196,17 @@ impl DemoBundle {
 
     #[wasm_bindgen(getter)]
     pub fn logit_scale(&self) -> f32 {
-        self.manifest.logit_scale
+        self.bundle.manifest.logit_scale
     }
 
     /// The templates of the bundle's label embeddings, as JSON.
     pub fn templates(&self) -> String {
-        serde_json::to_string(&self.manifest.templates).unwrap_or_default()
+        serde_json::to_string(&self.bundle.manifest.templates).unwrap_or_default()
     }
 
     /// File name, graph input and output of the text encoder and the tokenizer's file, as JSON.
     pub fn text_encoder(&self) -> Result<String, JsError> {
-        let f = &self.manifest.files;
+        let f = &self.bundle.manifest.files;
         let (e, t) = f
             .get(runtime::bundle::TEXT_ENCODER)
             .zip(f.get(runtime::bundle::TOKENIZER))
@@ -219,8 +218,9 @@ impl DemoBundle {
 
     /// The self-check's file name, when the bundle has one (`models/README.md`, "The self-check").
     pub fn self_check_file(&self) -> Option<String> {
-        self.manifest.self_check.as_ref()?;
-        self.manifest
+        self.bundle.manifest.self_check.as_ref()?;
+        self.bundle
+            .manifest
             .files
             .get(runtime::bundle::self_check::SELF_CHECK)
             .map(|e| e.path.clone())
@@ -228,10 +228,10 @@ impl DemoBundle {
 
     /// The self-check's encoder inputs, `[count, 3, S, S]` flattened (empty without a self-check).
     pub fn self_check_inputs(&self) -> Result<Vec<f32>, JsError> {
-        let Some(check) = &self.manifest.self_check else {
+        let Some(check) = &self.bundle.manifest.self_check else {
             return Ok(Vec::new());
         };
-        let size = self.manifest.preprocessing.image_size as usize;
+        let size = self.bundle.manifest.preprocessing.image_size as usize;
         runtime::bundle::self_check::check_inputs(check, size, Path::new("bundle"))
             .map_err(|e| JsError::new(&e.to_string()))
     }
@@ -240,6 +240,7 @@ impl DemoBundle {
     /// bytes of the self-check file, verified first): the largest difference, or an error.
     pub fn self_check(&self, recorded_npy: &[u8], embeddings: &[f32]) -> Result<f32, JsError> {
         let check = self
+            .bundle
             .manifest
             .self_check
             .as_ref()
@@ -247,7 +248,7 @@ impl DemoBundle {
         self.verify(runtime::bundle::self_check::SELF_CHECK, recorded_npy)?;
         runtime::bundle::self_check::compare(
             check,
-            self.manifest.embedding_dim,
+            self.bundle.manifest.embedding_dim,
             recorded_npy,
             embeddings,
             Path::new("bundle"),
@@ -261,8 +262,8 @@ impl DemoBundle {
     pub fn classify(&self, image_embedding: &[f32]) -> Result<Vec<f32>, JsError> {
         probabilities(
             image_embedding,
-            &self.embeddings,
-            self.manifest.calibrated_logit_scale(),
+            &self.bundle.label_embeddings,
+            self.bundle.manifest.calibrated_logit_scale(),
         )
     }
 }

@@ -117,27 +117,28 @@ pub fn fit(engine: &mut Engine, set: &CalibrationSet, options: &PipelineOptions)
     if !set.ood.is_empty() {
         let (mut centroid_data, mut centroid_images) = (String::new(), 0);
         if set.score == RejectScore::Centroid {
-            let (what, (rows, ys)) = match &set.centroid_images {
-                None => (set.data.clone(), (embeddings.clone(), truth.clone())),
+            let other;
+            let (what, rows, ys): (&String, &[Vec<f32>], &[usize]) = match &set.centroid_images {
+                None => (&set.data, &embeddings, &truth),
                 Some((what, images)) => {
                     let (rows, ys, failed) = embed_labelled(engine, images, options);
                     skipped += failed;
-                    (what.clone(), (rows, ys))
+                    other = (rows, ys);
+                    (what, &other.0, &other.1)
                 }
             };
-            let c = calibration::class_centroids(&rows, &ys, classes, dim).map_err(|missing| {
+            let c = calibration::class_centroids(rows, ys, classes, dim).map_err(|missing| {
                 Error::Calibration(format!(
                     "the centroid rule needs labelled images of every label; {what} has none of: {}",
                     missing.iter().map(|&i| names[i].as_str()).collect::<Vec<_>>().join(", ")
                 ))
             })?;
-            (centroid_data, centroid_images) = (what, ys.len());
+            (centroid_data, centroid_images) = (what.clone(), ys.len());
             centroids = Some(c);
         }
         let rule = RejectRule::new(set.score, 0.0, centroids.as_deref().unwrap_or(&[]), dim);
-        let ood_files: Vec<PathBuf> = set.ood.to_vec();
         let mut ood = Vec::new();
-        for row in embed_files(engine, &ood_files, options) {
+        for row in embed_files(engine, set.ood, options) {
             match row {
                 Ok(row) => ood.push(row),
                 Err(_) => skipped += 1,
