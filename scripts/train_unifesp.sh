@@ -6,8 +6,9 @@
 #   scripts/train_unifesp.sh DATA_DIR OUT_DIR [best|reference] [TRAINER_FINETUNE_OPTIONS...]
 #
 #   best       `trainer finetune --recipe scratch` on the rn-small ResNet CLIP (128 px): class-aware
-#              loss, AdamW, cosine schedule with warm-up, augmentation, test-time flip averaging;
-#              the epoch chosen on 10% of the training rows; the test images scored once, at the end.
+#              loss, AdamW, cosine schedule with warm-up, augmentation, test-time flip averaging,
+#              a moving average of the weights as the model; the epoch chosen on 10% of the
+#              training rows; the test images scored once, at the end.
 #   reference  `trainer finetune --recipe reference` on the same initialisation: what the reference
 #              experiment's code did (bare class names, contrastive loss, Adam 2e-6, StepLR(10, 0.1),
 #              50 epochs, last epoch).
@@ -22,7 +23,8 @@
 # OUT_DIR/summary.json, and prints the table. OUT_DIR must lie outside the repository (the images'
 # licence is unknown: no model trained on them is committed). An existing OUT_DIR is refused unless
 # FORCE=1. Options after the recipe go to `trainer finetune` and win over the recipe's (e.g.
-# `--val 0`: all 1199 rows, the last epoch; then there are no validation rows to calibrate on).
+# `--val 0`: all 1199 rows, the last epoch; then there are no validation rows to calibrate on, and
+# OUT_DIR/eval scores OUT_DIR/uncalibrated).
 set -euo pipefail
 if [ $# -lt 2 ]; then
   sed -n '2,27p' "$0" | sed 's/^# \{0,1\}//' >&2
@@ -63,8 +65,14 @@ START=$(date +%s)
 WALL=$(( $(date +%s) - START ))
 PEAK_KB=$(awk -F': ' '/Maximum resident set size/ {print $2}' "$OUT/time.txt")
 
-BIN="$BIN" scripts/calibrate_unifesp.sh "$OUT/uncalibrated" "$DATA" "$OUT/bundle" "$OUT/eval" \
-  "${MEDNIST:-$REPO/../shared/data/mednist}" | tee "$OUT/eval.log"
+if python3 -c 'import json, sys; sys.exit(json.load(open(sys.argv[1]))["val_top1"] is None)' "$OUT/run/best.json"; then
+  BIN="$BIN" scripts/calibrate_unifesp.sh "$OUT/uncalibrated" "$DATA" "$OUT/bundle" "$OUT/eval" \
+    "${MEDNIST:-$REPO/../shared/data/mednist}" | tee "$OUT/eval.log"
+else
+  echo "note: the run held out no validation rows (--val 0): nothing to fit a temperature on, so no OUT_DIR/bundle; evaluating OUT_DIR/uncalibrated" >&2
+  "$BIN/runtime" eval --dataset unifesp --data "$DATA" --split reference --model "$OUT/uncalibrated" \
+    --device cpu --out "$OUT/eval" "${F[@]}" | tee "$OUT/eval.log"
+fi
 
 python3 - "$OUT" "$RECIPE" "$WALL" "$PEAK_KB" <<'PY'
 import json, sys, pathlib

@@ -104,6 +104,32 @@ fn attention_mask(ids: &[i64], len: usize) -> Vec<i64> {
     mask
 }
 
+/// Whether the graph dequantizes stored weights only (the int8 convolutions of
+/// `bundle::quantize`), no activations. ONNX Runtime then may fold those `DequantizeLinear`s into
+/// float weights at load (`session.disable_quant_qdq`), which its QDQ handling otherwise prevents:
+/// an int8 ResNet tower ran 1.7 times slower than fp32 without the folding, as fast with it
+/// (rn-small, batch 16: 6.5 / 3.7 / 3.9 ms per image). A graph with activation Q/DQ pairs (a
+/// Python `quantize_static` QDQ model) keeps ORT's QDQ fusion.
+fn weight_only_dequantize(bytes: &[u8]) -> bool {
+    use prost::Message;
+    if memchr::memmem::find(bytes, b"DequantizeLinear").is_none() {
+        return false;
+    }
+    let Some(graph) = crate::onnx_proto::ModelProto::decode(bytes)
+        .ok()
+        .and_then(|m| m.graph)
+    else {
+        return false;
+    };
+    let stored: std::collections::HashSet<&str> =
+        graph.initializer.iter().map(|t| t.name.as_str()).collect();
+    graph
+        .node
+        .iter()
+        .filter(|n| n.op_type == "DequantizeLinear")
+        .all(|n| n.input.first().is_some_and(|i| stored.contains(i.as_str())))
+}
+
 /// One ONNX graph with one input and one output of interest.
 pub struct Encoder {
     session: Session,
@@ -132,6 +158,9 @@ impl Encoder {
                     .with_inter_op_spinning(false)?;
                 if opts.threads > 0 {
                     b = b.with_intra_threads(opts.threads)?;
+                }
+                if weight_only_dequantize(bytes) {
+                    b = b.with_config_entry("session.disable_quant_qdq", "1")?;
                 }
                 if cuda {
                     b = with_cuda(b)?;
@@ -398,6 +427,45 @@ impl Encoder {
         self.run_f32(shape, data)
     }
 
+    /// Runs a float input and returns the smallest and largest value of each named tensor: a graph
+    /// output (see `bundle::quantize::with_outputs`) or the input itself.
+    pub fn output_ranges(
+        &mut self,
+        shape: &[usize],
+        data: &[f32],
+        names: &[String],
+    ) -> Result<Vec<(f32, f32)>> {
+        let range = |v: &[f32]| {
+            v.iter()
+                .fold((f32::INFINITY, f32::NEG_INFINITY), |(lo, hi), &x| {
+                    (lo.min(x), hi.max(x))
+                })
+        };
+        let t =
+            TensorRef::from_array_view((shape.to_vec(), data)).map_err(ort_err("input tensor"))?;
+        let input = self.input.clone();
+        let outputs = self
+            .session
+            .run(ort::inputs![input.as_str() => t])
+            .map_err(ort_err("running graph"))?;
+        names
+            .iter()
+            .map(|name| {
+                if *name == input {
+                    return Ok(range(data));
+                }
+                let value = outputs.get(name.as_str()).ok_or_else(|| Error::Inference {
+                    context: "calibration".into(),
+                    reason: format!("the graph has no output {name}"),
+                })?;
+                let (_, values) = value
+                    .try_extract_tensor::<f32>()
+                    .map_err(ort_err(format!("reading {name}")))?;
+                Ok(range(values))
+            })
+            .collect()
+    }
+
     /// Runs a text encoder on a token batch; returns `[batch, dim]` row-major and `dim`.
     pub fn embed_tokens(&mut self, tokens: &TokenBatch) -> Result<(Vec<f32>, usize)> {
         self.run_i64(&[tokens.batch, tokens.len], &tokens.ids)
@@ -406,6 +474,35 @@ impl Encoder {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn only_weight_dequantization_turns_the_qdq_handling_off() {
+        use crate::onnx_proto::{GraphProto, ModelProto, NodeProto, TensorProto};
+        use prost::Message;
+        let model = |dq_input: &str| {
+            ModelProto {
+                graph: Some(GraphProto {
+                    initializer: vec![TensorProto {
+                        name: "w_int8".into(),
+                        ..Default::default()
+                    }],
+                    node: vec![NodeProto {
+                        op_type: "DequantizeLinear".into(),
+                        input: vec![dq_input.into(), "s".into()],
+                        ..Default::default()
+                    }],
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }
+            .encode_to_vec()
+        };
+        assert!(super::weight_only_dequantize(&model("w_int8")));
+        assert!(!super::weight_only_dequantize(&model("activation")));
+        assert!(!super::weight_only_dequantize(
+            &ModelProto::default().encode_to_vec()
+        ));
+    }
+
     #[test]
     fn attention_mask_ends_at_end_of_text() {
         let ids = [49406, 320, 49407, 0, 49406, 49407, 49407, 49407];

@@ -160,3 +160,80 @@ fn the_check_on_labelled_images_gates_what_is_written() {
     assert!(!r.status.success());
     assert!(String::from_utf8_lossy(&r.stderr).contains("--min-agreement"));
 }
+
+/// `--calibrate`: the image encoder's activations get fixed scales from their ranges on the
+/// calibration images (every one of them; the text encoder's stay dynamic), and the result is
+/// close to fp32 and not the dynamic bundle.
+#[test]
+fn calibration_images_give_static_activation_scales() {
+    use runtime::bundle::quantize;
+    let tmp = tmpdir("quantize-static");
+    let images = fixtures().join("images");
+    let out = tmp.path().join("static");
+    let r = runtime_cli(&[
+        "quantize",
+        s(tiny_bundle()),
+        "--calibrate",
+        s(&images),
+        "--device",
+        "cpu",
+        "--out",
+        s(&out),
+    ]);
+    let stderr = ok(&r);
+    assert!(stderr.contains("from 5 calibration images"), "{stderr}");
+    let fp32 = load_tiny();
+    let image_bytes = fp32.read_verified(runtime::bundle::IMAGE_ENCODER).unwrap();
+    let activations = quantize::quantized_activations(&image_bytes, Path::new("image")).unwrap();
+    let bundle = Bundle::load(&out).expect("static int8 bundle loads");
+    let q = bundle.manifest.quantization.clone().expect("recorded");
+    assert_eq!(q.calibration_images, 5);
+    assert_eq!(q.image_encoder.static_activations, activations.len());
+    assert!(!activations.is_empty());
+    assert_eq!(
+        q.text_encoder.as_ref().map(|t| t.static_activations),
+        Some(0)
+    );
+    assert!(q.scheme.contains("fixed scales"), "{}", q.scheme);
+
+    let dynamic = tmp.path().join("dynamic");
+    ok(&runtime_cli(&[
+        "quantize",
+        s(tiny_bundle()),
+        "--out",
+        s(&dynamic),
+    ]));
+    let files: Vec<_> = ["gray_300x217.png", "rgb_640x480.jpg", "small_64x64.png"]
+        .iter()
+        .map(|f| images.join(f))
+        .collect();
+    let a = image_embeddings(fp32, &files);
+    let b = image_embeddings(bundle, &files);
+    let c = image_embeddings(Bundle::load(&dynamic).unwrap(), &files);
+    for ((x, y), z) in a.iter().zip(&b).zip(&c) {
+        let cos = cosine(x, y);
+        assert!(
+            cos >= 0.99,
+            "static int8 vs fp32 image embedding cosine {cos}"
+        );
+        assert_ne!(y, z, "static and dynamic scales gave the same embedding");
+    }
+
+    let empty = tmp.path().join("empty");
+    std::fs::create_dir_all(&empty).unwrap();
+    let r = runtime_cli(&[
+        "quantize",
+        s(tiny_bundle()),
+        "--calibrate",
+        s(&empty),
+        "--out",
+        s(&tmp.path().join("none")),
+    ]);
+    assert!(!r.status.success());
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert!(
+        err.contains("--calibrate") && err.contains("no images found"),
+        "{err}"
+    );
+    assert!(!tmp.path().join("none").exists());
+}

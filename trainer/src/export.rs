@@ -121,10 +121,11 @@ pub fn export(spec: ExportSpec, out: &Path, force: bool) -> Result<Bundle> {
     if let Some(stats) = image_stats {
         manifest.quantization = Some(runtime::bundle::quantization::Quantization {
             precision: "int8".into(),
-            scheme: quantize::scheme(stats.weight_max),
+            scheme: quantize::scheme(stats.weight_max, false),
             source: format!("trainer export of {}", spec.checkpoint.display()),
             image_encoder: stats,
             text_encoder: text.as_ref().and_then(|(_, s)| s.clone()),
+            calibration_images: 0,
             check: None,
         });
     }

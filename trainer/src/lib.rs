@@ -2,6 +2,7 @@
 //! that `runtime` runs.
 #![warn(clippy::unwrap_used)]
 
+pub mod average;
 pub mod cli;
 pub mod data;
 pub mod device;

@@ -32,6 +32,10 @@ pub struct EpochMetrics {
     /// Top-1 on the test images (only with `monitor_test`).
     #[serde(default)]
     pub test_top1: Option<f64>,
+    /// With a weight average (`--weight-average`), `val_top1` is the average's and this the live
+    /// weights' validation top-1.
+    #[serde(default)]
+    pub val_top1_live: Option<f64>,
     pub seconds: f64,
     pub steps: usize,
     /// Steps skipped by the fp16 loss scaler (gradient overflow).
@@ -48,6 +52,9 @@ pub struct RunState {
     #[serde(default)]
     pub best_val_top1: Option<f64>,
     pub loss_scale: f64,
+    /// Updates of the weight average so far (its decay ramps up with them).
+    #[serde(default)]
+    pub average_updates: u64,
 }
 
 /// The one scoring of the test images, with the selected model, at the end of a run.
@@ -79,6 +86,7 @@ pub fn write_metrics(
         "seconds",
         "steps",
         "skipped_steps",
+        "val_top1_live",
     ]
     .map(String::from);
     let rows = state.metrics.iter().map(|m| {
@@ -91,6 +99,7 @@ pub fn write_metrics(
             format!("{:.3}", m.seconds),
             m.steps.to_string(),
             m.skipped_steps.to_string(),
+            cell(m.val_top1_live),
         ]
     });
     runtime::fs::write_csv(
@@ -166,21 +175,36 @@ pub fn curves(path: &Path, runs: &[(String, Vec<EpochMetrics>)]) -> Result<bool>
             .map_err(|e| err(e.to_string()))?;
         for (i, (label, m)) in runs.iter().enumerate() {
             let color = palette[i % palette.len()];
-            // (legend, points, dashed)
-            type Series = (String, Vec<(usize, f64)>, bool);
+            // (legend, points, dashed, faint)
+            type Series = (String, Vec<(usize, f64)>, bool, bool);
             let series: Vec<Series> = if pick == 0 {
                 vec![(
                     label.clone(),
                     m.iter().map(|e| (e.epoch, e.train_loss)).collect(),
                     false,
+                    false,
                 )]
             } else {
+                let averaged = m.iter().any(|e| e.val_top1_live.is_some());
                 vec![
                     (
-                        format!("{label} val"),
+                        format!("{label} val live weights"),
+                        m.iter()
+                            .filter_map(|e| Some((e.epoch, e.val_top1_live?)))
+                            .collect(),
+                        false,
+                        true,
+                    ),
+                    (
+                        if averaged {
+                            format!("{label} val weight average (the model)")
+                        } else {
+                            format!("{label} val")
+                        },
                         m.iter()
                             .filter_map(|e| Some((e.epoch, e.val_top1?)))
                             .collect(),
+                        false,
                         false,
                     ),
                     (
@@ -189,14 +213,19 @@ pub fn curves(path: &Path, runs: &[(String, Vec<EpochMetrics>)]) -> Result<bool>
                             .filter_map(|e| Some((e.epoch, e.test_top1?)))
                             .collect(),
                         true,
+                        false,
                     ),
                 ]
             };
-            for (name, points, dashed) in series {
+            for (name, points, dashed, faint) in series {
                 if points.is_empty() {
                     continue;
                 }
-                let style = color.stroke_width(2);
+                let style = if faint {
+                    color.mix(0.35).stroke_width(1)
+                } else {
+                    color.stroke_width(2)
+                };
                 let drawn = if dashed {
                     chart.draw_series(DashedLineSeries::new(points, 6, 4, style))
                 } else {
@@ -205,9 +234,7 @@ pub fn curves(path: &Path, runs: &[(String, Vec<EpochMetrics>)]) -> Result<bool>
                 drawn
                     .map_err(|e| err(e.to_string()))?
                     .label(name)
-                    .legend(move |(x, y)| {
-                        PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(2))
-                    });
+                    .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], style));
             }
         }
         chart

@@ -12,6 +12,7 @@ use runtime::text::tokenizer::ClipTokenizer;
 use serde::{Deserialize, Serialize};
 use tch::{nn, Device, Kind, Tensor};
 
+use crate::average::{self, WeightAverage};
 use crate::data::ImageSet;
 use crate::error::{Error, Result};
 use crate::model::Clip;
@@ -77,6 +78,10 @@ pub struct TrainOptions {
     /// Validation and test (and the saved model: its config, hence the export) average each
     /// image's embedding with its mirror's (`model::VisionConfig::test_time_flip`).
     pub test_time_flip: bool,
+    /// Decay per step of an exponential moving average of the weights that is validated, kept in
+    /// the checkpoints and exported instead of the live weights (None: the live weights).
+    #[serde(default)]
+    pub weight_average: Option<f64>,
 }
 
 fn no_augment() -> Augment {
@@ -110,6 +115,7 @@ impl Default for TrainOptions {
             balanced: false,
             monitor_test: false,
             test_time_flip: false,
+            weight_average: None,
         }
     }
 }
@@ -293,6 +299,13 @@ pub fn run(
     if start > 0 {
         adam.load(&source.join("optimizer.safetensors"))?;
     }
+    // A checkpoint's model is the average; its live weights, to train on from, lie beside it.
+    let mut average = opts
+        .weight_average
+        .map(|decay| WeightAverage::new(&vs, decay, state.average_updates));
+    if let (Some(avg), true) = (&average, start > 0) {
+        avg.load_into_model(&source.join(average::LIVE_WEIGHTS))?;
+    }
     let amp = opts.mixed_precision && device.is_cuda();
     let mut scaler = LossScaler::new(amp);
     if start > 0 && state.loss_scale > 0.0 {
@@ -378,7 +391,11 @@ pub fn run(
                     value,
                 });
             }
-            if !applied {
+            if applied {
+                if let Some(avg) = &mut average {
+                    avg.update();
+                }
+            } else {
                 skipped += 1;
             }
             loss_sum += value;
@@ -386,11 +403,26 @@ pub fn run(
             batch_bar.inc(1);
         }
         batch_bar.finish_and_clear();
-        let label_emb = label_embeddings(&model, &eval_tokens);
-        let val_top1 = match inputs.val {
-            Some(v) => Some(evaluate(&model, v, &label_emb, inputs.preprocess, device)?.0),
+        let validate = |model: &Clip| -> Result<Option<f64>> {
+            let Some(v) = inputs.val else {
+                return Ok(None);
+            };
+            let label_emb = label_embeddings(model, &eval_tokens);
+            Ok(Some(
+                evaluate(model, v, &label_emb, inputs.preprocess, device)?.0,
+            ))
+        };
+        // From here to the checkpoint's end the model holds the average (when there is one).
+        let val_top1_live = match &mut average {
+            Some(avg) => {
+                let live = validate(&model)?;
+                avg.swap();
+                live
+            }
             None => None,
         };
+        let val_top1 = validate(&model)?;
+        let label_emb = label_embeddings(&model, &eval_tokens);
         let test_top1 = if opts.monitor_test {
             Some(evaluate(&model, inputs.test, &label_emb, inputs.preprocess, device)?.0)
         } else {
@@ -406,6 +438,7 @@ pub fn run(
             lr: adam.config.lr,
             val_top1,
             test_top1,
+            val_top1_live,
             seconds: t0.elapsed().as_secs_f64(),
             steps,
             skipped_steps: skipped,
@@ -416,6 +449,9 @@ pub fn run(
         );
         if let Some(v) = val_top1 {
             line.push_str(&format!("  val top-1 {v:.4}"));
+        }
+        if let Some(v) = val_top1_live {
+            line.push_str(&format!(" (live weights {v:.4})"));
         }
         if let Some(t) = test_top1 {
             line.push_str(&format!("  test top-1 {t:.4}"));
@@ -437,6 +473,7 @@ pub fn run(
             None => state.best_epoch = epoch,
         }
         state.loss_scale = scaler.scale;
+        state.average_updates = average.as_ref().map_or(0, |a| a.updates);
         let state_json = serde_json::to_vec_pretty(&state).expect("state serialises");
         weights::save_checkpoint(
             &checkpoint_dir(run_dir, epoch),
@@ -446,6 +483,11 @@ pub fn run(
                 let opt = staging.join("optimizer.safetensors");
                 adam.save(&opt)?;
                 weights::sync_file(&opt)?;
+                if let Some(avg) = &average {
+                    let live = staging.join(average::LIVE_WEIGHTS);
+                    avg.save_held(&live)?;
+                    weights::sync_file(&live)?;
+                }
                 // state.json last: its presence marks a complete checkpoint (latest_checkpoint).
                 Ok(runtime::fs::write_atomic(
                     &staging.join("state.json"),
@@ -453,6 +495,9 @@ pub fn run(
                 )?)
             },
         )?;
+        if let Some(avg) = &mut average {
+            avg.swap();
+        }
         report::write_metrics(run_dir, &state, None, &format!("lr {base_lr:e}"))?;
         prune_checkpoints(run_dir, &state, opts.keep_checkpoints);
         epochs_bar.inc(1);
@@ -464,7 +509,7 @@ pub fn run(
     };
     let selected_dir = checkpoint_dir(run_dir, selected);
     // The test images are scored once, by the selected model.
-    if selected != state.epoch {
+    if selected != state.epoch || average.is_some() {
         assign_checkpoint(&vs, &selected_dir)?;
     }
     let label_emb = label_embeddings(&model, &eval_tokens);

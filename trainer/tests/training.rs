@@ -68,9 +68,27 @@ fn finetune(
 }
 
 fn tensors(dir: &Path) -> Vec<(String, tch::Tensor)> {
-    let mut t = tch::Tensor::read_safetensors(dir.join("model.safetensors")).unwrap();
+    tensors_of(&dir.join("model.safetensors"))
+}
+
+fn tensors_of(file: &Path) -> Vec<(String, tch::Tensor)> {
+    let mut t = tch::Tensor::read_safetensors(file).unwrap();
     t.sort_by(|a, b| a.0.cmp(&b.0));
     t
+}
+
+/// The largest absolute difference between same-named tensors of two files (which must hold the
+/// same names).
+fn max_difference(a: &Path, b: &Path) -> f64 {
+    let (a, b) = (tensors_of(a), tensors_of(b));
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(&b)
+        .map(|((na, ta), (nb, tb))| {
+            assert_eq!(na, nb);
+            (ta - tb).abs().max().double_value(&[])
+        })
+        .fold(0.0, f64::max)
 }
 
 #[test]
@@ -194,6 +212,59 @@ fn learns_checkpoints_and_resumes_exactly() {
         err.contains("is a training run") && err.contains("trainer export"),
         "{err}"
     );
+}
+
+/// With `--weight-average`, a checkpoint's model is the average of the weights, its live weights
+/// lie beside it, and a resumed run continues both exactly.
+#[test]
+fn the_weight_average_is_the_model_and_resumes_exactly() {
+    let dir_tmp = tmp("average");
+    let dir = dir_tmp.path().to_path_buf();
+    let (data, test) = (dir.join("train"), dir.join("test"));
+    make_folder(&data, 8, 5);
+    make_folder(&test, 3, 6);
+    let init = init_tiny(&dir);
+    let average = ["--weight-average", "0.9", "--val", "0.25"];
+    let full = dir.join("full");
+    let out = finetune(&data, &test, &init, &full, "3", &average);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("(live weights "), "{err}");
+    let metrics: Vec<serde_json::Value> =
+        serde_json::from_slice(&std::fs::read(full.join("metrics.json")).unwrap()).unwrap();
+    assert!(metrics.iter().all(|m| m["val_top1_live"].is_f64()));
+    let last = full.join("checkpoints/epoch-003");
+    let state: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(last.join("state.json")).unwrap()).unwrap();
+    let steps: u64 = metrics.iter().map(|m| m["steps"].as_u64().unwrap()).sum();
+    assert_eq!(
+        state["average_updates"].as_u64(),
+        Some(steps),
+        "one update a step"
+    );
+    let live = last.join("live_weights.safetensors");
+    assert!(
+        max_difference(&last.join("model.safetensors"), &live) > 0.0,
+        "the model is the average, not the live weights"
+    );
+
+    let part = dir.join("part");
+    assert!(finetune(&data, &test, &init, &part, "1", &average)
+        .status
+        .success());
+    let mut resumed = average.to_vec();
+    resumed.push("--resume");
+    let out = finetune(&data, &test, &init, &part, "3", &resumed);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let again = part.join("checkpoints/epoch-003");
+    for file in ["model.safetensors", "live_weights.safetensors"] {
+        let diff = max_difference(&last.join(file), &again.join(file));
+        assert_eq!(diff, 0.0, "{file} differs by {diff} after resume");
+    }
 }
 
 #[test]

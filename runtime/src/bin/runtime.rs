@@ -226,6 +226,14 @@ enum Command {
         /// AVX2 without VNNI saturates, as ONNX Runtime's reduce_range warns).
         #[arg(long)]
         full_range: bool,
+        /// Images like those the bundle will see (folders, searched recursively, or files; no
+        /// labels needed): the image encoder's activations get fixed scales from their value
+        /// ranges on them (static quantization) instead of scales computed per batch at run time.
+        #[arg(long, value_name = "PATH")]
+        calibrate: Vec<PathBuf>,
+        /// At most this many --calibrate images (spread evenly over the sorted list).
+        #[arg(long, value_name = "N", default_value_t = 256)]
+        calibrate_images: usize,
         #[command(flatten)]
         device: DeviceArgs,
         #[command(flatten)]
@@ -728,6 +736,8 @@ fn main() -> ExitCode {
                 split,
                 min_agreement,
                 full_range,
+                calibrate,
+                calibrate_images,
                 device,
                 batch,
                 force,
@@ -735,6 +745,9 @@ fn main() -> ExitCode {
                 use runtime::bundle::quantize;
                 if !(0.0..=1.0).contains(&min_agreement) {
                     anyhow::bail!("--min-agreement {min_agreement} is not a fraction in [0, 1]");
+                }
+                if calibrate_images == 0 {
+                    anyhow::bail!("--calibrate-images must be at least 1");
                 }
                 let src = source_bundle(bundle, &model)?;
                 if let Some(q) = &src.manifest.quantization {
@@ -746,8 +759,35 @@ fn main() -> ExitCode {
                     );
                 }
                 let name = name.unwrap_or_else(|| format!("{}-int8", src.manifest.name));
-                let opts = quantize::QuantizeOptions { full_range };
+                let ranges = if calibrate.is_empty() {
+                    None
+                } else {
+                    let mut files = list_images("--calibrate", &calibrate)?;
+                    files.sort();
+                    let files = spread(files, calibrate_images);
+                    let (ranges, read) = quantize::activation_ranges(
+                        &src,
+                        &files,
+                        &device.options(),
+                        batch.batch_size as usize,
+                    )?;
+                    eprintln!(
+                        "activation ranges of {} tensors from {read} calibration images{}",
+                        ranges.len(),
+                        if read < files.len() {
+                            format!(" ({} unreadable, left out)", files.len() - read)
+                        } else {
+                            String::new()
+                        }
+                    );
+                    Some((ranges, read))
+                };
+                let opts = quantize::QuantizeOptions {
+                    full_range,
+                    activation_ranges: ranges.as_ref().map(|(r, _)| r),
+                };
                 let (image, text, mut record) = quantize::quantize_bundle(&src, opts)?;
+                record.calibration_images = ranges.as_ref().map_or(0, |(_, n)| *n);
                 let size =
                     |b: &Bundle, role: &str| b.manifest.files.get(role).map_or(0, |f| f.bytes);
                 eprintln!(
@@ -1156,6 +1196,20 @@ fn list_images(option: &str, paths: &[PathBuf]) -> anyhow::Result<Vec<PathBuf>> 
         }
     }
     Ok(files)
+}
+
+/// At most `n` of `items`, evenly spread (all of them when there are not more).
+fn spread<T>(items: Vec<T>, n: usize) -> Vec<T> {
+    let len = items.len();
+    if len <= n {
+        return items;
+    }
+    items
+        .into_iter()
+        .enumerate()
+        .filter(|(i, _)| (i * n) % len < n)
+        .map(|(_, item)| item)
+        .collect()
 }
 
 /// The paths as one line, for reports.

@@ -16,6 +16,10 @@ pub struct QuantizeStats {
     pub float_weights: usize,
     /// The largest MatMul/Gemm weight magnitude (63, or 127 with --full-range).
     pub weight_max: i32,
+    /// Activations quantized with fixed scales measured on calibration images (`--calibrate`);
+    /// the others get their scales at run time.
+    #[serde(default)]
+    pub static_activations: usize,
 }
 
 /// How a bundle was quantized and checked (`manifest.json`'s `quantization`).
@@ -30,6 +34,9 @@ pub struct Quantization {
     pub image_encoder: QuantizeStats,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub text_encoder: Option<QuantizeStats>,
+    /// Images the static activation ranges were measured on (`--calibrate`; 0: dynamic).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub calibration_images: usize,
     /// The check against the fp32 bundle on labelled images, when one was run.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub check: Option<AgreementCheck>,
@@ -50,6 +57,10 @@ pub struct AgreementCheck {
     pub min_cosine: f64,
     /// The agreement the command required.
     pub min_agreement: f64,
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
 }
 
 impl AgreementCheck {

@@ -1,10 +1,12 @@
 //! int8 encoders (`runtime quantize`, `trainer export --precision int8`): the weights of MatMul,
 //! Gemm and Conv (a ResNet tower's; not a ViT's lone patch embedding) and the text tower's token
-//! table (a Gather) stored as int8, symmetric, one scale
-//! per output channel (per row for the table); activations quantized dynamically, per tensor, to
-//! uint8 at run time (`DynamicQuantizeLinear`). Written as standard ONNX operators
-//! (`DynamicQuantizeLinear`, `MatMulInteger`, `ConvInteger`, `Cast`, `Mul`), which ONNX Runtime's
-//! CPU provider and ONNX Runtime Web run and which ORT fuses into its own quantized kernels.
+//! table (a Gather) stored as int8, symmetric, one scale per output channel (per row for the
+//! table). MatMul/Gemm compute in integers, their activations quantized per tensor to uint8 at run
+//! time (`DynamicQuantizeLinear`) or with fixed scales from calibration images (`QuantizeLinear`);
+//! Conv weights are dequantized in front of a float Conv (see `Rewriter::conv`). Written as
+//! standard ONNX operators (`DynamicQuantizeLinear`, `QuantizeLinear`, `DequantizeLinear`,
+//! `MatMulInteger`, `Cast`, `Mul`), which ONNX Runtime's CPU provider and ONNX Runtime Web run and
+//! which ORT fuses into its own quantized kernels.
 //!
 //! MatMul/Gemm weights stay within [-63, 63], as ONNX Runtime's `reduce_range`: its `uint8 x int8`
 //! kernel sums products in pairs in 16 bits on AVX2 without VNNI and saturates beyond 7-bit weights
@@ -24,11 +26,18 @@ use crate::onnx_proto::{AttributeProto, ModelProto, NodeProto, TensorProto};
 
 pub use super::quantization::{AgreementCheck, Quantization, QuantizeStats};
 
+/// Activation ranges (smallest, largest value) by tensor name, measured on calibration images
+/// ([`activation_ranges`]): these activations get fixed scales (`QuantizeLinear`) instead of
+/// scales computed at run time.
+pub type ActivationRanges = HashMap<String, (f32, f32)>;
+
 /// Options of [`quantize_model`].
 #[derive(Debug, Clone, Copy, Default)]
-pub struct QuantizeOptions {
+pub struct QuantizeOptions<'a> {
     /// MatMul/Gemm weights in [-127, 127] instead of [-63, 63] (machines with VNNI).
     pub full_range: bool,
+    /// Static activation scales where a range is known (the rest stay dynamic).
+    pub activation_ranges: Option<&'a ActivationRanges>,
 }
 
 /// The quantized model (serialised) of the ONNX model `bytes` (`path` names it in errors).
@@ -37,6 +46,67 @@ pub fn quantize_model(
     path: &Path,
     opts: QuantizeOptions,
 ) -> Result<(Vec<u8>, QuantizeStats)> {
+    let (model, stats, _) = rewrite_model(bytes, path, opts)?;
+    Ok((model.encode_to_vec(), stats))
+}
+
+/// The activations (tensor names) that [`quantize_model`] quantizes: the float inputs of the
+/// layers it makes integer, sorted.
+pub fn quantized_activations(bytes: &[u8], path: &Path) -> Result<Vec<String>> {
+    let (_, _, mut names) = rewrite_model(bytes, path, QuantizeOptions::default())?;
+    names.sort();
+    Ok(names)
+}
+
+/// `bytes` with the tensors `names` added as float graph outputs (graph inputs among them are
+/// left out: their values are what the caller feeds), so one run yields them.
+pub fn with_outputs(bytes: &[u8], path: &Path, names: &[String]) -> Result<Vec<u8>> {
+    use crate::onnx_proto::{type_proto, TypeProto, ValueInfoProto};
+    let mut model = ModelProto::decode(bytes).map_err(|e| Error::Bundle {
+        bundle: path.to_path_buf(),
+        reason: format!("not an ONNX model: {e}"),
+    })?;
+    if let Some(graph) = model.graph.as_mut() {
+        let present: HashSet<String> = graph
+            .output
+            .iter()
+            .chain(&graph.input)
+            .map(|v| v.name.clone())
+            .collect();
+        for name in names.iter().filter(|n| !present.contains(*n)) {
+            graph.output.push(ValueInfoProto {
+                name: name.clone(),
+                r#type: Some(TypeProto {
+                    value: Some(type_proto::Value::TensorType(type_proto::Tensor {
+                        elem_type: DataType::Float as i32,
+                        shape: None,
+                    })),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            });
+        }
+    }
+    Ok(model.encode_to_vec())
+}
+
+/// uint8 scale and zero point of a value range, as `DynamicQuantizeLinear` computes them at run
+/// time: the range widened to hold 0, zero point rounded half to even.
+pub fn uint8_parameters(lo: f32, hi: f32) -> (f32, u8) {
+    let (lo, hi) = (lo.min(0.0), hi.max(0.0));
+    let scale = (hi - lo) / 255.0;
+    if !(scale > 0.0 && scale.is_finite()) {
+        return (1.0, 0);
+    }
+    let zero_point = (-lo / scale).round_ties_even().clamp(0.0, 255.0) as u8;
+    (scale, zero_point)
+}
+
+fn rewrite_model(
+    bytes: &[u8],
+    path: &Path,
+    opts: QuantizeOptions,
+) -> Result<(ModelProto, QuantizeStats, Vec<String>)> {
     let bad = |reason: String| Error::Bundle {
         bundle: path.to_path_buf(),
         reason,
@@ -75,6 +145,7 @@ pub fn quantize_model(
         },
         opset,
         convs: true,
+        ranges: opts.activation_ranges,
     };
     q.names
         .extend(graph.node.iter().flat_map(|n| n.output.iter().cloned()));
@@ -91,9 +162,8 @@ pub fn quantize_model(
             }
         }
     }
-    // A lone Conv is a ViT's patch embedding: ONNX Runtime's ConvInteger ran it 2.6 times slower
-    // than the float Conv (ViT-B/32, batch 16: 124.5 against 47.6 ms) for 3% of the weights, so it
-    // stays float; a ResNet tower's convolutions are its weights, and are quantized.
+    // A lone Conv is a ViT's patch embedding: 3% of its weights, left float; a ResNet tower's
+    // convolutions are its weights, and are stored as int8.
     q.convs = graph.node.iter().filter(|n| n.op_type == "Conv").count() > 1;
     let mut nodes = Vec::with_capacity(graph.node.len());
     for node in std::mem::take(&mut graph.node) {
@@ -135,7 +205,8 @@ pub fn quantize_model(
         .filter(|t| t.data_type == DataType::Float as i32)
         .map(|t| t.dims.iter().product::<i64>().max(1) as usize)
         .sum();
-    Ok((model.encode_to_vec(), q.stats))
+    let activations = q.quantized_inputs.into_keys().collect();
+    Ok((model, q.stats, activations))
 }
 
 /// The values of a float initializer stored in the file (raw or `float_data`).
@@ -182,7 +253,7 @@ fn per_channel(w: &[f32], dims: &[i64], axis: usize, weight_max: i32) -> (Vec<i8
     (q, scales)
 }
 
-struct Rewriter {
+struct Rewriter<'a> {
     /// Float initializers by name (and by the Identity outputs that pass them on): their index.
     /// Values are decoded only for the weights that are quantized.
     floats: HashMap<String, usize>,
@@ -195,6 +266,7 @@ struct Rewriter {
     opset: i64,
     /// Whether Conv layers are quantized.
     convs: bool,
+    ranges: Option<&'a ActivationRanges>,
 }
 
 fn attr<'a>(node: &'a NodeProto, name: &str) -> Option<&'a AttributeProto> {
@@ -210,7 +282,7 @@ fn int_attr(name: &str, v: i64) -> AttributeProto {
     }
 }
 
-impl Rewriter {
+impl Rewriter<'_> {
     fn fresh(&mut self, hint: &str) -> String {
         let mut name = hint.to_string();
         let mut i = 1;
@@ -267,10 +339,34 @@ impl Rewriter {
         (node, output)
     }
 
-    /// `DynamicQuantizeLinear(x)`, once per activation.
+    /// `DynamicQuantizeLinear(x)`, or `QuantizeLinear(x)` with fixed parameters where its range
+    /// was measured; once per activation.
     fn quantize_input(&mut self, x: &str, nodes: &mut Vec<NodeProto>) -> (String, String, String) {
         if let Some(q) = self.quantized_inputs.get(x) {
             return q.clone();
+        }
+        if let Some(&(lo, hi)) = self.ranges.and_then(|r| r.get(x)) {
+            let (scale, zero_point) = uint8_parameters(lo, hi);
+            let base = format!("{x}_q");
+            let s = self.f32_init(&format!("{base}_scale"), &[], &[scale]);
+            let z = self.init(
+                &format!("{base}_zero_point"),
+                &[],
+                DataType::Uint8,
+                vec![zero_point],
+            );
+            let (n, q) = self.node(
+                "QuantizeLinear",
+                &[x, &s, &z],
+                None,
+                vec![],
+                &format!("{base}_uint8"),
+            );
+            nodes.push(n);
+            self.stats.static_activations += 1;
+            let out = (q, s, z);
+            self.quantized_inputs.insert(x.into(), out.clone());
+            return out;
         }
         let base = format!("{x}_dq");
         let (q, s, z) = (
@@ -403,40 +499,36 @@ impl Rewriter {
         Some(nodes)
     }
 
-    /// `Conv(X, W[, B])` with `W` a `[M, C/group, k...]` initializer.
+    /// `Conv(X, W[, B])` with `W` a `[M, C/group, k...]` initializer: `W` stored as int8, one
+    /// scale per output channel, and turned back into float by `DequantizeLinear` (opset 13, per
+    /// axis) in front of the float `Conv`; `X` stays float. ONNX Runtime's `ConvInteger` (integer
+    /// input too) ran a ResNet tower 6 times slower than the float `Conv` on this AVX2 CPU
+    /// (rn-small, batch 16: 19.9 against 3.1 ms per image), its own static QDQ `Conv` no faster
+    /// than float (3.0 ms): on CPUs like this int8 convolutions buy size, not speed.
     fn conv(&mut self, node: &NodeProto, inits: &[TensorProto]) -> Option<Vec<NodeProto>> {
-        let (x, wname) = (node.input.first()?, node.input.get(1)?);
+        if self.opset < 13 {
+            return None;
+        }
+        let wname = node.input.get(1)?;
         let (dims, w) = self.weight(wname, inits)?;
         if dims.len() < 3 {
             return None;
         }
-        let bias = match node.input.get(2).filter(|b| !b.is_empty()) {
-            Some(b) => Some(self.weight(b, inits)?.1),
-            None => None,
-        };
         let (q, scales) = per_channel(&w, &dims, 0, 127);
-        let mut nodes = Vec::new();
-        let (xq, x_scale, x_zp) = self.quantize_input(x, &mut nodes);
         let wq = self.i8_init(&format!("{wname}_int8"), &dims, &q);
-        let wz = self.i8_init(&format!("{wname}_zero_point"), &[], &[0]);
-        // Scales (and bias) broadcast over [batch, M, spatial...].
-        let mut shape = vec![1i64; dims.len()];
-        shape[1] = dims[0];
-        let ws = self.f32_init(&format!("{wname}_scales"), &shape, &scales);
-        let (n, y32) = self.node(
-            "ConvInteger",
-            &[&xq, &wq, &x_zp, &wz],
+        let ws = self.f32_init(&format!("{wname}_scales"), &[dims[0]], &scales);
+        let (dq, w_float) = self.node(
+            "DequantizeLinear",
+            &[&wq, &ws],
             None,
-            node.attribute.clone(),
-            &format!("{wname}_int32"),
+            vec![int_attr("axis", 0)],
+            &format!("{wname}_dequantized"),
         );
-        nodes.push(n);
-        let out = node.output.first()?.clone();
-        let bias = bias.map(|b| self.f32_init(&format!("{wname}_bias"), &shape, &b));
-        self.rescale(&y32, &x_scale, &ws, bias.as_deref(), &out, &mut nodes);
+        let mut conv = node.clone();
+        conv.input[1] = w_float;
         self.stats.convs += 1;
         self.stats.int8_weights += q.len();
-        Some(nodes)
+        Some(vec![dq, conv])
     }
 
     /// `Gather(T, ids)` on axis 0 of a `[V, D]` table: int8 rows, one scale per row.
@@ -501,13 +593,73 @@ impl Rewriter {
 }
 
 /// The method, in words, for the manifest.
-pub fn scheme(weight_max: i32) -> String {
+pub fn scheme(weight_max: i32, static_image_activations: bool) -> String {
+    let activations = if static_image_activations {
+        "activations uint8 per tensor, the image encoder's with fixed scales from the calibration images' ranges (QuantizeLinear), the text encoder's at run time (DynamicQuantizeLinear)"
+    } else {
+        "activations uint8 per tensor at run time (DynamicQuantizeLinear)"
+    };
     format!(
-        "dynamic: weights int8 per output channel, symmetric, MatMul/Gemm within +-{weight_max}, Conv and tables +-127; activations uint8 per tensor at run time (DynamicQuantizeLinear, MatMulInteger, ConvInteger)"
+        "weights int8 per output channel, symmetric, MatMul/Gemm within +-{weight_max} (MatMulInteger), Conv and tables +-127 (Conv weights dequantized before a float Conv); MatMul/Gemm {activations}"
     )
 }
 
-/// The int8 encoders of `src` (the text encoder only where it has one).
+/// The smallest and largest value of each activation the image encoder of `src` would quantize,
+/// over `files` (preprocessed as the bundle says, `batch` at a time); and how many files were
+/// read (unreadable ones are left out).
+pub fn activation_ranges(
+    src: &super::Bundle,
+    files: &[std::path::PathBuf],
+    engine: &crate::engine::EngineOptions,
+    batch: usize,
+) -> Result<(ActivationRanges, usize)> {
+    let entry = &src.manifest.files[super::IMAGE_ENCODER];
+    let path = src.dir.join(&entry.path);
+    let bytes = src.read_verified(super::IMAGE_ENCODER)?;
+    let names = quantized_activations(&bytes, &path)?;
+    let probe = with_outputs(&bytes, &path, &names)?;
+    let mut encoder = crate::engine::Encoder::from_bytes(
+        &probe,
+        &format!("{} (calibration)", path.display()),
+        engine,
+        (entry.input.as_deref(), entry.output.as_deref()),
+    )?;
+    let cfg = &src.manifest.preprocessing;
+    let size = cfg.image_size as usize;
+    let mut ranges = ActivationRanges::new();
+    let mut read = 0;
+    let bar = crate::progress::bar(files.len() as u64, "calibrating activations");
+    for chunk in files.chunks(batch.max(1)) {
+        let mut pixels = Vec::with_capacity(chunk.len() * cfg.tensor_len());
+        for f in chunk {
+            if let Ok(t) = crate::pipeline::load_tensor(f, cfg) {
+                pixels.extend_from_slice(&t);
+                read += 1;
+            }
+            bar.inc(1);
+        }
+        let n = pixels.len() / cfg.tensor_len();
+        if n == 0 {
+            continue;
+        }
+        let found = encoder.output_ranges(&[n, 3, size, size], &pixels, &names)?;
+        for (name, (lo, hi)) in names.iter().zip(found) {
+            let r = ranges.entry(name.clone()).or_insert((lo, hi));
+            *r = (r.0.min(lo), r.1.max(hi));
+        }
+    }
+    bar.finish_and_clear();
+    if read == 0 {
+        return Err(Error::Dataset(
+            "none of the calibration images could be read".into(),
+        ));
+    }
+    Ok((ranges, read))
+}
+
+/// The int8 encoders of `src` (the text encoder only where it has one). Activation ranges in
+/// `opts` apply to the image encoder (they were measured there); the text encoder's activations
+/// stay dynamic.
 pub fn quantize_bundle(
     src: &super::Bundle,
     opts: QuantizeOptions,
@@ -515,16 +667,21 @@ pub fn quantize_bundle(
     let image_path = src.dir.join(&src.manifest.files[super::IMAGE_ENCODER].path);
     let (image, image_stats) =
         quantize_model(&src.read_verified(super::IMAGE_ENCODER)?, &image_path, opts)?;
+    let text_opts = QuantizeOptions {
+        activation_ranges: None,
+        ..opts
+    };
     let (text, text_stats) = if src.has_text_encoder() {
         let path = src.dir.join(&src.manifest.files[super::TEXT_ENCODER].path);
-        let (bytes, stats) = quantize_model(&src.read_verified(super::TEXT_ENCODER)?, &path, opts)?;
+        let (bytes, stats) =
+            quantize_model(&src.read_verified(super::TEXT_ENCODER)?, &path, text_opts)?;
         (Some(bytes), Some(stats))
     } else {
         (None, None)
     };
     let q = Quantization {
         precision: "int8".into(),
-        scheme: scheme(image_stats.weight_max),
+        scheme: scheme(image_stats.weight_max, image_stats.static_activations > 0),
         source: format!(
             "{} (image encoder sha256 {})",
             src.manifest.name,
@@ -532,6 +689,7 @@ pub fn quantize_bundle(
         ),
         image_encoder: image_stats,
         text_encoder: text_stats,
+        calibration_images: 0,
         check: None,
     };
     Ok((image, text, q))
@@ -621,6 +779,22 @@ pub fn agreement(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn static_parameters_are_dynamic_quantize_linears() {
+        // ONNX DynamicQuantizeLinear: range widened to hold 0, scale = range / 255, zero point
+        // = round_half_even(-min / scale), saturated.
+        let (scale, zp) = uint8_parameters(-1.0, 3.0);
+        assert_eq!((scale, zp), (4.0 / 255.0, 64)); // 63.75 -> 64
+        assert_eq!(uint8_parameters(0.5, 2.0), (2.0 / 255.0, 0));
+        assert_eq!(uint8_parameters(-2.0, -0.5), (2.0 / 255.0, 255));
+        // exact halves round to the even neighbour: 0.5 -> 0, 1.5 -> 2
+        assert_eq!(uint8_parameters(-0.5, 254.5), (1.0, 0));
+        assert_eq!(uint8_parameters(-1.5, 253.5), (1.0, 2));
+        // no range: a harmless scale
+        assert_eq!(uint8_parameters(0.0, 0.0), (1.0, 0));
+        assert_eq!(uint8_parameters(f32::NAN, 1.0).1, 0);
+    }
 
     #[test]
     fn per_channel_scales_bound_the_error() {
