@@ -1306,3 +1306,14 @@ fn eval_samples(
     };
     Ok((split, samples))
 }
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn spread_keeps_n_evenly_and_all_when_fewer() {
+        let picked = super::spread((0..10).collect::<Vec<_>>(), 4);
+        assert_eq!(picked, vec![0, 3, 5, 8]);
+        assert_eq!(super::spread(vec![1, 2, 3], 5), vec![1, 2, 3]);
+        assert_eq!(super::spread((0..1000).collect::<Vec<_>>(), 256).len(), 256);
+    }
+}
