@@ -150,6 +150,8 @@ impl Encoder {
         names: (Option<&str>, Option<&str>),
     ) -> Result<Encoder> {
         let env = environment()?;
+        // Decided once: `build` may run twice (CUDA, then CPU).
+        let fold_dequantized_weights = weight_only_dequantize(bytes);
         let build = |cuda: bool| -> Result<Session> {
             let session = || -> ort::Result<Session> {
                 let mut b = Session::builder(env)?
@@ -159,7 +161,7 @@ impl Encoder {
                 if opts.threads > 0 {
                     b = b.with_intra_threads(opts.threads)?;
                 }
-                if weight_only_dequantize(bytes) {
+                if fold_dequantized_weights {
                     b = b.with_config_entry("session.disable_quant_qdq", "1")?;
                 }
                 if cuda {

@@ -403,31 +403,26 @@ pub fn run(
             batch_bar.inc(1);
         }
         batch_bar.finish_and_clear();
-        let validate = |model: &Clip| -> Result<Option<f64>> {
-            let Some(v) = inputs.val else {
-                return Ok(None);
-            };
-            let label_emb = label_embeddings(model, &eval_tokens);
-            Ok(Some(
-                evaluate(model, v, &label_emb, inputs.preprocess, device)?.0,
-            ))
+        // Top-1 of what `model` holds now on `set`, when there is one.
+        let score = |set: Option<&ImageSet>, label_emb: &Tensor| -> Result<Option<f64>> {
+            set.map(|s| evaluate(&model, s, label_emb, inputs.preprocess, device).map(|r| r.0))
+                .transpose()
         };
         // From here to the checkpoint's end the model holds the average (when there is one).
         let val_top1_live = match &mut average {
             Some(avg) => {
-                let live = validate(&model)?;
+                let live = match inputs.val {
+                    Some(_) => score(inputs.val, &label_embeddings(&model, &eval_tokens))?,
+                    None => None,
+                };
                 avg.swap();
                 live
             }
             None => None,
         };
-        let val_top1 = validate(&model)?;
         let label_emb = label_embeddings(&model, &eval_tokens);
-        let test_top1 = if opts.monitor_test {
-            Some(evaluate(&model, inputs.test, &label_emb, inputs.preprocess, device)?.0)
-        } else {
-            None
-        };
+        let val_top1 = score(inputs.val, &label_emb)?;
+        let test_top1 = score(opts.monitor_test.then_some(inputs.test), &label_emb)?;
         let m = EpochMetrics {
             epoch,
             train_loss: if steps > 0 {
