@@ -6,6 +6,7 @@ Writes, under fixtures/ (committed; small):
   tokens.json                OpenAI's token ids (openai-clip's simple_tokenizer) for 200+ strings
   images/*.png|jpg           generated test images (seeded)
   preprocess/*.npy           transformers' CLIPImageProcessorPil output for each image
+  preprocess_whole/*.npy     the same with size {height: 128, width: 128} and no centre crop
   tiny/                      a tiny random HF CLIPModel exported by torch.onnx (vision + text),
                              its config, and reference image/text embeddings and logit scale
 
@@ -108,6 +109,10 @@ def make_images(out_dir: Path):
     yy, xx = np.mgrid[0:400, 0:150]
     g16 = ((xx * 400 + yy * 97) % 65536).astype(np.uint16)
     Image.fromarray(g16).save(out_dir / "gray16_150x400.png")
+    # Tall enough that Pillow (13+) resizes it vertical pass first (height shrinks > 2x the width's pixels).
+    yy, xx = np.mgrid[0:700, 0:260]
+    tall = (np.cos(yy / 13.0) * 70 + xx * 0.3 + np.random.default_rng(11).normal(0, 15, yy.shape) + 90)
+    Image.fromarray(tall.clip(0, 255).astype(np.uint8), "L").save(out_dir / "tall_260x700.png")
     print("images written")
 
 
@@ -129,6 +134,19 @@ def preprocess_refs(img_dir: Path, out_dir: Path):
         px = proc(images=load_as_8bit(p), return_tensors="np")["pixel_values"].astype(np.float32)
         np.save(out_dir / (p.stem + ".npy"), np.ascontiguousarray(px))
     print("preprocess references written")
+
+
+def preprocess_whole_refs(img_dir: Path, out_dir: Path, side: int = 128):
+    """The same without the centre crop: the whole image resized to side x side (`crop: none`)."""
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    proc = CLIPImageProcessorPil(size={"height": side, "width": side}, do_center_crop=False)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for p in sorted(img_dir.iterdir()):
+        px = proc(images=load_as_8bit(p), return_tensors="np")["pixel_values"].astype(np.float32)
+        assert px.shape == (1, 3, side, side), px.shape
+        np.save(out_dir / (p.stem + ".npy"), np.ascontiguousarray(px))
+    print("whole-image preprocess references written")
 
 
 def tiny_model(out_dir: Path, img_dir: Path):
@@ -327,6 +345,7 @@ def main():
         build_tokenizer(ROOT / "models" / "tokenizer")
         make_images(FIX / "images")
         preprocess_refs(FIX / "images", FIX / "preprocess")
+        preprocess_whole_refs(FIX / "images", FIX / "preprocess_whole")
         tiny_model(FIX / "tiny", FIX / "images")
         openai_torchscript(FIX / "openai", FIX / "images")
         adam_reference(FIX / "adam")

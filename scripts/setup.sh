@@ -83,7 +83,7 @@ fi
 
 if [ "$want_dev" = 1 ]; then
   make_venv "$CACHE/py" "torch==$TORCH_VERSION" "transformers==5.24.0" onnx==1.23.2 "onnxruntime==$ORT_VERSION" \
-    onnxscript pillow numpy open-clip-torch openai-clip==1.0.1 ftfy regex pydicom pydicom-data pylibjpeg pylibjpeg-openjpeg \
+    onnxscript pillow==13.0.0 numpy open-clip-torch openai-clip==1.0.1 ftfy regex pydicom pydicom-data pylibjpeg pylibjpeg-openjpeg \
     scikit-learn safetensors
 fi
 

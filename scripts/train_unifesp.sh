@@ -5,10 +5,11 @@
 #
 #   scripts/train_unifesp.sh DATA_DIR OUT_DIR [best|reference] [TRAINER_FINETUNE_OPTIONS...]
 #
-#   best       `trainer finetune --recipe scratch` on the rn-small ResNet CLIP (128 px): class-aware
-#              loss, AdamW, cosine schedule with warm-up, augmentation, test-time flip averaging,
-#              a moving average of the weights as the model; the epoch chosen on 10% of the
-#              training rows; the test images scored once, at the end.
+#   best       `trainer finetune --recipe scratch` on the rn-small ResNet CLIP (128 px, the whole
+#              image resized to the square): class-aware loss with label smoothing, AdamW, cosine
+#              schedule with warm-up, augmentation, test-time flip averaging, a moving average of
+#              the weights as the model; the epoch chosen on 10% of the training rows; the test
+#              images scored once, at the end.
 #   reference  `trainer finetune --recipe reference` on the same initialisation: what the reference
 #              experiment's code did (bare class names, contrastive loss, Adam 2e-6, StepLR(10, 0.1),
 #              50 epochs, last epoch).
@@ -27,7 +28,7 @@
 # OUT_DIR/eval scores OUT_DIR/uncalibrated).
 set -euo pipefail
 if [ $# -lt 2 ]; then
-  sed -n '2,27p' "$0" | sed 's/^# \{0,1\}//' >&2
+  sed -n '2,28p' "$0" | sed 's/^# \{0,1\}//' >&2
   exit 2
 fi
 DATA="$(cd "$1" && pwd)" || { echo "error: no data folder $1" >&2; exit 2; }

@@ -135,7 +135,7 @@ fn classify_table_and_json_agree_with_the_library() {
     let text = String::from_utf8_lossy(&table.stdout);
     assert_eq!(
         text.lines().count(),
-        1 + 5,
+        1 + 6,
         "header + one row per fixture image:\n{text}"
     );
     assert!(text.lines().next().expect("header").contains("top-3"));

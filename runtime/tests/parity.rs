@@ -8,14 +8,32 @@ use common::*;
 use runtime::bundle::npy;
 use runtime::engine::Engine;
 use runtime::image::decode;
-use runtime::image::preprocess::{preprocess, PreprocessConfig};
+use runtime::image::preprocess::{preprocess, Crop, PreprocessConfig};
 use runtime::pipeline::{self, PipelineOptions};
 use runtime::scoring;
 use runtime::text::tokenizer::{ClipTokenizer, Padding};
 
 #[test]
 fn preprocessing_matches_clip_image_processor() {
-    let cfg = PreprocessConfig::default();
+    preprocessing_matches(&PreprocessConfig::default(), "preprocess");
+}
+
+/// `crop: none` (the whole image resized to the square) against CLIPImageProcessorPil with
+/// `size: {height: 128, width: 128}, do_center_crop: false`.
+#[test]
+fn whole_image_preprocessing_matches_clip_image_processor() {
+    let cfg = PreprocessConfig {
+        image_size: 128,
+        resize_shortest_edge: 128,
+        crop: Crop::None,
+        ..PreprocessConfig::default()
+    };
+    cfg.validate().expect("valid");
+    preprocessing_matches(&cfg, "preprocess_whole");
+}
+
+fn preprocessing_matches(cfg: &PreprocessConfig, references: &str) {
+    let side = cfg.image_size as usize;
     let mut report = Vec::new();
     for entry in std::fs::read_dir(fixtures().join("images")).expect("images") {
         let path = entry.expect("entry").path();
@@ -25,10 +43,10 @@ fn preprocessing_matches_clip_image_processor() {
             .to_string_lossy()
             .to_string();
         let (shape, reference) =
-            npy::read(&fixtures().join("preprocess").join(format!("{stem}.npy"))).expect("ref");
-        assert_eq!(shape, vec![1, 3, 224, 224]);
+            npy::read(&fixtures().join(references).join(format!("{stem}.npy"))).expect("ref");
+        assert_eq!(shape, vec![1, 3, side, side]);
         let ours =
-            preprocess(&decode::decode_file(&path).expect("decode"), &cfg).expect("preprocess");
+            preprocess(&decode::decode_file(&path).expect("decode"), cfg).expect("preprocess");
         let (max, mean) = (
             max_abs_diff(&ours, &reference),
             mean_abs_diff(&ours, &reference),
@@ -48,10 +66,10 @@ fn preprocessing_matches_clip_image_processor() {
         }
     }
     eprintln!(
-        "preprocessing vs CLIPImageProcessorPil: {}",
+        "preprocessing ({references}) vs CLIPImageProcessorPil: {}",
         report.join("; ")
     );
-    assert_eq!(report.len(), 5);
+    assert_eq!(report.len(), 6);
 }
 
 #[test]

@@ -181,13 +181,13 @@ fn calibration_images_give_static_activation_scales() {
         s(&out),
     ]);
     let stderr = ok(&r);
-    assert!(stderr.contains("from 5 calibration images"), "{stderr}");
+    assert!(stderr.contains("from 6 calibration images"), "{stderr}");
     let fp32 = load_tiny();
     let image_bytes = fp32.read_verified(runtime::bundle::IMAGE_ENCODER).unwrap();
     let activations = quantize::quantized_activations(&image_bytes, Path::new("image")).unwrap();
     let bundle = Bundle::load(&out).expect("static int8 bundle loads");
     let q = bundle.manifest.quantization.clone().expect("recorded");
-    assert_eq!(q.calibration_images, 5);
+    assert_eq!(q.calibration_images, 6);
     assert_eq!(q.image_encoder.static_activations, activations.len());
     assert!(!activations.is_empty());
     assert_eq!(

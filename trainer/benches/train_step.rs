@@ -106,6 +106,7 @@ fn main() -> anyhow::Result<()> {
             &pixels,
             &pairs,
             &ids,
+            0.0,
             amp,
         );
         sync();

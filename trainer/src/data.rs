@@ -1,4 +1,4 @@
-//! Training data in memory: each image decoded once and kept as the 8-bit centre crop the model sees
+//! Training data in memory: each image decoded once and kept as the 8-bit picture the model sees
 //! (224x224, about 50-150 KB), normalised per batch. Decoding and preprocessing are the runtime's.
 
 use std::path::PathBuf;

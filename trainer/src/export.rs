@@ -8,7 +8,6 @@ use runtime::bundle::quantize;
 use runtime::bundle::{
     self, Bundle, BundleLabel, BundleWriter, Manifest, Provenance, FORMAT_VERSION,
 };
-use runtime::image::preprocess::PreprocessConfig;
 use runtime::text::labels::Label;
 use runtime::text::tokenizer::ClipTokenizer;
 use tch::{Device, Kind};
@@ -83,7 +82,6 @@ pub fn export(spec: ExportSpec, out: &Path, force: bool) -> Result<Bundle> {
         spec.precision,
         "image_encoder.onnx",
     )?;
-    let s = config.vision_config.image_size as u32;
     let labels = BundleLabel::fill_all(&spec.labels, &spec.templates)?;
     let mut provenance = spec.provenance;
     if provenance.base_weights.is_empty() {
@@ -98,11 +96,7 @@ pub fn export(spec: ExportSpec, out: &Path, force: bool) -> Result<Bundle> {
         embedding_dim: config.projection_dim as usize,
         logit_scale,
         image_embeds_normalized: false,
-        preprocessing: PreprocessConfig {
-            image_size: s,
-            resize_shortest_edge: s,
-            ..PreprocessConfig::default()
-        },
+        preprocessing: config.vision_config.preprocessing(),
         files: Default::default(),
         provenance,
         quantization: None,

@@ -1,6 +1,7 @@
 //! OpenAI's CLIP in tch, one configurable implementation. Parameter names follow HF transformers'
 //! `CLIPModel`, so `model.safetensors` of `openai/clip-vit-base-patch32` loads as it is.
 
+use runtime::image::preprocess::{Crop, PreprocessConfig};
 use serde::{Deserialize, Serialize};
 use tch::nn::{self, Module};
 use tch::{Kind, Tensor};
@@ -30,6 +31,27 @@ pub struct VisionConfig {
     /// exported graph does the same, so a bundle needs nothing else to know of it.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub test_time_flip: bool,
+    /// What the preprocessing keeps of a non-square image: the centre square (CLIP's) or the
+    /// whole image resized to the square. Not HF's; the bundle's manifest carries it.
+    #[serde(skip_serializing_if = "is_center")]
+    pub crop: Crop,
+}
+
+fn is_center(c: &Crop) -> bool {
+    *c == Crop::Center
+}
+
+impl VisionConfig {
+    /// The preprocessing this tower was trained with: the bundle's and the trainer's, one rule.
+    pub fn preprocessing(&self) -> PreprocessConfig {
+        let s = self.image_size as u32;
+        PreprocessConfig {
+            image_size: s,
+            resize_shortest_edge: s,
+            crop: self.crop,
+            ..PreprocessConfig::default()
+        }
+    }
 }
 
 impl Default for VisionConfig {
@@ -45,6 +67,7 @@ impl Default for VisionConfig {
             hidden_act: "quick_gelu".into(),
             resnet_layers: None,
             test_time_flip: false,
+            crop: Crop::Center,
         }
     }
 }

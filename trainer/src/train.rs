@@ -82,6 +82,9 @@ pub struct TrainOptions {
     /// the checkpoints and exported instead of the live weights (None: the live weights).
     #[serde(default)]
     pub weight_average: Option<f64>,
+    /// Class-aware loss: the share of each target spread evenly over all labels (0: none).
+    #[serde(default)]
+    pub label_smoothing: f64,
 }
 
 fn no_augment() -> Augment {
@@ -116,6 +119,7 @@ impl Default for TrainOptions {
             monitor_test: false,
             test_time_flip: false,
             weight_average: None,
+            label_smoothing: 0.0,
         }
     }
 }
@@ -276,6 +280,7 @@ pub fn run(
     let loaded = weights::load(&source, device)?;
     let (vs, mut model) = (loaded.vs, loaded.model);
     model.config.vision_config.test_time_flip = opts.test_time_flip;
+    model.config.vision_config.crop = inputs.preprocess.crop;
     let mut state = if start > 0 {
         let path = source.join("state.json");
         let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
@@ -382,6 +387,7 @@ pub fn run(
                 &pixels,
                 &labels,
                 &train_tokens,
+                opts.label_smoothing,
                 amp,
             );
             if !value.is_finite() {
@@ -524,12 +530,12 @@ pub fn run(
     })
 }
 
-/// Loads a checkpoint's weights into the variables of `vs`.
 /// One optimisation step of `finetune` (and of the training-step benchmark): forward under fp16
 /// autocast when `amp`, the loss, the scaled backward pass and the Adam step. `tokens` holds one
-/// prompt per label; `labels` the batch's label indices. Returns the loss and whether the step was
-/// applied (the loss scaler skips steps whose gradients overflowed); a non-finite loss is returned
-/// without a step.
+/// prompt per label; `labels` the batch's label indices; `label_smoothing` (class-aware loss)
+/// spreads that share of each target evenly over all labels. Returns the loss and whether the
+/// step was applied (the loss scaler skips steps whose gradients overflowed); a non-finite loss is
+/// returned without a step.
 #[allow(clippy::too_many_arguments)]
 pub fn train_step(
     model: &Clip,
@@ -539,6 +545,7 @@ pub fn train_step(
     pixels: &Tensor,
     labels: &Tensor,
     tokens: &Tensor,
+    label_smoothing: f64,
     amp: bool,
 ) -> (f64, bool) {
     let loss = tch::autocast(amp, || {
@@ -557,7 +564,13 @@ pub fn train_step(
                 model
                     .logits(&img, &txt)
                     .to_kind(Kind::Float)
-                    .cross_entropy_for_logits(labels)
+                    .cross_entropy_loss::<Tensor>(
+                        labels,
+                        None,
+                        tch::Reduction::Mean,
+                        -100,
+                        label_smoothing,
+                    )
             }
         }
     });
@@ -572,6 +585,7 @@ pub fn train_step(
     (value, applied)
 }
 
+/// Loads a checkpoint's weights into the variables of `vs`.
 fn assign_checkpoint(vs: &nn::VarStore, dir: &Path) -> Result<()> {
     weights::assign(
         vs,

@@ -267,6 +267,60 @@ fn the_weight_average_is_the_model_and_resumes_exactly() {
     }
 }
 
+/// `--crop none` is the run's preprocessing, the checkpoints' (so `trainer predict` sees what
+/// training saw) and the exported bundle's; `--label-smoothing` trains and is recorded.
+#[test]
+fn crop_none_reaches_the_checkpoints_and_the_bundle() {
+    let dir_tmp = tmp("crop");
+    let dir = dir_tmp.path().to_path_buf();
+    let (data, test) = (dir.join("train"), dir.join("test"));
+    make_folder(&data, 4, 8);
+    make_folder(&test, 2, 9);
+    let init = init_tiny(&dir);
+    let bundle = dir.join("bundle");
+    let out = finetune(
+        &data,
+        &test,
+        &init,
+        &dir.join("run"),
+        "1",
+        &[
+            "--crop",
+            "none",
+            "--loss",
+            "class-aware",
+            "--label-smoothing",
+            "0.1",
+            "--export",
+            s(&bundle),
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let json = |p: PathBuf| -> serde_json::Value {
+        serde_json::from_slice(&std::fs::read(&p).unwrap()).unwrap()
+    };
+    let config = json(dir.join("run/checkpoints/epoch-001/config.json"));
+    assert_eq!(config["vision_config"]["crop"], "none", "{config}");
+    let manifest = json(bundle.join("manifest.json"));
+    assert_eq!(manifest["preprocessing"]["crop"], "none", "{manifest}");
+    let training = &manifest["provenance"]["training"];
+    assert_eq!(training["label_smoothing"], 0.1, "{manifest}");
+    assert_eq!(training["crop"], "none", "{manifest}");
+    // HF's reading of the same: a square size, no centre crop.
+    let hf = json(bundle.join("preprocessor_config.json"));
+    assert_eq!(hf["do_center_crop"], false, "{hf}");
+    assert_eq!(hf["size"]["height"], hf["size"]["width"], "{hf}");
+    // Without the option the model's own (a new model's: CLIP's centre crop) is kept.
+    let out = finetune(&data, &test, &init, &dir.join("centre"), "1", &[]);
+    assert!(out.status.success());
+    let config = json(dir.join("centre/checkpoints/epoch-001/config.json"));
+    assert!(config["vision_config"].get("crop").is_none(), "{config}");
+}
+
 #[test]
 fn class_aware_loss_and_frozen_encoders_train() {
     let dir_tmp = tmp("variants");
@@ -425,6 +479,30 @@ fn bad_input_is_a_clear_error() {
             .iter()
             .all(|n| !n.to_string_lossy().contains("staging")),
         "{leftovers:?}"
+    );
+
+    // Label smoothing: a share below 1, and only where the labels are fixed.
+    one_error_line(
+        &finetune(
+            &data,
+            &test,
+            &init,
+            &dir.join("r7"),
+            "1",
+            &["--loss", "class-aware", "--label-smoothing", "1.5"],
+        ),
+        "--label-smoothing 1.5 is not a share in [0, 1)",
+    );
+    one_error_line(
+        &finetune(
+            &data,
+            &test,
+            &init,
+            &dir.join("r8"),
+            "1",
+            &["--label-smoothing", "0.1"],
+        ),
+        "--label-smoothing needs --loss class-aware",
     );
 
     // Missing init folder, unknown preset.

@@ -51,7 +51,7 @@ pub fn prepare(bytes: &[u8], file_name: &str, manifest_json: &str) -> Result<Pre
     };
     let img =
         decode_bytes(bytes, Path::new(file_name)).map_err(|e| JsError::new(&e.to_string()))?;
-    // The preview is the model's view: windowed, resized and centre-cropped.
+    // The preview is the model's view: windowed, resized and cropped as the bundle says.
     let crop = resize_crop(&img, &cfg).map_err(|e| JsError::new(&format!("{file_name}: {e}")))?;
     let mut tensor = vec![0f32; cfg.tensor_len()];
     normalize_into(&crop, &cfg, &mut tensor);

@@ -11,7 +11,7 @@ use runtime::bundle::{Bundle, BundleLabel, BundleWriter, Provenance, LABEL_EMBED
 use runtime::cli::{run_main, BatchArgs, DeviceArgs, LabelArgs, ModelArgs};
 use runtime::engine::Engine;
 use runtime::image::decode;
-use runtime::image::preprocess::{self, PreprocessConfig};
+use runtime::image::preprocess::{self, Crop, PreprocessConfig};
 use runtime::text::tokenizer::{ClipTokenizer, Padding};
 use runtime::text::{labels, prompts};
 
@@ -1125,10 +1125,16 @@ fn info(b: &Bundle, json: bool) -> anyhow::Result<()> {
         m.embedding_dim, m.logit_scale
     );
     let p = &m.preprocessing;
-    println!(
-        "input       {}x{} (shorter side -> {}, {} resize, {} crop)",
-        p.image_size, p.image_size, p.resize_shortest_edge, p.resize_filter, p.crop
-    );
+    match p.crop {
+        Crop::Center => println!(
+            "input       {}x{} (shorter side -> {}, {} resize, center crop)",
+            p.image_size, p.image_size, p.resize_shortest_edge, p.resize_filter
+        ),
+        Crop::None => println!(
+            "input       {}x{} (the whole image, {} resize, no crop)",
+            p.image_size, p.image_size, p.resize_filter
+        ),
+    }
     match &m.calibration {
         None => println!("calibration none"),
         Some(c) => {

@@ -21,7 +21,7 @@ use crate::bundle::assemble::{assemble_from, AssembleInput, AssembleSpec};
 use crate::bundle::{Bundle, Provenance};
 use crate::engine::EngineOptions;
 use crate::error::{Error, Result};
-use crate::image::preprocess::PreprocessConfig;
+use crate::image::preprocess::{Crop, PreprocessConfig};
 use crate::text::labels::Label;
 
 /// What the user asked for besides the export folder.
@@ -290,7 +290,8 @@ pub fn logit_scale_of(model: &ModelProto) -> Option<f32> {
 }
 
 /// Our preprocessing from HF's `preprocessor_config.json` (`CLIPImageProcessor`): resize of the
-/// shorter side, centre crop, mean and std; anything else is refused rather than guessed.
+/// shorter side and centre crop (or a square `size` without the crop), mean and std; anything
+/// else is refused rather than guessed.
 pub fn preprocessing_of(bytes: &[u8], path: &Path) -> Result<PreprocessConfig> {
     let v: serde_json::Value = serde_json::from_slice(bytes).map_err(|cause| Error::Json {
         path: path.to_path_buf(),
@@ -298,7 +299,7 @@ pub fn preprocessing_of(bytes: &[u8], path: &Path) -> Result<PreprocessConfig> {
     })?;
     let refuse = |what: String| {
         Error::Import(format!(
-            "{}: {what}; only CLIP's resize-shorter-side + centre-crop preprocessing is supported",
+            "{}: {what}; only CLIP's resize-shorter-side + centre-crop preprocessing (or a square size without a crop) is supported",
             path.display()
         ))
     };
@@ -308,17 +309,40 @@ pub fn preprocessing_of(bytes: &[u8], path: &Path) -> Result<PreprocessConfig> {
             .or_else(|| inner.iter().find_map(|k| x[*k].as_u64()))
             .and_then(|n| u32::try_from(n).ok())
     };
-    let shortest =
-        side("size", &["shortest_edge"]).ok_or_else(|| refuse("no size.shortest_edge".into()))?;
-    let (h, w) = (
-        side("crop_size", &["height"]).unwrap_or(shortest),
-        side("crop_size", &["width"]).unwrap_or(shortest),
-    );
-    if h != w {
-        return Err(refuse(format!("crop {w}x{h} is not square")));
-    }
-    if v["do_center_crop"] == false || v["do_resize"] == false || v["do_normalize"] == false {
-        return Err(refuse("resize, crop or normalisation switched off".into()));
+    // `size: {height, width}` without the centre crop: the whole image resized to the square.
+    let square = |key: &str| v["size"][key].as_u64().and_then(|n| u32::try_from(n).ok());
+    let whole = match (square("height"), square("width")) {
+        (Some(h), Some(w)) if v["size"]["shortest_edge"].is_null() => {
+            if h != w {
+                return Err(refuse(format!("size {w}x{h} is not square")));
+            }
+            if v["do_center_crop"] != false {
+                return Err(refuse("a fixed size followed by a centre crop".into()));
+            }
+            Some(w)
+        }
+        _ => None,
+    };
+    let (shortest, w, crop) = match whole {
+        Some(w) => (w, w, Crop::None),
+        None => {
+            let shortest = side("size", &["shortest_edge"])
+                .ok_or_else(|| refuse("no size.shortest_edge".into()))?;
+            let (h, w) = (
+                side("crop_size", &["height"]).unwrap_or(shortest),
+                side("crop_size", &["width"]).unwrap_or(shortest),
+            );
+            if h != w {
+                return Err(refuse(format!("crop {w}x{h} is not square")));
+            }
+            if v["do_center_crop"] == false {
+                return Err(refuse("crop switched off".into()));
+            }
+            (shortest, w, Crop::Center)
+        }
+    };
+    if v["do_resize"] == false || v["do_normalize"] == false {
+        return Err(refuse("resize or normalisation switched off".into()));
     }
     if !(v["resample"].is_null() || v["resample"] == 3) {
         return Err(refuse(format!(
@@ -350,6 +374,7 @@ pub fn preprocessing_of(bytes: &[u8], path: &Path) -> Result<PreprocessConfig> {
     let cfg = PreprocessConfig {
         image_size: w,
         resize_shortest_edge: shortest,
+        crop,
         mean: triple("image_mean", crate::image::preprocess::CLIP_MEAN)?,
         std: triple("image_std", crate::image::preprocess::CLIP_STD)?,
         ..PreprocessConfig::default()
@@ -378,6 +403,29 @@ mod tests {
         assert_eq!(cfg, PreprocessConfig::default());
         assert!(preprocessing_of(br#"{"size": 224, "resample": 2}"#, p).is_err());
         assert!(preprocessing_of(br#"{"size": 224, "do_center_crop": false}"#, p).is_err());
+        // A square size without the crop: the whole image; written back the same way.
+        let whole = preprocessing_of(
+            br#"{"size": {"height": 96, "width": 96}, "do_center_crop": false}"#,
+            p,
+        )
+        .unwrap();
+        assert_eq!((whole.image_size, whole.crop), (96, Crop::None));
+        let hf = crate::bundle::write::hf_preprocessor_config(&whole);
+        assert_eq!(
+            preprocessing_of(hf.to_string().as_bytes(), p).unwrap(),
+            whole
+        );
+        let centre = crate::bundle::write::hf_preprocessor_config(&PreprocessConfig::default());
+        assert_eq!(
+            preprocessing_of(centre.to_string().as_bytes(), p).unwrap(),
+            PreprocessConfig::default()
+        );
+        assert!(preprocessing_of(
+            br#"{"size": {"height": 96, "width": 80}, "do_center_crop": false}"#,
+            p
+        )
+        .is_err());
+        assert!(preprocessing_of(br#"{"size": {"height": 96, "width": 96}}"#, p).is_err());
         assert!(preprocessing_of(br#"{"crop_size": 224}"#, p).is_err());
     }
 }

@@ -5,17 +5,27 @@ use std::path::Path;
 use super::{npy, Bundle, Manifest, LABEL_EMBEDDINGS, MANIFEST, PREPROCESSOR_CONFIG};
 use crate::error::{Error, Result};
 use crate::fs::{self, is_contained};
-use crate::image::preprocess::PreprocessConfig;
+use crate::image::preprocess::{Crop, PreprocessConfig};
 use crate::scoring::normalize_rows;
 
 /// HF `preprocessor_config.json` for the same preprocessing, so HF tools read the bundle too.
 pub fn hf_preprocessor_config(cfg: &PreprocessConfig) -> serde_json::Value {
+    let (size, center_crop) = match cfg.crop {
+        Crop::Center => (
+            serde_json::json!({"shortest_edge": cfg.resize_shortest_edge}),
+            true,
+        ),
+        Crop::None => (
+            serde_json::json!({"height": cfg.image_size, "width": cfg.image_size}),
+            false,
+        ),
+    };
     serde_json::json!({
         "image_processor_type": "CLIPImageProcessor",
         "do_resize": true,
-        "size": {"shortest_edge": cfg.resize_shortest_edge},
+        "size": size,
         "resample": 3,
-        "do_center_crop": true,
+        "do_center_crop": center_crop,
         "crop_size": {"height": cfg.image_size, "width": cfg.image_size},
         "do_rescale": true,
         "rescale_factor": 1.0 / 255.0,

@@ -1,6 +1,8 @@
 //! CLIP preprocessing, bit-exact with the reference (PIL / `CLIPImageProcessor`): resize the shorter
 //! side to 224 with PIL's bicubic filter (antialiased when shrinking, 8-bit fixed point), centre crop
 //! 224x224, RGB, scale to [0, 1], normalise with CLIP's mean and std. Output is CHW float32.
+//! Bundles may instead ask for the whole image resized to the square ([`Crop::None`], HF's
+//! `size: {height, width}` without a centre crop): radiographs keep the joints at both ends.
 
 use serde::{Deserialize, Serialize};
 
@@ -15,6 +17,28 @@ pub const MAX_RESIZED_PIXELS: u64 = 1024 * 1024 * MAX_ASPECT_RATIO;
 pub const CLIP_MEAN: [f32; 3] = [0.481_454_66, 0.457_827_5, 0.408_210_73];
 pub const CLIP_STD: [f32; 3] = [0.268_629_54, 0.261_302_6, 0.275_777_1];
 
+/// What the resize keeps of an image that is not square.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "cli", derive(clap::ValueEnum))]
+#[serde(rename_all = "lowercase")]
+pub enum Crop {
+    /// Resize the shorter side to `resize_shortest_edge`, then cut the centre square (CLIP's).
+    #[default]
+    Center,
+    /// Resize the whole image to `image_size` x `image_size`: nothing cut, aspect ratio not kept
+    /// (`resize_shortest_edge` equals `image_size`).
+    None,
+}
+
+impl std::fmt::Display for Crop {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Crop::Center => "center",
+            Crop::None => "none",
+        })
+    }
+}
+
 /// How a bundle wants its images prepared (stored in the manifest).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PreprocessConfig {
@@ -24,8 +48,10 @@ pub struct PreprocessConfig {
     pub resize_shortest_edge: u32,
     /// Always "bicubic" (PIL's filter, a = -0.5, antialiased).
     pub resize_filter: String,
-    /// Always "center".
-    pub crop: String,
+    /// Centre crop after the shorter-side resize (CLIP's), or none: the whole image resized to
+    /// the square (aspect ratio not kept).
+    #[serde(default)]
+    pub crop: Crop,
     pub mean: [f32; 3],
     pub std: [f32; 3],
 }
@@ -36,7 +62,7 @@ impl Default for PreprocessConfig {
             image_size: 224,
             resize_shortest_edge: 224,
             resize_filter: "bicubic".into(),
-            crop: "center".into(),
+            crop: Crop::Center,
             mean: CLIP_MEAN,
             std: CLIP_STD,
         }
@@ -56,10 +82,10 @@ impl PreprocessConfig {
                 self.resize_filter
             ));
         }
-        if self.crop != "center" {
+        if self.crop == Crop::None && self.resize_shortest_edge != self.image_size {
             return Err(format!(
-                "crop {:?} is not supported (center only)",
-                self.crop
+                "crop none resizes to the {0}x{0} input, so the shortest edge must be {0}, not {1}",
+                self.image_size, self.resize_shortest_edge
             ));
         }
         if self.image_size == 0
@@ -96,9 +122,13 @@ pub fn resized_size(width: u32, height: u32, shortest: u32) -> Option<(u32, u32)
     Some((u32::try_from(out_w).ok()?, u32::try_from(out_h).ok()?))
 }
 
-/// Resize (shorter side, PIL bicubic) and centre-crop: the 8-bit picture the model sees. An image
-/// whose resize would exceed [`MAX_RESIZED_PIXELS`] is an error before anything is allocated.
+/// Resize (shorter side, PIL bicubic) and centre-crop, or with [`Crop::None`] resize the whole
+/// image to the square: the 8-bit picture the model sees. An image whose resize would exceed
+/// [`MAX_RESIZED_PIXELS`] is an error before anything is allocated.
 pub fn resize_crop(img: &Image, cfg: &PreprocessConfig) -> Result<Image> {
+    if cfg.crop == Crop::None {
+        return resize_whole(img, cfg.image_size);
+    }
     let (new_w, new_h) =
         resized_size(img.width, img.height, cfg.resize_shortest_edge).ok_or_else(|| {
             Error::Preprocess {
@@ -152,6 +182,38 @@ pub fn resize_crop(img: &Image, cfg: &PreprocessConfig) -> Result<Image> {
         width: size as u32,
         height: size as u32,
         pixels,
+    })
+}
+
+/// The whole image resized (PIL bicubic, each axis on its own) to `size` x `size`.
+fn resize_whole(img: &Image, size: u32) -> Result<Image> {
+    if img.width == 0 || img.height == 0 || size == 0 {
+        return Err(Error::Preprocess {
+            width: img.width,
+            height: img.height,
+            reason: "an empty image cannot be resized".into(),
+        });
+    }
+    let channels = img.channels();
+    let src = match &img.pixels {
+        Pixels::Gray(p) | Pixels::Rgb(p) => p.as_slice(),
+    };
+    let resized = resample_bicubic(
+        src,
+        img.width as usize,
+        img.height as usize,
+        channels,
+        size as usize,
+        size as usize,
+    );
+    Ok(Image {
+        width: size,
+        height: size,
+        pixels: if channels == 1 {
+            Pixels::Gray(resized)
+        } else {
+            Pixels::Rgb(resized)
+        },
     })
 }
 
@@ -221,6 +283,59 @@ mod tests {
         };
         let err = preprocess(&img, &PreprocessConfig::default()).unwrap_err();
         assert!(err.to_string().contains("1x65535"), "{err}");
+    }
+
+    #[test]
+    fn crop_none_resizes_the_whole_image_and_checks_its_sizes() {
+        let whole = PreprocessConfig {
+            image_size: 32,
+            resize_shortest_edge: 32,
+            crop: Crop::None,
+            ..PreprocessConfig::default()
+        };
+        whole.validate().unwrap();
+        // Left half black, right half white: a centre crop of the shorter-side resize cuts the
+        // sides, the whole-image resize keeps both halves.
+        let (w, h) = (200usize, 100usize);
+        let px: Vec<u8> = (0..w * h)
+            .map(|i| if i % w < w / 2 { 0 } else { 255 })
+            .collect();
+        let img = Image {
+            width: w as u32,
+            height: h as u32,
+            pixels: Pixels::Gray(px),
+        };
+        let out = resize_crop(&img, &whole).unwrap();
+        assert_eq!((out.width, out.height), (32, 32));
+        let Pixels::Gray(g) = &out.pixels else {
+            panic!("gray in, gray out")
+        };
+        assert_eq!((g[0], g[31], g[31 * 32], g[32 * 32 - 1]), (0, 255, 0, 255));
+        assert_eq!(
+            g.iter().filter(|&&v| v == 0).count(),
+            g.iter().filter(|&&v| v == 255).count()
+        );
+        let bad = PreprocessConfig {
+            resize_shortest_edge: 40,
+            ..whole.clone()
+        };
+        assert!(bad
+            .validate()
+            .unwrap_err()
+            .contains("shortest edge must be 32"));
+        let empty = Image {
+            width: 0,
+            height: 5,
+            pixels: Pixels::Gray(vec![]),
+        };
+        assert!(resize_crop(&empty, &whole).is_err());
+        // The manifest's spelling; an unknown value is refused by name.
+        let json = serde_json::to_value(&whole).unwrap();
+        assert_eq!(json["crop"], "none");
+        let mut other = json.clone();
+        other["crop"] = "pad".into();
+        let err = serde_json::from_value::<PreprocessConfig>(other).unwrap_err();
+        assert!(err.to_string().contains("pad"), "{err}");
     }
 
     #[test]

@@ -71,7 +71,9 @@ fn clip8(v: i32) -> u8 {
     }
 }
 
-/// Separable bicubic resize of interleaved 8-bit samples: horizontal pass, then vertical, as Pillow.
+/// Separable bicubic resize of interleaved 8-bit samples in Pillow's order: horizontal pass, then
+/// vertical, except when the height shrinks by more than twice as many pixels as the width (then
+/// vertical first, as Pillow 13's `ImagingResampleInner`; the order changes the rounding).
 pub fn resample_bicubic(
     src: &[u8],
     w: usize,
@@ -80,21 +82,33 @@ pub fn resample_bicubic(
     out_w: usize,
     out_h: usize,
 ) -> Vec<u8> {
-    let horizontal = if out_w != w {
-        let co = precompute_coefficients(w, out_w);
-        let mut tmp = vec![0u8; out_w * h * channels];
-        with_best_simd(|| horizontal_pass(src, w, channels, &co, &mut tmp));
-        tmp
-    } else {
-        src.to_vec()
+    let shrink_y = h as i64 - out_h as i64;
+    let vertical_first = shrink_y > 0 && shrink_y > (w as i64 - out_w as i64) * 2;
+    let vertical = |src: &[u8], width: usize| -> Option<Vec<u8>> {
+        (out_h != h).then(|| {
+            let co = precompute_coefficients(h, out_h);
+            let mut out = vec![0u8; out_h * width * channels];
+            with_best_simd(|| vertical_pass(src, width * channels, &co, &mut out));
+            out
+        })
     };
-    if out_h == h {
-        return horizontal;
+    let horizontal = |src: &[u8], rows: usize| -> Option<Vec<u8>> {
+        (out_w != w).then(|| {
+            let co = precompute_coefficients(w, out_w);
+            let mut out = vec![0u8; out_w * rows * channels];
+            with_best_simd(|| horizontal_pass(src, w, channels, &co, &mut out));
+            out
+        })
+    };
+    if vertical_first {
+        let v = vertical(src, w).expect("the height changes");
+        horizontal(&v, out_h).unwrap_or(v)
+    } else {
+        match horizontal(src, h) {
+            Some(x) => vertical(&x, out_w).unwrap_or(x),
+            None => vertical(src, w).unwrap_or_else(|| src.to_vec()),
+        }
     }
-    let co = precompute_coefficients(h, out_h);
-    let mut out = vec![0u8; out_h * out_w * channels];
-    with_best_simd(|| vertical_pass(&horizontal, out_w * channels, &co, &mut out));
-    out
 }
 
 /// Runs `pass` compiled for AVX2 when the CPU has it (the taps' dot products then use 8-lane

@@ -4,7 +4,6 @@ use std::path::PathBuf;
 
 use clap::Args;
 use runtime::cli::{show_path, ResultPrinter};
-use runtime::image::preprocess::PreprocessConfig;
 use runtime::text::tokenizer::ClipTokenizer;
 use tch::Device;
 
@@ -48,12 +47,7 @@ pub fn predict(a: &PredictArgs) -> Result<bool> {
     )?;
     let emb = zero_shot::label_embeddings(&loaded.model, &per_template);
     let scale = loaded.model.logit_scale.exp().double_value(&[]);
-    let s = loaded.model.config.vision_config.image_size as u32;
-    let cfg = PreprocessConfig {
-        image_size: s,
-        resize_shortest_edge: s,
-        ..PreprocessConfig::default()
-    };
+    let cfg = loaded.model.config.vision_config.preprocessing();
     let (files, problems) = runtime::pipeline::collect_files(&a.paths);
     let k = runtime::cli::top_k(a.top_k as usize, labels.len());
     let mut printer = ResultPrinter::new(a.json, k, &files);
@@ -73,7 +67,7 @@ pub fn predict(a: &PredictArgs) -> Result<bool> {
             }
         };
         let x = tch::Tensor::from_slice(&pixels)
-            .view([1, 3, s as i64, s as i64])
+            .view([1, 3, cfg.image_size as i64, cfg.image_size as i64])
             .to_device(device);
         let probs = tch::no_grad(|| {
             let img = crate::model::normalize(&loaded.model.image_features(&x));
