@@ -280,6 +280,14 @@ pub fn run(
     let loaded = weights::load(&source, device)?;
     let (vs, mut model) = (loaded.vs, loaded.model);
     model.config.vision_config.test_time_flip = opts.test_time_flip;
+    let run_crop = model.config.vision_config.crop;
+    if start > 0 && run_crop != inputs.preprocess.crop {
+        // The images would be prepared otherwise than the checkpoints were trained on.
+        return Err(Error::Usage(format!(
+            "{} was trained with --crop {run_crop}; resume it with --crop {run_crop}",
+            run_dir.display()
+        )));
+    }
     model.config.vision_config.crop = inputs.preprocess.crop;
     let mut state = if start > 0 {
         let path = source.join("state.json");

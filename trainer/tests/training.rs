@@ -314,6 +314,19 @@ fn crop_none_reaches_the_checkpoints_and_the_bundle() {
     let hf = json(bundle.join("preprocessor_config.json"));
     assert_eq!(hf["do_center_crop"], false, "{hf}");
     assert_eq!(hf["size"]["height"], hf["size"]["width"], "{hf}");
+    // Resuming that run without the option (the init's centre crop) is refused by name.
+    let out = finetune(
+        &data,
+        &test,
+        &init,
+        &dir.join("run"),
+        "2",
+        &["--loss", "class-aware", "--resume"],
+    );
+    one_error_line(
+        &out,
+        "was trained with --crop none; resume it with --crop none",
+    );
     // Without the option the model's own (a new model's: CLIP's centre crop) is kept.
     let out = finetune(&data, &test, &init, &dir.join("centre"), "1", &[]);
     assert!(out.status.success());

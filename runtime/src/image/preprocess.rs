@@ -151,17 +151,7 @@ pub fn resize_crop(img: &Image, cfg: &PreprocessConfig) -> Result<Image> {
         });
     }
     let channels = img.channels();
-    let src = match &img.pixels {
-        Pixels::Gray(p) | Pixels::Rgb(p) => p.as_slice(),
-    };
-    let resized = resample_bicubic(
-        src,
-        img.width as usize,
-        img.height as usize,
-        channels,
-        new_w as usize,
-        new_h as usize,
-    );
+    let resized = resample(img, new_w as usize, new_h as usize);
     let size = cfg.image_size as usize;
     let (new_w, new_h) = (new_w as usize, new_h as usize);
     // Centre crop (floor of half the excess, as transformers; the resize guarantees no padding).
@@ -173,16 +163,28 @@ pub fn resize_crop(img: &Image, cfg: &PreprocessConfig) -> Result<Image> {
             &resized[((top + y) * new_w + left) * channels..][..size * channels],
         );
     }
-    let pixels = if channels == 1 {
-        Pixels::Gray(crop)
-    } else {
-        Pixels::Rgb(crop)
+    Ok(square_like(img, size as u32, crop))
+}
+
+/// `img` resampled (PIL bicubic) to `w` x `h`, samples interleaved as in `img`.
+fn resample(img: &Image, w: usize, h: usize) -> Vec<u8> {
+    let src = match &img.pixels {
+        Pixels::Gray(p) | Pixels::Rgb(p) => p.as_slice(),
     };
-    Ok(Image {
-        width: size as u32,
-        height: size as u32,
-        pixels,
-    })
+    let (src_w, src_h) = (img.width as usize, img.height as usize);
+    resample_bicubic(src, src_w, src_h, img.channels(), w, h)
+}
+
+/// A `size` x `size` image of `samples`, gray or RGB as `like`.
+fn square_like(like: &Image, size: u32, samples: Vec<u8>) -> Image {
+    Image {
+        width: size,
+        height: size,
+        pixels: match like.pixels {
+            Pixels::Gray(_) => Pixels::Gray(samples),
+            Pixels::Rgb(_) => Pixels::Rgb(samples),
+        },
+    }
 }
 
 /// The whole image resized (PIL bicubic, each axis on its own) to `size` x `size`.
@@ -194,27 +196,8 @@ fn resize_whole(img: &Image, size: u32) -> Result<Image> {
             reason: "an empty image cannot be resized".into(),
         });
     }
-    let channels = img.channels();
-    let src = match &img.pixels {
-        Pixels::Gray(p) | Pixels::Rgb(p) => p.as_slice(),
-    };
-    let resized = resample_bicubic(
-        src,
-        img.width as usize,
-        img.height as usize,
-        channels,
-        size as usize,
-        size as usize,
-    );
-    Ok(Image {
-        width: size,
-        height: size,
-        pixels: if channels == 1 {
-            Pixels::Gray(resized)
-        } else {
-            Pixels::Rgb(resized)
-        },
-    })
+    let s = size as usize;
+    Ok(square_like(img, size, resample(img, s, s)))
 }
 
 /// Scales a cropped 8-bit picture to [0, 1] and normalises it into `out` (CHW, 3 channels).
