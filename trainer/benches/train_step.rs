@@ -107,6 +107,7 @@ fn main() -> anyhow::Result<()> {
             &pairs,
             &ids,
             0.0,
+            None,
             amp,
         );
         sync();

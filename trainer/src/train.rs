@@ -85,6 +85,9 @@ pub struct TrainOptions {
     /// Class-aware loss: the share of each target spread evenly over all labels (0: none).
     #[serde(default)]
     pub label_smoothing: f64,
+    /// Class-aware loss: mixup with this Beta(alpha, alpha) (None: off); see [`mixup`].
+    #[serde(default)]
+    pub mixup: Option<f64>,
 }
 
 fn no_augment() -> Augment {
@@ -120,6 +123,7 @@ impl Default for TrainOptions {
             test_time_flip: false,
             weight_average: None,
             label_smoothing: 0.0,
+            mixup: None,
         }
     }
 }
@@ -240,6 +244,32 @@ pub fn geometric_jitter(pixels: &Tensor, seed: u64) -> Tensor {
     let grid = Tensor::affine_grid_generator(&theta, pixels.size(), false);
     // interpolation 0 = bilinear, padding 1 = border
     pixels.grid_sampler(&grid, 0, 1, false)
+}
+
+/// A batch blended with a shuffled copy of itself (mixup, Zhang et al. 2018): image `i` becomes
+/// `lambda * x[i] + (1 - lambda) * x[partner[i]]` and its loss the same blend of the losses
+/// against both labels.
+pub struct Mix {
+    pub lambda: f64,
+    /// `[n]` int64: the index of each image's partner in the batch.
+    pub partner: Tensor,
+}
+
+/// Mixes a batch `[n, 3, S, S]` with `lambda ~ Beta(alpha, alpha)` and a random pairing, the same
+/// for a given seed (resumed runs stay exact).
+pub fn mixup(pixels: &Tensor, alpha: f64, seed: u64) -> Result<(Tensor, Mix)> {
+    use rand::SeedableRng;
+    use rand_distr::Distribution;
+    let beta = rand_distr::Beta::new(alpha, alpha)
+        .map_err(|e| Error::Usage(format!("--mixup {alpha}: {e}")))?;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ 0x6A09_E667_F3BC_C909);
+    let lambda = beta.sample(&mut rng);
+    let n = pixels.size()[0];
+    let mut partner: Vec<i64> = (0..n).collect();
+    runtime::eval::datasets::shuffle(&mut partner, seed);
+    let partner = Tensor::from_slice(&partner).to_device(pixels.device());
+    let mixed = pixels * lambda + pixels.index_select(0, &partner) * (1.0 - lambda);
+    Ok((mixed, Mix { lambda, partner }))
 }
 
 /// Trains (or resumes) one run in `run_dir`; at the end the selected epoch (best validation
@@ -385,6 +415,14 @@ pub fn run(
             if opts.augment == Augment::Full {
                 pixels = geometric_jitter(&pixels, aug_seed);
             }
+            let mix = match opts.mixup {
+                Some(alpha) if opts.loss == LossKind::ClassAware => {
+                    let (mixed, mix) = mixup(&pixels, alpha, aug_seed)?;
+                    pixels = mixed;
+                    Some(mix)
+                }
+                _ => None,
+            };
             let labels: Vec<i64> = idx.iter().map(|&i| inputs.train.labels[i] as i64).collect();
             let labels = Tensor::from_slice(&labels).to_device(device);
             let (value, applied) = train_step(
@@ -396,6 +434,7 @@ pub fn run(
                 &labels,
                 &train_tokens,
                 opts.label_smoothing,
+                mix.as_ref(),
                 amp,
             );
             if !value.is_finite() {
@@ -541,7 +580,8 @@ pub fn run(
 /// One optimisation step of `finetune` (and of the training-step benchmark): forward under fp16
 /// autocast when `amp`, the loss, the scaled backward pass and the Adam step. `tokens` holds one
 /// prompt per label; `labels` the batch's label indices; `label_smoothing` (class-aware loss)
-/// spreads that share of each target evenly over all labels. Returns the loss and whether the
+/// spreads that share of each target evenly over all labels; `mix` (class-aware loss) blends the
+/// losses against the labels of the mixed images' two sources. Returns the loss and whether the
 /// step was applied (the loss scaler skips steps whose gradients overflowed); a non-finite loss is
 /// returned without a step.
 #[allow(clippy::too_many_arguments)]
@@ -554,6 +594,7 @@ pub fn train_step(
     labels: &Tensor,
     tokens: &Tensor,
     label_smoothing: f64,
+    mix: Option<&Mix>,
     amp: bool,
 ) -> (f64, bool) {
     let loss = tch::autocast(amp, || {
@@ -569,16 +610,23 @@ pub fn train_step(
             }
             LossKind::ClassAware => {
                 let txt = model.text_features(tokens);
-                model
-                    .logits(&img, &txt)
-                    .to_kind(Kind::Float)
-                    .cross_entropy_loss::<Tensor>(
-                        labels,
+                let logits = model.logits(&img, &txt).to_kind(Kind::Float);
+                let ce = |targets: &Tensor| {
+                    logits.cross_entropy_loss::<Tensor>(
+                        targets,
                         None,
                         tch::Reduction::Mean,
                         -100,
                         label_smoothing,
                     )
+                };
+                match mix {
+                    None => ce(labels),
+                    Some(m) => {
+                        ce(labels) * m.lambda
+                            + ce(&labels.index_select(0, &m.partner)) * (1.0 - m.lambda)
+                    }
+                }
             }
         }
     });
@@ -616,5 +664,89 @@ fn prune_checkpoints(run_dir: &Path, state: &RunState, keep: usize) {
                 let _ = std::fs::remove_dir_all(e.path());
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// mixup blends each image with its partner by lambda, pairs by a permutation, and repeats
+    /// itself for a seed (resumed runs stay exact).
+    #[test]
+    fn mixup_blends_by_a_seeded_pairing() {
+        let x = Tensor::arange(6 * 3 * 2 * 2, (Kind::Float, Device::Cpu)).view([6, 3, 2, 2]);
+        let (mixed, mix) = mixup(&x, 0.4, 17).unwrap();
+        assert!(mix.lambda > 0.0 && mix.lambda < 1.0, "{}", mix.lambda);
+        let mut partner = Vec::<i64>::try_from(&mix.partner).unwrap();
+        let expected = &x * mix.lambda + x.index_select(0, &mix.partner) * (1.0 - mix.lambda);
+        assert!(mixed.allclose(&expected, 1e-6, 1e-6, false));
+        partner.sort();
+        assert_eq!(partner, (0..6).collect::<Vec<i64>>());
+        let (again, mix2) = mixup(&x, 0.4, 17).unwrap();
+        assert_eq!(mix2.lambda, mix.lambda);
+        assert!(again.equal(&mixed));
+        let (_, other) = mixup(&x, 0.4, 18).unwrap();
+        assert_ne!(other.lambda, mix.lambda);
+        // Over many seeds the weights spread over (0, 1) as Beta(0.4, 0.4) does: mean 1/2.
+        let lambdas: Vec<f64> = (0..400)
+            .map(|s| mixup(&x, 0.4, s).unwrap().1.lambda)
+            .collect();
+        let mean = lambdas.iter().sum::<f64>() / lambdas.len() as f64;
+        assert!((mean - 0.5).abs() < 0.05, "{mean}");
+        assert!(lambdas.iter().any(|&l| l < 0.1) && lambdas.iter().any(|&l| l > 0.9));
+    }
+
+    /// A mixed batch's loss is the lambda blend of its losses against both label sets.
+    #[test]
+    fn mixed_loss_blends_the_two_label_losses() {
+        use crate::model::{Clip, ClipConfig};
+        use crate::optim::{Adam, AdamConfig, LossScaler};
+        tch::manual_seed(3);
+        let config = ClipConfig::preset("rn-tiny").unwrap();
+        let vs = nn::VarStore::new(Device::Cpu);
+        let model = Clip::new(&vs.root(), &config);
+        // lr 0: the steps leave the weights as they are, so the three losses see one model.
+        let params: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
+        let mut adam = Adam::new(
+            params,
+            AdamConfig {
+                lr: 0.0,
+                ..AdamConfig::default()
+            },
+        );
+        let mut scaler = LossScaler::new(false);
+        let s = config.vision_config.image_size;
+        let pixels = Tensor::randn([4, 3, s, s], (Kind::Float, Device::Cpu));
+        let tokens =
+            Tensor::from_slice(&[49406i64, 320, 49407, 49406, 321, 49407, 49406, 322, 49407])
+                .view([3, 3]);
+        let labels = Tensor::from_slice(&[0i64, 1, 2, 1]);
+        let mix = Mix {
+            lambda: 0.3,
+            partner: Tensor::from_slice(&[2i64, 0, 3, 1]),
+        };
+        let mut loss = |labels: &Tensor, mix: Option<&Mix>| {
+            let (value, applied) = train_step(
+                &model,
+                &mut adam,
+                &mut scaler,
+                LossKind::ClassAware,
+                &pixels,
+                labels,
+                &tokens,
+                0.1,
+                mix,
+                false,
+            );
+            assert!(applied);
+            value
+        };
+        let mixed = loss(&labels, Some(&mix));
+        let own = loss(&labels, None);
+        let partners = loss(&labels.index_select(0, &mix.partner), None);
+        assert!((own - partners).abs() > 1e-3, "{own} {partners}");
+        let blend = 0.3 * own + 0.7 * partners;
+        assert!((mixed - blend).abs() < 1e-5, "{mixed} vs {blend}");
     }
 }

@@ -268,7 +268,8 @@ fn the_weight_average_is_the_model_and_resumes_exactly() {
 }
 
 /// `--crop none` is the run's preprocessing, the checkpoints' (so `trainer predict` sees what
-/// training saw) and the exported bundle's; `--label-smoothing` trains and is recorded.
+/// training saw) and the exported bundle's; `--label-smoothing` and `--mixup` train and are
+/// recorded.
 #[test]
 fn crop_none_reaches_the_checkpoints_and_the_bundle() {
     let dir_tmp = tmp("crop");
@@ -291,6 +292,8 @@ fn crop_none_reaches_the_checkpoints_and_the_bundle() {
             "class-aware",
             "--label-smoothing",
             "0.1",
+            "--mixup",
+            "0.4",
             "--export",
             s(&bundle),
         ],
@@ -309,6 +312,7 @@ fn crop_none_reaches_the_checkpoints_and_the_bundle() {
     assert_eq!(manifest["preprocessing"]["crop"], "none", "{manifest}");
     let training = &manifest["provenance"]["training"];
     assert_eq!(training["label_smoothing"], 0.1, "{manifest}");
+    assert_eq!(training["mixup"], 0.4, "{manifest}");
     assert_eq!(training["crop"], "none", "{manifest}");
     // HF's reading of the same: a square size, no centre crop.
     let hf = json(bundle.join("preprocessor_config.json"));
@@ -516,6 +520,28 @@ fn bad_input_is_a_clear_error() {
             &["--label-smoothing", "0.1"],
         ),
         "--label-smoothing needs --loss class-aware",
+    );
+    one_error_line(
+        &finetune(
+            &data,
+            &test,
+            &init,
+            &dir.join("r9"),
+            "1",
+            &["--loss", "class-aware", "--mixup", "-0.5"],
+        ),
+        "--mixup -0.5 is not a Beta parameter alpha > 0",
+    );
+    one_error_line(
+        &finetune(
+            &data,
+            &test,
+            &init,
+            &dir.join("r10"),
+            "1",
+            &["--mixup", "0.2"],
+        ),
+        "--mixup needs --loss class-aware",
     );
 
     // Missing init folder, unknown preset.

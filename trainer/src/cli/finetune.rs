@@ -134,6 +134,10 @@ pub struct FinetuneArgs {
     /// [default: 0.1 with --recipe scratch, else 0].
     #[arg(long, value_name = "EPS")]
     pub label_smoothing: Option<f64>,
+    /// Class-aware loss: mixup, each batch blended with a shuffled copy of itself by a weight
+    /// drawn from Beta(ALPHA, ALPHA), the loss blended alike; 0: off [default: 0].
+    #[arg(long, value_name = "ALPHA", allow_negative_numbers = true)]
+    pub mixup: Option<f64>,
     /// Also score the test images after every epoch (as the reference did; nothing is chosen on
     /// them).
     #[arg(long)]
@@ -232,6 +236,7 @@ struct Settings {
     /// None: the model's own.
     crop: Option<Crop>,
     label_smoothing: f64,
+    mixup: f64,
 }
 
 fn settings(a: &FinetuneArgs) -> Settings {
@@ -256,6 +261,7 @@ fn settings(a: &FinetuneArgs) -> Settings {
         split: None,
         crop: None,
         label_smoothing: 0.0,
+        mixup: 0.0,
     };
     let unifesp = a.dataset == DatasetKind::Unifesp;
     match a.recipe {
@@ -317,6 +323,7 @@ fn settings(a: &FinetuneArgs) -> Settings {
         split: a.split.or(d.split),
         crop: a.crop.or(d.crop),
         label_smoothing: a.label_smoothing.unwrap_or(d.label_smoothing),
+        mixup: a.mixup.unwrap_or(d.mixup),
     }
 }
 
@@ -458,6 +465,17 @@ pub fn finetune(a: &FinetuneArgs) -> Result<Vec<train::RunResult>> {
         return Err(Error::Usage(
             "--label-smoothing needs --loss class-aware (the contrastive loss has no fixed labels)"
                 .into(),
+        ));
+    }
+    if !(st.mixup >= 0.0 && st.mixup.is_finite()) {
+        return Err(Error::Usage(format!(
+            "--mixup {} is not a Beta parameter alpha > 0 (0: off)",
+            st.mixup
+        )));
+    }
+    if st.mixup > 0.0 && st.loss != LossKind::ClassAware {
+        return Err(Error::Usage(
+            "--mixup needs --loss class-aware (the contrastive loss has no fixed labels)".into(),
         ));
     }
     if !(0.0..1.0).contains(&st.weight_average) {
@@ -631,6 +649,7 @@ pub fn finetune(a: &FinetuneArgs) -> Result<Vec<train::RunResult>> {
             test_time_flip: st.test_time_flip,
             weight_average: (st.weight_average > 0.0).then_some(st.weight_average),
             label_smoothing: st.label_smoothing,
+            mixup: (st.mixup > 0.0).then_some(st.mixup),
         };
         let dir = if st.lr.len() == 1 {
             out.clone()
@@ -676,7 +695,7 @@ pub fn finetune(a: &FinetuneArgs) -> Result<Vec<train::RunResult>> {
             "warmup_epochs": st.warmup_epochs, "epochs": st.epochs, "batch_size": st.batch_size,
             "optimizer": st.optimizer, "weight_decay": st.weight_decay, "betas": [a.beta1, a.beta2],
             "eps": a.eps, "loss": st.loss, "seed": a.seed, "train_template": st.train_template,
-            "augment": st.augment, "balanced": st.balanced, "test_time_flip": st.test_time_flip, "weight_average": st.weight_average, "label_smoothing": st.label_smoothing, "crop": cfg.crop, "val": st.val, "select": st.select,
+            "augment": st.augment, "balanced": st.balanced, "test_time_flip": st.test_time_flip, "weight_average": st.weight_average, "label_smoothing": st.label_smoothing, "mixup": st.mixup, "crop": cfg.crop, "val": st.val, "select": st.select,
             "selected_epoch": best.test.epoch, "train_images": train_set.len(),
             "val_images": val_set.as_ref().map_or(0, |v| v.len()), "test_images": test_set.len(),
             "device": crate::device::name(device),
@@ -852,5 +871,8 @@ mod tests {
         assert_eq!(whole.crop, Some(Crop::None));
         let off = ["--recipe", "scratch", "--weight-average", "0"];
         assert_eq!(settings(&args(&off)).weight_average, 0.0);
+        assert_eq!(st.mixup, 0.0, "tried on UNIFESP, not adopted");
+        let mixup = ["--recipe", "scratch", "--mixup", "0.2"];
+        assert_eq!(settings(&args(&mixup)).mixup, 0.2);
     }
 }
