@@ -29,6 +29,9 @@ pub struct EpochMetrics {
     /// Top-1 on the validation rows (when there are some).
     #[serde(default)]
     pub val_top1: Option<f64>,
+    /// Mean negative log-likelihood of the validation rows' labels (no smoothing).
+    #[serde(default)]
+    pub val_loss: Option<f64>,
     /// Top-1 on the test images (only with `monitor_test`).
     #[serde(default)]
     pub test_top1: Option<f64>,
@@ -87,6 +90,7 @@ pub fn write_metrics(
         "steps",
         "skipped_steps",
         "val_top1_live",
+        "val_loss",
     ]
     .map(String::from);
     let rows = state.metrics.iter().map(|m| {
@@ -100,6 +104,7 @@ pub fn write_metrics(
             m.steps.to_string(),
             m.skipped_steps.to_string(),
             cell(m.val_top1_live),
+            cell(m.val_loss),
         ]
     });
     runtime::fs::write_csv(

@@ -19,7 +19,7 @@ use crate::model::Clip;
 use crate::optim::{Adam, AdamConfig, LossScaler, LrSchedule};
 use crate::report::{self, EpochMetrics, FinalTest, RunState, Select};
 use crate::weights;
-use crate::zero_shot::{evaluate, label_embeddings, label_tokens, template_tokens};
+use crate::zero_shot::{evaluate, label_embeddings, label_tokens, template_tokens, SetScores};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
@@ -456,16 +456,18 @@ pub fn run(
             batch_bar.inc(1);
         }
         batch_bar.finish_and_clear();
-        // Top-1 of what `model` holds now on `set`, when there is one.
-        let score = |set: Option<&ImageSet>, label_emb: &Tensor| -> Result<Option<f64>> {
-            set.map(|s| evaluate(&model, s, label_emb, inputs.preprocess, device).map(|r| r.0))
+        // How what `model` holds now scores `set`, when there is one.
+        let score = |set: Option<&ImageSet>, label_emb: &Tensor| -> Result<Option<SetScores>> {
+            set.map(|s| evaluate(&model, s, label_emb, inputs.preprocess, device))
                 .transpose()
         };
         // From here to the checkpoint's end the model holds the average (when there is one).
         let val_top1_live = match &mut average {
             Some(avg) => {
                 let live = match inputs.val {
-                    Some(_) => score(inputs.val, &label_embeddings(&model, &eval_tokens))?,
+                    Some(_) => {
+                        score(inputs.val, &label_embeddings(&model, &eval_tokens))?.map(|s| s.top1)
+                    }
                     None => None,
                 };
                 avg.swap();
@@ -474,8 +476,10 @@ pub fn run(
             None => None,
         };
         let label_emb = label_embeddings(&model, &eval_tokens);
-        let val_top1 = score(inputs.val, &label_emb)?;
-        let test_top1 = score(opts.monitor_test.then_some(inputs.test), &label_emb)?;
+        let val = score(inputs.val, &label_emb)?;
+        let (val_top1, val_loss) = (val.as_ref().map(|v| v.top1), val.map(|v| v.loss));
+        let test_top1 =
+            score(opts.monitor_test.then_some(inputs.test), &label_emb)?.map(|t| t.top1);
         let m = EpochMetrics {
             epoch,
             train_loss: if steps > 0 {
@@ -485,6 +489,7 @@ pub fn run(
             },
             lr: adam.config.lr,
             val_top1,
+            val_loss,
             test_top1,
             val_top1_live,
             seconds: t0.elapsed().as_secs_f64(),
@@ -500,6 +505,9 @@ pub fn run(
         }
         if let Some(v) = val_top1_live {
             line.push_str(&format!(" (live weights {v:.4})"));
+        }
+        if let Some(v) = val_loss {
+            line.push_str(&format!("  val loss {v:.4}"));
         }
         if let Some(t) = test_top1 {
             line.push_str(&format!("  test top-1 {t:.4}"));
@@ -561,13 +569,13 @@ pub fn run(
         assign_checkpoint(&vs, &selected_dir)?;
     }
     let label_emb = label_embeddings(&model, &eval_tokens);
-    let (top1, predictions) = evaluate(&model, inputs.test, &label_emb, inputs.preprocess, device)?;
+    let scores = evaluate(&model, inputs.test, &label_emb, inputs.preprocess, device)?;
     let test = FinalTest {
         epoch: selected,
         select: opts.select,
-        top1,
+        top1: scores.top1,
         images: inputs.test.len(),
-        predictions,
+        predictions: scores.predictions,
     };
     report::write_metrics(run_dir, &state, Some(&test), &format!("lr {base_lr:e}"))?;
     Ok(RunResult {

@@ -64,16 +64,30 @@ pub fn label_embeddings(model: &Clip, per_template: &[Tensor]) -> Tensor {
     })
 }
 
-/// Zero-shot top-1 on a set: a hit when the best label is any of the image's labels.
+/// How a model scores a set against label embeddings.
+pub struct SetScores {
+    /// A hit when the best label is any of the image's labels.
+    pub top1: f64,
+    /// Mean negative log-likelihood of the image's labels (of any of them, for several) under the
+    /// softmax of the model's logits (its logit scale times the cosines): the training loss
+    /// without smoothing, which moves where top-1 on a small set does not.
+    pub loss: f64,
+    /// The best label of each image, in the set's order.
+    pub predictions: Vec<usize>,
+}
+
+/// Scores every image of a set (zero-shot: by cosine to the label embeddings).
 pub fn evaluate(
     model: &Clip,
     set: &ImageSet,
     label_emb: &Tensor,
     cfg: &PreprocessConfig,
     device: Device,
-) -> Result<(f64, Vec<usize>)> {
+) -> Result<SetScores> {
     let mut predictions = Vec::with_capacity(set.len());
+    let mut loss_sum = 0.0;
     tch::no_grad(|| {
+        let scale = model.logit_scale.exp().to_kind(Kind::Float);
         let idx: Vec<usize> = (0..set.len()).collect();
         for chunk in idx.chunks(64) {
             let img = normalize(
@@ -81,12 +95,19 @@ pub fn evaluate(
                     .image_features(&set.pixels(chunk, cfg, device))
                     .to_kind(Kind::Float),
             );
-            let best = img
-                .matmul(&label_emb.to_kind(Kind::Float).tr())
-                .argmax(-1, false)
-                .to_device(Device::Cpu);
+            let logits = img.matmul(&label_emb.to_kind(Kind::Float).tr()) * &scale;
+            let log_p = logits.log_softmax(-1, Kind::Float).to_device(Device::Cpu);
+            let best = log_p.argmax(-1, false);
             let best: Vec<i64> = Vec::<i64>::try_from(best).map_err(Error::Torch)?;
             predictions.extend(best.into_iter().map(|b| b as usize));
+            for (row, &i) in chunk.iter().enumerate() {
+                let labels: Vec<i64> = set.all_labels[i].iter().map(|&l| l as i64).collect();
+                let own = log_p
+                    .get(row as i64)
+                    .index_select(0, &Tensor::from_slice(&labels))
+                    .logsumexp([0i64].as_slice(), false);
+                loss_sum -= own.double_value(&[]);
+            }
         }
         Ok::<(), Error>(())
     })?;
@@ -95,5 +116,63 @@ pub fn evaluate(
         .zip(&set.all_labels)
         .filter(|(p, l)| l.contains(p))
         .count();
-    Ok((hits as f64 / set.len() as f64, predictions))
+    Ok(SetScores {
+        top1: hits as f64 / set.len() as f64,
+        loss: loss_sum / set.len() as f64,
+        predictions,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::ClipConfig;
+    use runtime::image::{Image, Pixels};
+    use tch::nn;
+
+    /// The loss is the mean NLL of each image's label under softmax(scale x cosine) (of any of
+    /// its labels, for several), computed here from the model's own features.
+    #[test]
+    fn set_loss_is_the_labels_negative_log_likelihood() {
+        tch::manual_seed(5);
+        let config = ClipConfig::preset("rn-tiny").unwrap();
+        let vs = nn::VarStore::new(Device::Cpu);
+        let model = Clip::new(&vs.root(), &config);
+        let cfg = config.vision_config.preprocessing();
+        let s = cfg.image_size;
+        let crops: Vec<Image> = (0..3u32)
+            .map(|k| Image {
+                width: s,
+                height: s,
+                pixels: Pixels::Gray((0..s * s).map(|i| ((i * (k + 3)) % 251) as u8).collect()),
+            })
+            .collect();
+        let set = ImageSet {
+            crops,
+            labels: vec![0, 2, 1],
+            all_labels: vec![vec![0], vec![2], vec![1, 2]],
+            skipped: vec![],
+        };
+        let label_emb = normalize(&Tensor::randn(
+            [3, config.projection_dim],
+            (Kind::Float, Device::Cpu),
+        ));
+        let scores = evaluate(&model, &set, &label_emb, &cfg, Device::Cpu).unwrap();
+        let p = tch::no_grad(|| {
+            let img = normalize(&model.image_features(&set.pixels(&[0, 1, 2], &cfg, Device::Cpu)));
+            (img.matmul(&label_emb.tr()) * model.logit_scale.exp()).softmax(-1, Kind::Double)
+        });
+        let p = |i: i64, l: i64| p.double_value(&[i, l]);
+        let expected = -(p(0, 0).ln() + p(1, 2).ln() + (p(2, 1) + p(2, 2)).ln()) / 3.0;
+        assert!(
+            (scores.loss - expected).abs() < 1e-5,
+            "{} vs {expected}",
+            scores.loss
+        );
+        assert_eq!(scores.predictions.len(), 3);
+        let hits = (0..3)
+            .filter(|&i| set.all_labels[i].contains(&scores.predictions[i]))
+            .count();
+        assert_eq!(scores.top1, hits as f64 / 3.0);
+    }
 }

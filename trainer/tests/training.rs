@@ -233,6 +233,12 @@ fn the_weight_average_is_the_model_and_resumes_exactly() {
     let metrics: Vec<serde_json::Value> =
         serde_json::from_slice(&std::fs::read(full.join("metrics.json")).unwrap()).unwrap();
     assert!(metrics.iter().all(|m| m["val_top1_live"].is_f64()));
+    assert!(metrics.iter().all(|m| m["val_loss"]
+        .as_f64()
+        .is_some_and(|l| l.is_finite() && l > 0.0)));
+    assert!(err.contains("val loss "), "{err}");
+    let csv = std::fs::read_to_string(full.join("metrics.csv")).unwrap();
+    assert!(csv.lines().next().unwrap().ends_with(",val_loss"), "{csv}");
     let last = full.join("checkpoints/epoch-003");
     let state: serde_json::Value =
         serde_json::from_slice(&std::fs::read(last.join("state.json")).unwrap()).unwrap();

@@ -751,6 +751,7 @@ fn write_sweep(
         "val_top1",
         "test_top1",
         "seconds",
+        "val_loss",
     ]
     .map(String::from);
     let rows = lrs.iter().zip(results).flat_map(|(lr, r)| {
@@ -762,6 +763,7 @@ fn write_sweep(
                 cell(m.val_top1),
                 cell(m.test_top1),
                 format!("{:.3}", m.seconds),
+                cell(m.val_loss),
             ]
         })
     });
