@@ -88,6 +88,7 @@ pub fn evaluate(
     let mut loss_sum = 0.0;
     tch::no_grad(|| {
         let scale = model.logit_scale.exp().to_kind(Kind::Float);
+        let labels_t = label_emb.to_kind(Kind::Float).tr();
         let idx: Vec<usize> = (0..set.len()).collect();
         for chunk in idx.chunks(64) {
             let img = normalize(
@@ -95,18 +96,19 @@ pub fn evaluate(
                     .image_features(&set.pixels(chunk, cfg, device))
                     .to_kind(Kind::Float),
             );
-            let logits = img.matmul(&label_emb.to_kind(Kind::Float).tr()) * &scale;
-            let log_p = logits.log_softmax(-1, Kind::Float).to_device(Device::Cpu);
-            let best = log_p.argmax(-1, false);
+            let logits = img.matmul(&labels_t) * &scale;
+            let best = logits.argmax(-1, false).to_device(Device::Cpu);
             let best: Vec<i64> = Vec::<i64>::try_from(best).map_err(Error::Torch)?;
             predictions.extend(best.into_iter().map(|b| b as usize));
-            for (row, &i) in chunk.iter().enumerate() {
-                let labels: Vec<i64> = set.all_labels[i].iter().map(|&l| l as i64).collect();
-                let own = log_p
-                    .get(row as i64)
-                    .index_select(0, &Tensor::from_slice(&labels))
-                    .logsumexp([0i64].as_slice(), false);
-                loss_sum -= own.double_value(&[]);
+            // Log-probabilities on the host, one copy per chunk; a row's labels are combined
+            // there (log of the summed probabilities, shifted by their largest: no underflow).
+            let log_p = logits.log_softmax(-1, Kind::Double).to_device(Device::Cpu);
+            let n_labels = log_p.size()[1] as usize;
+            let log_p = Vec::<f64>::try_from(log_p.flatten(0, -1)).map_err(Error::Torch)?;
+            for (row, &i) in log_p.chunks_exact(n_labels).zip(chunk) {
+                let own = || set.all_labels[i].iter().map(|&l| row[l]);
+                let top = own().fold(f64::NEG_INFINITY, f64::max);
+                loss_sum -= top + own().map(|v| (v - top).exp()).sum::<f64>().ln();
             }
         }
         Ok::<(), Error>(())
