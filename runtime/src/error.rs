@@ -115,6 +115,9 @@ pub enum Error {
     /// An export that `runtime import` / `assemble` cannot turn into a bundle.
     #[error("{0}")]
     Import(String),
+    /// Bundles that `runtime ensemble` cannot merge.
+    #[error("{0}")]
+    Ensemble(String),
     /// A chart that could not be drawn.
     #[error("{0}")]
     Plot(String),

@@ -825,6 +825,11 @@ pub fn is_vision_variable(name: &str) -> bool {
         || name.starts_with("visual.")
 }
 
+/// The text encoder's token table (`--freeze-token-embedding`).
+pub fn is_token_embedding(name: &str) -> bool {
+    name == "text_model.embeddings.token_embedding.weight"
+}
+
 #[cfg(test)]
 mod tests {
     use super::ClipConfig;

@@ -51,6 +51,9 @@ pub struct TrainOptions {
     pub loss: LossKind,
     pub freeze_vision: bool,
     pub freeze_text: bool,
+    /// Keep the text encoder's token table as it is (see `finetune --freeze-token-embedding`).
+    #[serde(default)]
+    pub freeze_token_embedding: bool,
     /// The templates (averaged) that score the validation and test images and make the bundle.
     pub templates: Vec<String>,
     /// The template of the training text (`{}`: the bare label name, as the reference experiment).
@@ -110,6 +113,7 @@ impl Default for TrainOptions {
             loss: LossKind::Contrastive,
             freeze_vision: false,
             freeze_text: false,
+            freeze_token_embedding: false,
             templates: runtime::text::prompts::default_templates(),
             train_template: runtime::text::prompts::DEFAULT_TEMPLATE.to_string(),
             mixed_precision: true,
@@ -185,7 +189,9 @@ fn set_trainable(vs: &nn::VarStore, opts: &TrainOptions) -> Vec<(String, Tensor)
         .filter_map(|(name, t)| {
             let vision = crate::model::is_vision_variable(&name);
             let text = name.starts_with("text_model.") || name.starts_with("text_projection.");
-            let frozen = (vision && opts.freeze_vision) || (text && opts.freeze_text);
+            let frozen = (vision && opts.freeze_vision)
+                || (text && opts.freeze_text)
+                || (opts.freeze_token_embedding && crate::model::is_token_embedding(&name));
             let _ = t.set_requires_grad(!frozen);
             (!frozen).then_some((name, t))
         })

@@ -377,6 +377,35 @@ fn class_aware_loss_and_frozen_encoders_train() {
             assert!(!same, "{name} did not change");
         }
     }
+    // Only the token table frozen: it stays, the rest of the text tower trains.
+    let out = finetune(
+        &data,
+        &test,
+        &init,
+        &dir.join("tok"),
+        "2",
+        &["--loss", "class-aware", "--freeze-token-embedding"],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let after = tensors(&dir.join("tok/checkpoints/epoch-002"));
+    let mut text_moved = false;
+    for ((name, a), (_, b)) in before.iter().zip(&after) {
+        let same = (a - b).abs().max().double_value(&[]) == 0.0;
+        if name == "text_model.embeddings.token_embedding.weight" {
+            assert!(same, "{name} changed although frozen");
+        } else if name.starts_with("text_model.") {
+            text_moved |= !same;
+        }
+    }
+    assert!(text_moved, "the rest of the text tower did not train");
+    let run: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("tok/run.json")).unwrap()).unwrap();
+    assert_eq!(run["options"]["freeze_token_embedding"], true, "{run}");
+
     // A sweep writes one folder per rate and a combined table.
     let out = trainer(&[
         "finetune",

@@ -242,6 +242,24 @@ enum Command {
         #[arg(long)]
         force: bool,
     },
+    /// One bundle from several trained for the same labels (same templates and preprocessing):
+    /// their encoders side by side in one graph, so it scores an image by the members' mean
+    /// cosine similarity to each label. classify, eval, serve and the page run it as any bundle;
+    /// calibrate it afterwards (the members' calibrations do not carry over).
+    Ensemble {
+        /// The member bundles, two or more.
+        #[arg(value_name = "BUNDLE", required = true, num_args = 2..)]
+        bundles: Vec<PathBuf>,
+        /// Folder of the ensemble bundle (a folder of other things: the bundle goes inside it).
+        #[arg(long)]
+        out: PathBuf,
+        /// Name of the ensemble bundle [default: the first member's name + "-ensemble"].
+        #[arg(long)]
+        name: Option<String>,
+        /// Replace an existing bundle at --out.
+        #[arg(long)]
+        force: bool,
+    },
     /// Fit a bundle's calibration and write a calibrated copy to --out: a temperature for its label
     /// probabilities, fitted on held-out labelled images (never the model's own test images), and
     /// an "unknown" rule: a threshold on the cosine to the nearest class centroid (or on the
@@ -724,6 +742,27 @@ fn main() -> ExitCode {
                 }
                 let name = name.unwrap_or_else(|| format!("{}-calibrated", src.manifest.name));
                 let written = calibrate::write_bundle(&src, fitted, &name, &out, force)?;
+                wrote(&written);
+            }
+            Command::Ensemble {
+                bundles,
+                out,
+                name,
+                force,
+            } => {
+                let members: Vec<Bundle> = bundles
+                    .iter()
+                    .map(|b| Bundle::load(b))
+                    .collect::<Result<_, _>>()?;
+                for m in members.iter().filter(|m| m.manifest.calibration.is_some()) {
+                    eprintln!(
+                        "note: {} is calibrated; the ensemble is not (runtime calibrate it)",
+                        m.dir.display()
+                    );
+                }
+                let name = name.unwrap_or_else(|| format!("{}-ensemble", members[0].manifest.name));
+                let written =
+                    runtime::bundle::ensemble::write_ensemble(&members, &name, &out, force)?;
                 wrote(&written);
             }
             Command::Quantize {

@@ -21,6 +21,8 @@ pub mod assemble;
 #[cfg(feature = "onnx")]
 pub mod calibrate;
 #[cfg(feature = "onnx")]
+pub mod ensemble;
+#[cfg(feature = "onnx")]
 pub mod import;
 pub mod npy;
 pub mod quantization;
