@@ -15,13 +15,6 @@ fn classify(args: &[&str]) -> Output {
         .expect("run classify")
 }
 
-fn runtime_cli(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_runtime"))
-        .args(args)
-        .output()
-        .expect("run runtime")
-}
-
 /// Fails unless the command exited non-zero with exactly one `error:` line mentioning `needle`.
 fn assert_one_line_error(out: &Output, needle: &str) {
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -42,10 +35,6 @@ fn assert_one_line_error(out: &Output, needle: &str) {
 
 fn tmp(name: &str) -> tempfile::TempDir {
     common::tmpdir(&format!("cli-{name}"))
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().expect("utf-8 path")
 }
 
 fn crc32(bytes: &[u8]) -> u32 {

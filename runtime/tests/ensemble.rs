@@ -3,7 +3,6 @@
 mod common;
 
 use std::path::Path;
-use std::process::{Command, Output};
 
 use common::*;
 use prost::Message;
@@ -14,17 +13,6 @@ use runtime::image::preprocess::PreprocessConfig;
 use runtime::onnx_proto::{tensor_proto::DataType, ModelProto};
 use runtime::text::labels;
 use runtime::text::tokenizer::{ClipTokenizer, Padding};
-
-fn runtime_cli(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_runtime"))
-        .args(args)
-        .output()
-        .expect("run runtime")
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().expect("utf-8 path")
-}
 
 /// The ONNX model with every float weight multiplied by a factor that varies from weight to
 /// weight: another encoder with the same inputs and outputs.

@@ -4,22 +4,11 @@
 mod common;
 
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Output;
 
 use common::*;
 use runtime::bundle::Bundle;
 use runtime::engine::Engine;
-
-fn runtime_cli(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_runtime"))
-        .args(args)
-        .output()
-        .expect("run runtime")
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().expect("utf-8 path")
-}
 
 fn ok(out: &Output) -> String {
     let stderr = String::from_utf8_lossy(&out.stderr).to_string();

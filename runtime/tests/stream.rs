@@ -18,10 +18,6 @@ fn classify(args: &[&str]) -> Output {
         .expect("run classify")
 }
 
-fn s(p: &Path) -> &str {
-    p.to_str().expect("utf-8 path")
-}
-
 /// `n` small grey PNGs, each a different shade, named img-NN.png.
 fn images(dir: &Path, n: usize) -> Vec<PathBuf> {
     (0..n)

@@ -15,8 +15,8 @@ use super::{
 };
 use crate::error::{Error, Result};
 use crate::onnx_proto::{
-    attribute_proto::AttributeType, tensor_proto::DataType, AttributeProto, GraphProto, ModelProto,
-    NodeProto, OperatorSetIdProto, TensorProto, ValueInfoProto,
+    tensor_proto::DataType, AttributeProto, GraphProto, ModelProto, NodeProto, OperatorSetIdProto,
+    TensorProto, ValueInfoProto,
 };
 
 /// ONNX Runtime (and protobuf) refuse a model file over 2 GiB.
@@ -158,7 +158,12 @@ pub fn merge_graphs(members: &[MemberGraph], output: &str) -> Result<Vec<u8>> {
         .map(|(i, e)| b.unit_scaled(e, i, &eps, &part_scale))
         .collect();
     let unit_refs: Vec<&str> = units.iter().map(String::as_str).collect();
-    b.push("Concat", &unit_refs, output, vec![attr_int("axis", 1)]);
+    b.push(
+        "Concat",
+        &unit_refs,
+        output,
+        vec![super::quantize::int_attr("axis", 1)],
+    );
     merged.output.push(joined_output(&output_infos, output));
     let model = ModelProto {
         ir_version,
@@ -239,15 +244,6 @@ fn rename_graph(g: &mut GraphProto, rename: &impl Fn(&str) -> String) {
     }
 }
 
-fn attr_int(name: &str, v: i64) -> AttributeProto {
-    AttributeProto {
-        name: name.into(),
-        r#type: AttributeType::Int as i32,
-        i: v,
-        ..Default::default()
-    }
-}
-
 /// Appends nodes and constants to the merged graph.
 struct Nodes<'a> {
     nodes: &'a mut Vec<NodeProto>,
@@ -305,13 +301,13 @@ impl Nodes<'_> {
             "Gather",
             &[&n("shape"), &n("minus_one")],
             &last,
-            vec![attr_int("axis", 0)],
+            vec![super::quantize::int_attr("axis", 0)],
         );
         self.push(
             "Concat",
             &[&last, &n("ones_shape_tail")],
             &n("ones_shape"),
-            vec![attr_int("axis", 0)],
+            vec![super::quantize::int_attr("axis", 0)],
         );
         let one = self.constant(&n("one"), &[], &[1.0]);
         self.push("Expand", &[&one, &n("ones_shape")], &n("ones"), vec![]);

@@ -273,7 +273,7 @@ fn attr<'a>(node: &'a NodeProto, name: &str) -> Option<&'a AttributeProto> {
     node.attribute.iter().find(|a| a.name == name)
 }
 
-fn int_attr(name: &str, v: i64) -> AttributeProto {
+pub(crate) fn int_attr(name: &str, v: i64) -> AttributeProto {
     AttributeProto {
         name: name.into(),
         r#type: AttributeType::Int as i32,

@@ -216,6 +216,19 @@ pub fn image_object(rows: u16, cols: u16, pixels: Vec<u16>, photometric: &str) -
 }
 
 /// A fresh temporary folder for one test, removed when the returned guard is dropped.
+/// `runtime ARGS`, waited for.
+pub fn runtime_cli(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_runtime"))
+        .args(args)
+        .output()
+        .expect("run runtime")
+}
+
+/// A path as a command-line argument.
+pub fn s(p: &Path) -> &str {
+    p.to_str().expect("utf-8 path")
+}
+
 pub fn tmpdir(name: &str) -> tempfile::TempDir {
     tempfile::Builder::new()
         .prefix(&format!("xray-clip-{name}-"))
