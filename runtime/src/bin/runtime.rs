@@ -244,8 +244,8 @@ enum Command {
     },
     /// One bundle from several trained for the same labels (same templates and preprocessing):
     /// their encoders side by side in one graph, so it scores an image by the members' mean
-    /// cosine similarity to each label. classify, eval, serve and the page run it as any bundle;
-    /// calibrate it afterwards (the members' calibrations do not carry over).
+    /// cosine similarity to each label. The result is a normal bundle; calibrate it afterwards
+    /// (the members' calibrations do not carry over).
     Ensemble {
         /// The member bundles, two or more.
         #[arg(value_name = "BUNDLE", required = true, num_args = 2..)]

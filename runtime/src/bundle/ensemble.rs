@@ -37,16 +37,8 @@ pub struct MemberGraph<'a> {
 /// The members' graphs merged into one: one input (the first member's name and type), one output
 /// (named `output`, `[batch, sum of the members' dims]`), member `i`'s names prefixed `m{i}/`.
 pub fn merge_graphs(members: &[MemberGraph], output: &str) -> Result<Vec<u8>> {
-    let bad = |path: &Path, reason: String| Error::Bundle {
-        bundle: path.to_path_buf(),
-        reason,
-    };
-    if members.len() < 2 {
-        return Err(Error::Ensemble(
-            "an ensemble needs at least two members".into(),
-        ));
-    }
-    let scale = 1.0 / (members.len() as f32).sqrt();
+    at_least_two(members.len())?;
+    let scale = member_scale(members.len());
     let mut merged = GraphProto {
         name: "ensemble".into(),
         ..Default::default()
@@ -58,7 +50,7 @@ pub fn merge_graphs(members: &[MemberGraph], output: &str) -> Result<Vec<u8>> {
     let mut output_infos = Vec::new();
     for (i, m) in members.iter().enumerate() {
         let model = ModelProto::decode(m.bytes)
-            .map_err(|e| bad(&m.path, format!("not an ONNX model: {e}")))?;
+            .map_err(|e| Error::bundle(&m.path, format!("not an ONNX model: {e}")))?;
         ir_version = ir_version.max(model.ir_version);
         for o in &model.opset_import {
             let domain = if o.domain == "ai.onnx" { "" } else { &o.domain };
@@ -68,7 +60,7 @@ pub fn merge_graphs(members: &[MemberGraph], output: &str) -> Result<Vec<u8>> {
                     None => default_opset = Some(o.version),
                     Some(v) if v == o.version => {}
                     Some(v) => {
-                        return Err(bad(
+                        return Err(Error::bundle(
                             &m.path,
                             format!("opset {} where the first member has opset {v}: export the members with the same opset", o.version),
                         ))
@@ -78,19 +70,21 @@ pub fn merge_graphs(members: &[MemberGraph], output: &str) -> Result<Vec<u8>> {
             let v = opsets.entry(domain.to_string()).or_insert(0);
             *v = (*v).max(o.version);
         }
-        let mut graph = model.graph.ok_or_else(|| bad(&m.path, "no graph".into()))?;
+        let mut graph = model
+            .graph
+            .ok_or_else(|| Error::bundle(&m.path, "no graph"))?;
         let input = graph
             .input
             .iter()
             .find(|v| v.name == m.input)
             .cloned()
-            .ok_or_else(|| bad(&m.path, format!("has no input {:?}", m.input)))?;
+            .ok_or_else(|| Error::bundle(&m.path, format!("has no input {:?}", m.input)))?;
         let out_info = graph
             .output
             .iter()
             .find(|v| v.name == m.output)
             .cloned()
-            .ok_or_else(|| bad(&m.path, format!("has no output {:?}", m.output)))?;
+            .ok_or_else(|| Error::bundle(&m.path, format!("has no output {:?}", m.output)))?;
         output_infos.push(out_info);
         let inputs = graph
             .input
@@ -98,7 +92,7 @@ pub fn merge_graphs(members: &[MemberGraph], output: &str) -> Result<Vec<u8>> {
             .filter(|v| !graph.initializer.iter().any(|t| t.name == v.name))
             .count();
         if inputs != 1 {
-            return Err(bad(
+            return Err(Error::bundle(
                 &m.path,
                 format!("has {inputs} inputs: only single-input encoders can be merged"),
             ));
@@ -108,9 +102,9 @@ pub fn merge_graphs(members: &[MemberGraph], output: &str) -> Result<Vec<u8>> {
             .iter()
             .any(|t| t.data_location == Some(1) || !t.external_data.is_empty())
         {
-            return Err(bad(
+            return Err(Error::bundle(
                 &m.path,
-                "keeps weights in external files: save it as one file first".into(),
+                "keeps weights in external files: save it as one file first",
             ));
         }
         let common_input = members[0].input;
@@ -140,7 +134,7 @@ pub fn merge_graphs(members: &[MemberGraph], output: &str) -> Result<Vec<u8>> {
     }
     let default_opset = default_opset.unwrap_or(1);
     if default_opset < MIN_OPSET {
-        return Err(bad(
+        return Err(Error::bundle(
             &members[0].path,
             format!("opset {default_opset}: merging needs opset {MIN_OPSET} or later"),
         ));
@@ -183,6 +177,20 @@ pub fn merge_graphs(members: &[MemberGraph], output: &str) -> Result<Vec<u8>> {
         )));
     }
     Ok(bytes)
+}
+
+fn at_least_two(members: usize) -> Result<()> {
+    if members < 2 {
+        return Err(Error::Ensemble(
+            "an ensemble needs at least two members".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// What each member's unit embedding is multiplied by: N such parts side by side have norm 1.
+fn member_scale(members: usize) -> f32 {
+    1.0 / (members as f32).sqrt()
 }
 
 /// The merged output's declared type: the first member's (float, `[batch, D]`) with D the sum of
@@ -323,14 +331,8 @@ impl Nodes<'_> {
 /// The manifest and files of the ensemble of `members` (at least two bundles with the same labels,
 /// templates and preprocessing), written to `out` as a new bundle named `name`.
 pub fn write_ensemble(members: &[Bundle], name: &str, out: &Path, force: bool) -> Result<Bundle> {
-    let first = members
-        .first()
-        .ok_or_else(|| Error::Ensemble("an ensemble needs at least two members".into()))?;
-    if members.len() < 2 {
-        return Err(Error::Ensemble(
-            "an ensemble needs at least two members".into(),
-        ));
-    }
+    at_least_two(members.len())?;
+    let first = &members[0];
     for m in members {
         check_compatible(first, m)?;
     }
@@ -379,7 +381,7 @@ pub fn write_ensemble(members: &[Bundle], name: &str, out: &Path, force: bool) -
     };
 
     // Label embeddings: each member's (normalised on load) scaled by 1/sqrt(N), side by side.
-    let scale = 1.0 / (members.len() as f32).sqrt();
+    let scale = member_scale(members.len());
     let labels = first.manifest.labels.len();
     let dim: usize = members.iter().map(|m| m.manifest.embedding_dim).sum();
     let mut embeddings = Vec::with_capacity(labels * dim);
