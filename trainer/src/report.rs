@@ -13,7 +13,8 @@ use crate::error::{Error, Result};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
 pub enum Select {
-    /// The epoch with the best top-1 on the validation rows (needs --val).
+    /// The epoch with the best top-1 on the validation rows, ties to the lower validation loss
+    /// (needs --val).
     BestVal,
     /// The last epoch (the reference experiment's choice).
     Last,
@@ -50,7 +51,8 @@ pub struct EpochMetrics {
 pub struct RunState {
     pub epoch: usize,
     pub metrics: Vec<EpochMetrics>,
-    /// The epoch with the best validation top-1 so far (the last one without validation rows).
+    /// The epoch with the best validation top-1 so far, ties to the lower validation loss (the last
+    /// one without validation rows).
     pub best_epoch: usize,
     #[serde(default)]
     pub best_val_top1: Option<f64>,

@@ -278,6 +278,33 @@ pub fn mixup(pixels: &Tensor, alpha: f64, seed: u64) -> Result<(Tensor, Mix)> {
     Ok((mixed, Mix { lambda, partner }))
 }
 
+/// Keeps `state.best_epoch` on the best epoch so far: the higher validation top-1, ties to the
+/// lower validation loss (on a hundred rows top-1 moves by whole images and ties for many epochs;
+/// the loss still tells a model that kept improving from an early lucky one); without validation
+/// rows, the newest epoch. `epoch`'s metrics are already in `state.metrics`.
+fn update_best(state: &mut RunState, epoch: usize, top1: Option<f64>, loss: Option<f64>) {
+    let Some(top1) = top1 else {
+        state.best_epoch = epoch;
+        return;
+    };
+    let better = match state.best_val_top1 {
+        None => true,
+        Some(best) => {
+            let best_loss = state
+                .metrics
+                .iter()
+                .find(|m| m.epoch == state.best_epoch)
+                .and_then(|m| m.val_loss);
+            top1 > best
+                || (top1 == best && matches!((loss, best_loss), (Some(l), Some(b)) if l < b))
+        }
+    };
+    if better {
+        state.best_epoch = epoch;
+        state.best_val_top1 = Some(top1);
+    }
+}
+
 /// Trains (or resumes) one run in `run_dir`; at the end the selected epoch (best validation
 /// top-1, or the last) scores the test images once.
 pub fn run(
@@ -526,14 +553,7 @@ pub fn run(
         }
         state.metrics.push(m);
         state.epoch = epoch;
-        match val_top1 {
-            Some(v) if state.best_val_top1.is_none_or(|b| v > b) => {
-                state.best_epoch = epoch;
-                state.best_val_top1 = Some(v);
-            }
-            Some(_) => {}
-            None => state.best_epoch = epoch,
-        }
+        update_best(&mut state, epoch, val_top1, val_loss);
         state.loss_scale = scaler.scale;
         state.average_updates = average.as_ref().map_or(0, |a| a.updates);
         let state_json = serde_json::to_vec_pretty(&state).expect("state serialises");
@@ -684,6 +704,50 @@ fn prune_checkpoints(run_dir: &Path, state: &RunState, keep: usize) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_best_epoch_breaks_top1_ties_by_the_lower_validation_loss() {
+        let mut state = RunState {
+            epoch: 0,
+            metrics: Vec::new(),
+            best_epoch: 0,
+            best_val_top1: None,
+            loss_scale: 1.0,
+            average_updates: 0,
+        };
+        // (top-1, loss) per epoch: 2 ties 1 with a lower loss, 3 ties with a higher one, 4 is
+        // worse on top-1 with the lowest loss, 5 ties with the lowest loss of the tied epochs.
+        let epochs = [
+            (0.80, 0.50),
+            (0.90, 0.45),
+            (0.90, 0.40),
+            (0.90, 0.42),
+            (0.85, 0.30),
+        ];
+        let mut chosen = Vec::new();
+        for (i, &(top1, loss)) in epochs.iter().chain([(0.90, 0.39)].iter()).enumerate() {
+            let epoch = i + 1;
+            state.metrics.push(EpochMetrics {
+                epoch,
+                train_loss: 1.0,
+                lr: 1e-3,
+                val_top1: Some(top1),
+                val_loss: Some(loss),
+                test_top1: None,
+                val_top1_live: None,
+                seconds: 1.0,
+                steps: 1,
+                skipped_steps: 0,
+            });
+            update_best(&mut state, epoch, Some(top1), Some(loss));
+            chosen.push(state.best_epoch);
+        }
+        assert_eq!(chosen, [1, 2, 3, 3, 3, 6]);
+        assert_eq!(state.best_val_top1, Some(0.90));
+        // Without validation rows: the newest epoch.
+        update_best(&mut state, 7, None, None);
+        assert_eq!(state.best_epoch, 7);
+    }
 
     /// mixup blends each image with its partner by lambda, pairs by a permutation, and repeats
     /// itself for a seed (resumed runs stay exact).
