@@ -71,6 +71,33 @@ fn clip8(v: i32) -> u8 {
     }
 }
 
+/// `fn $name(args)`: runs `$pass(args)` compiled for AVX2 when the CPU has it (the taps' dot
+/// products then use 8-lane integer multiplies, which the x86-64 baseline, SSE2, lacks),
+/// else as compiled. Same arithmetic, same result: only the instructions differ. The pass is
+/// inlined into a function of its own with the feature enabled (a closure handed to such a
+/// function is compiled apart, for the baseline, and never gets the wider instructions).
+macro_rules! best_simd {
+    ($name:ident => $pass:ident($($arg:ident: $ty:ty),*)) => {
+        fn $name($($arg: $ty),*) {
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx2")]
+                unsafe fn avx2($($arg: $ty),*) {
+                    $pass($($arg),*)
+                }
+                if std::arch::is_x86_feature_detected!("avx2") {
+                    // SAFETY: the CPU supports AVX2 (checked just above).
+                    return unsafe { avx2($($arg),*) };
+                }
+            }
+            $pass($($arg),*)
+        }
+    };
+}
+
+best_simd!(run_horizontal_pass => horizontal_pass(src: &[u8], w: usize, channels: usize, co: &Coefficients, out: &mut [u8]));
+best_simd!(run_vertical_pass => vertical_pass(src: &[u8], stride: usize, co: &Coefficients, out: &mut [u8]));
+
 /// Separable bicubic resize of interleaved 8-bit samples in Pillow's order: horizontal pass, then
 /// vertical, except when the height shrinks by more than twice as many pixels as the width (then
 /// vertical first, as Pillow 13's `ImagingResampleInner`; the order changes the rounding).
@@ -88,7 +115,7 @@ pub fn resample_bicubic(
         (out_h != h).then(|| {
             let co = precompute_coefficients(h, out_h);
             let mut out = vec![0u8; out_h * width * channels];
-            with_best_simd(|| vertical_pass(src, width * channels, &co, &mut out));
+            run_vertical_pass(src, width * channels, &co, &mut out);
             out
         })
     };
@@ -96,7 +123,7 @@ pub fn resample_bicubic(
         (out_w != w).then(|| {
             let co = precompute_coefficients(w, out_w);
             let mut out = vec![0u8; out_w * rows * channels];
-            with_best_simd(|| horizontal_pass(src, w, channels, &co, &mut out));
+            run_horizontal_pass(src, w, channels, &co, &mut out);
             out
         })
     };
@@ -109,26 +136,6 @@ pub fn resample_bicubic(
             None => vertical(src, w).unwrap_or_else(|| src.to_vec()),
         }
     }
-}
-
-/// Runs `pass` compiled for AVX2 when the CPU has it (the taps' dot products then use 8-lane
-/// integer multiplies, which the x86-64 baseline, SSE2, lacks), else as compiled. Same arithmetic,
-/// same result: only the instructions differ.
-#[inline(always)]
-fn with_best_simd(pass: impl FnOnce()) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        #[target_feature(enable = "avx2")]
-        unsafe fn avx2(pass: impl FnOnce()) {
-            pass()
-        }
-        if std::arch::is_x86_feature_detected!("avx2") {
-            // SAFETY: the CPU supports AVX2 (checked just above).
-            unsafe { avx2(pass) };
-            return;
-        }
-    }
-    pass()
 }
 
 /// Each row resampled along x. Integer arithmetic wraps as Pillow's C (it never overflows: the
