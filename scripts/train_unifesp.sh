@@ -71,13 +71,13 @@ esac
 [ "$RECIPE" = reference ] && MEMBERS=1
 # Member 0's files are init, run, train.log, time.txt; member i's init<i>, run<i>, ...
 suffix() { [ "$1" = 0 ] || echo "$1"; }
+# Whether the options after the recipe include $1 (followed by a space or "=").
+given() { case " ${EXTRA[*]-} " in *" $1"[\ =]*) return 0 ;; *) return 1 ;; esac; }
 RECIPE_OPTS=()
 if [ "$MEMBERS" = 1 ] && [ "$RECIPE" = best ]; then
   # --recipe scratch's 110 epochs of 34 steps (1079 rows, the rest validating) were what was
   # validated; with --val 0 an epoch is 38 steps, so 98 epochs are the same 3724 steps, in 30 min.
-  case " ${EXTRA[*]-} " in
-    *" --val 0 "*) case " ${EXTRA[*]-} " in *" --epochs "*) ;; *) RECIPE_OPTS+=(--epochs 98) ;; esac ;;
-  esac
+  given "--val 0" && ! given --epochs && RECIPE_OPTS+=(--epochs 98)
 fi
 if [ "$MEMBERS" -gt 1 ]; then
   # Side by side, one core each: small convolutions use a second core poorly (two one-thread
@@ -88,14 +88,11 @@ if [ "$MEMBERS" -gt 1 ]; then
   # With --val 0 a member trains on 1199 rows, not 1079: 54 epochs are the same 2052 steps
   # (38 a epoch) as the validation run's 60 (34 a epoch), in the same time.
   EPOCHS=60
-  case " ${EXTRA[*]-} " in *" --val 0 "*) EPOCHS=54 ;; esac
-  case " ${EXTRA[*]-} " in *" --epochs "*) ;; *) RECIPE_OPTS+=(--epochs "$EPOCHS") ;; esac
-  case " ${EXTRA[*]-} " in *" --select "*) ;; *) RECIPE_OPTS+=(--select last) ;; esac
+  given "--val 0" && EPOCHS=54
+  given --epochs || RECIPE_OPTS+=(--epochs "$EPOCHS")
+  given --select || RECIPE_OPTS+=(--select last)
   # As the ensemble was measured (before the recipe froze the token table).
-  case " ${EXTRA[*]-} " in
-    *" --freeze-token-embedding"*) ;;
-    *) RECIPE_OPTS+=(--freeze-token-embedding false) ;;
-  esac
+  given --freeze-token-embedding || RECIPE_OPTS+=(--freeze-token-embedding false)
 fi
 for ((i = 0; i < MEMBERS; i++)); do
   "$BIN/trainer" init --config rn-small --seed "$i" --out "$OUT/init$(suffix "$i")" "${F[@]}"

@@ -73,18 +73,14 @@ pub fn merge_graphs(members: &[MemberGraph], output: &str) -> Result<Vec<u8>> {
         let mut graph = model
             .graph
             .ok_or_else(|| Error::bundle(&m.path, "no graph"))?;
-        let input = graph
-            .input
-            .iter()
-            .find(|v| v.name == m.input)
-            .cloned()
-            .ok_or_else(|| Error::bundle(&m.path, format!("has no input {:?}", m.input)))?;
-        let out_info = graph
-            .output
-            .iter()
-            .find(|v| v.name == m.output)
-            .cloned()
-            .ok_or_else(|| Error::bundle(&m.path, format!("has no output {:?}", m.output)))?;
+        let named = |list: &[ValueInfoProto], name: &str, what: &str| {
+            list.iter()
+                .find(|v| v.name == name)
+                .cloned()
+                .ok_or_else(|| Error::bundle(&m.path, format!("has no {what} {name:?}")))
+        };
+        let input = named(&graph.input, m.input, "input")?;
+        let out_info = named(&graph.output, m.output, "output")?;
         output_infos.push(out_info);
         let inputs = graph
             .input

@@ -49,7 +49,8 @@ pub struct FinetuneArgs {
     /// did: split reference, bare class names as training text, contrastive loss, Adam lr 2e-6,
     /// StepLR(10, 0.1), 50 epochs, the last epoch reported, test scored every epoch) or `scratch`
     /// (training from random weights: class-aware loss, AdamW lr 1e-3, cosine with warm-up, 110
-    /// epochs, full augmentation, token table frozen, best validation epoch). Options given explicitly win.
+    /// epochs, full augmentation, token table frozen, best validation epoch). Options given
+    /// explicitly win.
     #[arg(long)]
     pub recipe: Option<Recipe>,
     /// Learning rate(s); several, comma-separated, run a sweep, the best on validation kept
