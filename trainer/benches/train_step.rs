@@ -11,7 +11,7 @@ use clap::Parser;
 use tch::{nn, Device, Kind, Tensor};
 use trainer::model::{Clip, ClipConfig};
 use trainer::optim::{Adam, AdamConfig, LossScaler};
-use trainer::train::{train_step, LossKind};
+use trainer::train::{train_step, ClassAwareLoss, LossKind};
 
 #[derive(Parser)]
 struct Args {
@@ -106,8 +106,7 @@ fn main() -> anyhow::Result<()> {
             &pixels,
             &pairs,
             &ids,
-            0.0,
-            None,
+            &ClassAwareLoss::default(),
             amp,
         );
         sync();

@@ -91,6 +91,11 @@ pub struct TrainOptions {
     /// Class-aware loss: mixup with this Beta(alpha, alpha) (None: off); see [`mixup`].
     #[serde(default)]
     pub mixup: Option<f64>,
+    /// Class-aware loss: logit adjustment (Menon et al. 2021), `tau * ln(prior)` of each label's
+    /// share of the training rows added to the training logits only (0: off); see
+    /// [`logit_offsets`].
+    #[serde(default)]
+    pub logit_adjust: f64,
 }
 
 fn no_augment() -> Augment {
@@ -128,6 +133,7 @@ impl Default for TrainOptions {
             weight_average: None,
             label_smoothing: 0.0,
             mixup: None,
+            logit_adjust: 0.0,
         }
     }
 }
@@ -255,6 +261,34 @@ pub fn geometric_jitter(pixels: &Tensor, seed: u64) -> Tensor {
 /// A batch blended with a shuffled copy of itself (mixup, Zhang et al. 2018): image `i` becomes
 /// `lambda * x[i] + (1 - lambda) * x[partner[i]]` and its loss the same blend of the losses
 /// against both labels.
+/// What the class-aware loss adds to plain cross-entropy (see [`train_step`]).
+#[derive(Default)]
+pub struct ClassAwareLoss<'a> {
+    /// The share of each target spread evenly over all labels.
+    pub label_smoothing: f64,
+    /// Blends the losses against the labels of the mixed images' two sources.
+    pub mix: Option<&'a Mix>,
+    /// `[labels]`, added to each image's logits before the loss (logit adjustment).
+    pub logit_offsets: Option<&'a Tensor>,
+}
+
+/// `tau * ln(share)` per label, the share of the training rows with that label (a label absent
+/// from them counts once, so its offset stays finite): added to the training logits, it makes the
+/// loss (and so the model's plain logits) aim at balanced accuracy instead of following the
+/// training rows' label frequencies (Menon et al., "Long-tail learning via logit adjustment",
+/// 2021). Rare labels need larger margins to win in training, so they win more often in use.
+pub fn logit_offsets(labels: &[usize], num_labels: usize, tau: f64) -> Vec<f32> {
+    let mut counts = vec![0usize; num_labels];
+    for &l in labels {
+        counts[l] += 1;
+    }
+    let total = labels.len().max(1) as f64;
+    counts
+        .iter()
+        .map(|&c| (tau * (c.max(1) as f64 / total).ln()) as f32)
+        .collect()
+}
+
 pub struct Mix {
     pub lambda: f64,
     /// `[n]` int64: the index of each image's partner in the batch.
@@ -412,6 +446,10 @@ pub fn run(
         &serde_json::to_vec_pretty(&config_json).expect("json"),
     )?;
 
+    let offsets = (opts.logit_adjust != 0.0).then(|| {
+        let o = logit_offsets(&inputs.train.labels, inputs.labels.len(), opts.logit_adjust);
+        Tensor::from_slice(&o).to_device(device)
+    });
     let n = inputs.train.len();
     let steps_per_epoch = n.div_ceil(opts.batch_size);
     let base_lr = opts.adam.lr;
@@ -466,8 +504,11 @@ pub fn run(
                 &pixels,
                 &labels,
                 &train_tokens,
-                opts.label_smoothing,
-                mix.as_ref(),
+                &ClassAwareLoss {
+                    label_smoothing: opts.label_smoothing,
+                    mix: mix.as_ref(),
+                    logit_offsets: offsets.as_ref(),
+                },
                 amp,
             );
             if !value.is_finite() {
@@ -613,9 +654,8 @@ pub fn run(
 
 /// One optimisation step of `finetune` (and of the training-step benchmark): forward under fp16
 /// autocast when `amp`, the loss, the scaled backward pass and the Adam step. `tokens` holds one
-/// prompt per label; `labels` the batch's label indices; `label_smoothing` (class-aware loss)
-/// spreads that share of each target evenly over all labels; `mix` (class-aware loss) blends the
-/// losses against the labels of the mixed images' two sources. Returns the loss and whether the
+/// prompt per label; `labels` the batch's label indices; `class_aware` what the class-aware loss
+/// adds (the contrastive loss ignores it). Returns the loss and whether the
 /// step was applied (the loss scaler skips steps whose gradients overflowed); a non-finite loss is
 /// returned without a step.
 #[allow(clippy::too_many_arguments)]
@@ -627,8 +667,7 @@ pub fn train_step(
     pixels: &Tensor,
     labels: &Tensor,
     tokens: &Tensor,
-    label_smoothing: f64,
-    mix: Option<&Mix>,
+    class_aware: &ClassAwareLoss,
     amp: bool,
 ) -> (f64, bool) {
     let loss = tch::autocast(amp, || {
@@ -644,17 +683,20 @@ pub fn train_step(
             }
             LossKind::ClassAware => {
                 let txt = model.text_features(tokens);
-                let logits = model.logits(&img, &txt).to_kind(Kind::Float);
+                let mut logits = model.logits(&img, &txt).to_kind(Kind::Float);
+                if let Some(offsets) = class_aware.logit_offsets {
+                    logits += offsets;
+                }
                 let ce = |targets: &Tensor| {
                     logits.cross_entropy_loss::<Tensor>(
                         targets,
                         None,
                         tch::Reduction::Mean,
                         -100,
-                        label_smoothing,
+                        class_aware.label_smoothing,
                     )
                 };
-                match mix {
+                match class_aware.mix {
                     None => ce(labels),
                     Some(m) => {
                         ce(labels) * m.lambda
@@ -776,6 +818,69 @@ mod tests {
         assert!(lambdas.iter().any(|&l| l < 0.1) && lambdas.iter().any(|&l| l > 0.9));
     }
 
+    #[test]
+    fn logit_offsets_are_tau_times_the_log_share_of_each_label() {
+        let o = logit_offsets(&[0, 0, 0, 1], 3, 0.5);
+        let expect = [
+            0.5 * (0.75f64).ln(),
+            0.5 * (0.25f64).ln(),
+            0.5 * (0.25f64).ln(),
+        ];
+        for (got, want) in o.iter().zip(expect) {
+            assert!((*got as f64 - want).abs() < 1e-6, "{o:?}");
+        }
+    }
+
+    /// Offsets shift the training logits: the same for every label, the loss stays (softmax
+    /// ignores a common shift); raised for the true labels, the loss falls.
+    #[test]
+    fn logit_offsets_shift_the_class_aware_loss() {
+        use crate::model::{Clip, ClipConfig};
+        use crate::optim::{Adam, AdamConfig, LossScaler};
+        tch::manual_seed(5);
+        let config = ClipConfig::preset("rn-tiny").unwrap();
+        let vs = nn::VarStore::new(Device::Cpu);
+        let model = Clip::new(&vs.root(), &config);
+        let params: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
+        let mut adam = Adam::new(
+            params,
+            AdamConfig {
+                lr: 0.0,
+                ..AdamConfig::default()
+            },
+        );
+        let mut scaler = LossScaler::new(false);
+        let s = config.vision_config.image_size;
+        let pixels = Tensor::randn([3, 3, s, s], (Kind::Float, Device::Cpu));
+        let tokens =
+            Tensor::from_slice(&[49406i64, 320, 49407, 49406, 321, 49407, 49406, 322, 49407])
+                .view([3, 3]);
+        let labels = Tensor::from_slice(&[0i64, 0, 0]);
+        let mut loss = |offsets: Option<&Tensor>| {
+            let (value, applied) = train_step(
+                &model,
+                &mut adam,
+                &mut scaler,
+                LossKind::ClassAware,
+                &pixels,
+                &labels,
+                &tokens,
+                &ClassAwareLoss {
+                    logit_offsets: offsets,
+                    ..Default::default()
+                },
+                false,
+            );
+            assert!(applied);
+            value
+        };
+        let plain = loss(None);
+        let shifted = loss(Some(&Tensor::from_slice(&[-2.0f32, -2.0, -2.0])));
+        let favoured = loss(Some(&Tensor::from_slice(&[1.0f32, 0.0, 0.0])));
+        assert!((plain - shifted).abs() < 1e-5, "{plain} vs {shifted}");
+        assert!(favoured < plain - 0.1, "{favoured} vs {plain}");
+    }
+
     /// A mixed batch's loss is the lambda blend of its losses against both label sets.
     #[test]
     fn mixed_loss_blends_the_two_label_losses() {
@@ -814,8 +919,11 @@ mod tests {
                 &pixels,
                 labels,
                 &tokens,
-                0.1,
-                mix,
+                &ClassAwareLoss {
+                    label_smoothing: 0.1,
+                    mix,
+                    logit_offsets: None,
+                },
                 false,
             );
             assert!(applied);

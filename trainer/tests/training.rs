@@ -274,8 +274,8 @@ fn the_weight_average_is_the_model_and_resumes_exactly() {
 }
 
 /// `--crop none` is the run's preprocessing, the checkpoints' (so `trainer predict` sees what
-/// training saw) and the exported bundle's; `--label-smoothing` and `--mixup` train and are
-/// recorded.
+/// training saw) and the exported bundle's; `--label-smoothing`, `--mixup` and `--logit-adjust`
+/// train and are recorded.
 #[test]
 fn crop_none_reaches_the_checkpoints_and_the_bundle() {
     let dir_tmp = tmp("crop");
@@ -300,6 +300,8 @@ fn crop_none_reaches_the_checkpoints_and_the_bundle() {
             "0.1",
             "--mixup",
             "0.4",
+            "--logit-adjust",
+            "0.5",
             "--export",
             s(&bundle),
         ],
@@ -319,6 +321,7 @@ fn crop_none_reaches_the_checkpoints_and_the_bundle() {
     let training = &manifest["provenance"]["training"];
     assert_eq!(training["label_smoothing"], 0.1, "{manifest}");
     assert_eq!(training["mixup"], 0.4, "{manifest}");
+    assert_eq!(training["logit_adjust"], 0.5, "{manifest}");
     assert_eq!(training["crop"], "none", "{manifest}");
     // HF's reading of the same: a square size, no centre crop.
     let hf = json(bundle.join("preprocessor_config.json"));
@@ -577,6 +580,28 @@ fn bad_input_is_a_clear_error() {
             &["--mixup", "0.2"],
         ),
         "--mixup needs --loss class-aware",
+    );
+    one_error_line(
+        &finetune(
+            &data,
+            &test,
+            &init,
+            &dir.join("r11"),
+            "1",
+            &["--loss", "class-aware", "--logit-adjust", "-1"],
+        ),
+        "--logit-adjust -1 is not a weight TAU >= 0",
+    );
+    one_error_line(
+        &finetune(
+            &data,
+            &test,
+            &init,
+            &dir.join("r12"),
+            "1",
+            &["--logit-adjust", "1"],
+        ),
+        "--logit-adjust needs --loss class-aware",
     );
 
     // Missing init folder, unknown preset.

@@ -139,6 +139,11 @@ pub struct FinetuneArgs {
     /// drawn from Beta(ALPHA, ALPHA), the loss blended alike; 0: off [default: 0].
     #[arg(long, value_name = "ALPHA", allow_negative_numbers = true)]
     pub mixup: Option<f64>,
+    /// Class-aware loss: logit adjustment for rare labels, TAU * ln(share of the training rows)
+    /// of each label added to the training logits only (Menon et al. 2021; 1 is the paper's
+    /// choice); 0: off [default: 0].
+    #[arg(long, value_name = "TAU", allow_negative_numbers = true)]
+    pub logit_adjust: Option<f64>,
     /// Also score the test images after every epoch (as the reference did; nothing is chosen on
     /// them).
     #[arg(long)]
@@ -245,6 +250,7 @@ struct Settings {
     crop: Option<Crop>,
     label_smoothing: f64,
     mixup: f64,
+    logit_adjust: f64,
 }
 
 fn settings(a: &FinetuneArgs) -> Settings {
@@ -271,6 +277,7 @@ fn settings(a: &FinetuneArgs) -> Settings {
         crop: None,
         label_smoothing: 0.0,
         mixup: 0.0,
+        logit_adjust: 0.0,
     };
     let unifesp = a.dataset == DatasetKind::Unifesp;
     match a.recipe {
@@ -335,6 +342,7 @@ fn settings(a: &FinetuneArgs) -> Settings {
         crop: a.crop.or(d.crop),
         label_smoothing: a.label_smoothing.unwrap_or(d.label_smoothing),
         mixup: a.mixup.unwrap_or(d.mixup),
+        logit_adjust: a.logit_adjust.unwrap_or(d.logit_adjust),
     }
 }
 
@@ -489,6 +497,18 @@ pub fn finetune(a: &FinetuneArgs) -> Result<Vec<train::RunResult>> {
     if st.mixup > 0.0 && st.loss != LossKind::ClassAware {
         return Err(Error::Usage(
             "--mixup needs --loss class-aware (the contrastive loss has no fixed labels)".into(),
+        ));
+    }
+    if !(st.logit_adjust >= 0.0 && st.logit_adjust.is_finite()) {
+        return Err(Error::Usage(format!(
+            "--logit-adjust {} is not a weight TAU >= 0 (0: off)",
+            st.logit_adjust
+        )));
+    }
+    if st.logit_adjust > 0.0 && st.loss != LossKind::ClassAware {
+        return Err(Error::Usage(
+            "--logit-adjust needs --loss class-aware (the contrastive loss has no fixed labels)"
+                .into(),
         ));
     }
     if !(0.0..1.0).contains(&st.weight_average) {
@@ -664,6 +684,7 @@ pub fn finetune(a: &FinetuneArgs) -> Result<Vec<train::RunResult>> {
             weight_average: (st.weight_average > 0.0).then_some(st.weight_average),
             label_smoothing: st.label_smoothing,
             mixup: (st.mixup > 0.0).then_some(st.mixup),
+            logit_adjust: st.logit_adjust,
         };
         let dir = if st.lr.len() == 1 {
             out.clone()
@@ -709,7 +730,7 @@ pub fn finetune(a: &FinetuneArgs) -> Result<Vec<train::RunResult>> {
             "warmup_epochs": st.warmup_epochs, "epochs": st.epochs, "batch_size": st.batch_size,
             "optimizer": st.optimizer, "weight_decay": st.weight_decay, "betas": [a.beta1, a.beta2],
             "eps": a.eps, "loss": st.loss, "seed": a.seed, "train_template": st.train_template,
-            "augment": st.augment, "balanced": st.balanced, "test_time_flip": st.test_time_flip, "weight_average": st.weight_average, "label_smoothing": st.label_smoothing, "mixup": st.mixup, "freeze_token_embedding": st.freeze_token_embedding, "crop": cfg.crop, "val": st.val, "select": st.select,
+            "augment": st.augment, "balanced": st.balanced, "test_time_flip": st.test_time_flip, "weight_average": st.weight_average, "label_smoothing": st.label_smoothing, "mixup": st.mixup, "logit_adjust": st.logit_adjust, "freeze_token_embedding": st.freeze_token_embedding, "crop": cfg.crop, "val": st.val, "select": st.select,
             "selected_epoch": best.test.epoch, "train_images": train_set.len(),
             "val_images": val_set.as_ref().map_or(0, |v| v.len()), "test_images": test_set.len(),
             "device": crate::device::name(device),
@@ -894,5 +915,8 @@ mod tests {
         assert!(settings(&args(&["--freeze-token-embedding"])).freeze_token_embedding);
         let mixup = ["--recipe", "scratch", "--mixup", "0.2"];
         assert_eq!(settings(&args(&mixup)).mixup, 0.2);
+        assert_eq!(st.logit_adjust, 0.0);
+        let adjusted = ["--recipe", "scratch", "--logit-adjust", "1"];
+        assert_eq!(settings(&args(&adjusted)).logit_adjust, 1.0);
     }
 }
