@@ -831,48 +831,77 @@ mod tests {
         }
     }
 
-    /// Offsets shift the training logits: the same for every label, the loss stays (softmax
-    /// ignores a common shift); raised for the true labels, the loss falls.
-    #[test]
-    fn logit_offsets_shift_the_class_aware_loss() {
-        use crate::model::{Clip, ClipConfig};
-        use crate::optim::{Adam, AdamConfig, LossScaler};
-        tch::manual_seed(5);
-        let config = ClipConfig::preset("rn-tiny").unwrap();
-        let vs = nn::VarStore::new(Device::Cpu);
-        let model = Clip::new(&vs.root(), &config);
-        let params: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
-        let mut adam = Adam::new(
-            params,
-            AdamConfig {
-                lr: 0.0,
-                ..AdamConfig::default()
-            },
-        );
-        let mut scaler = LossScaler::new(false);
-        let s = config.vision_config.image_size;
-        let pixels = Tensor::randn([3, 3, s, s], (Kind::Float, Device::Cpu));
-        let tokens =
-            Tensor::from_slice(&[49406i64, 320, 49407, 49406, 321, 49407, 49406, 322, 49407])
-                .view([3, 3]);
-        let labels = Tensor::from_slice(&[0i64, 0, 0]);
-        let mut loss = |offsets: Option<&Tensor>| {
-            let (value, applied) = train_step(
-                &model,
-                &mut adam,
-                &mut scaler,
-                LossKind::ClassAware,
-                &pixels,
-                &labels,
-                &tokens,
-                &ClassAwareLoss {
-                    logit_offsets: offsets,
-                    ..Default::default()
+    /// A rn-tiny model whose optimiser steps at lr 0 (so the weights stay as they are and every
+    /// loss it returns is of one model), a batch of random images and three one-token prompts.
+    struct FixedModel {
+        _vs: nn::VarStore,
+        model: crate::model::Clip,
+        adam: crate::optim::Adam,
+        scaler: crate::optim::LossScaler,
+        pixels: Tensor,
+        tokens: Tensor,
+    }
+
+    impl FixedModel {
+        fn new(seed: i64, batch: i64) -> Self {
+            use crate::model::{Clip, ClipConfig};
+            use crate::optim::{Adam, AdamConfig, LossScaler};
+            tch::manual_seed(seed);
+            let config = ClipConfig::preset("rn-tiny").unwrap();
+            let vs = nn::VarStore::new(Device::Cpu);
+            let model = Clip::new(&vs.root(), &config);
+            let params: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
+            let adam = Adam::new(
+                params,
+                AdamConfig {
+                    lr: 0.0,
+                    ..AdamConfig::default()
                 },
+            );
+            let s = config.vision_config.image_size;
+            FixedModel {
+                _vs: vs,
+                model,
+                adam,
+                scaler: LossScaler::new(false),
+                pixels: Tensor::randn([batch, 3, s, s], (Kind::Float, Device::Cpu)),
+                tokens: Tensor::from_slice(&[
+                    49406i64, 320, 49407, 49406, 321, 49407, 49406, 322, 49407,
+                ])
+                .view([3, 3]),
+            }
+        }
+
+        /// The class-aware loss of one step against `labels`.
+        fn loss(&mut self, labels: &Tensor, extras: &ClassAwareLoss) -> f64 {
+            let (value, applied) = train_step(
+                &self.model,
+                &mut self.adam,
+                &mut self.scaler,
+                LossKind::ClassAware,
+                &self.pixels,
+                labels,
+                &self.tokens,
+                extras,
                 false,
             );
             assert!(applied);
             value
+        }
+    }
+
+    /// Offsets shift the training logits: the same for every label, the loss stays (softmax
+    /// ignores a common shift); raised for the true labels, the loss falls.
+    #[test]
+    fn logit_offsets_shift_the_class_aware_loss() {
+        let mut fixed = FixedModel::new(5, 3);
+        let labels = Tensor::from_slice(&[0i64, 0, 0]);
+        let mut loss = |offsets: Option<&Tensor>| {
+            let extras = ClassAwareLoss {
+                logit_offsets: offsets,
+                ..Default::default()
+            };
+            fixed.loss(&labels, &extras)
         };
         let plain = loss(None);
         let shifted = loss(Some(&Tensor::from_slice(&[-2.0f32, -2.0, -2.0])));
@@ -884,50 +913,19 @@ mod tests {
     /// A mixed batch's loss is the lambda blend of its losses against both label sets.
     #[test]
     fn mixed_loss_blends_the_two_label_losses() {
-        use crate::model::{Clip, ClipConfig};
-        use crate::optim::{Adam, AdamConfig, LossScaler};
-        tch::manual_seed(3);
-        let config = ClipConfig::preset("rn-tiny").unwrap();
-        let vs = nn::VarStore::new(Device::Cpu);
-        let model = Clip::new(&vs.root(), &config);
-        // lr 0: the steps leave the weights as they are, so the three losses see one model.
-        let params: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
-        let mut adam = Adam::new(
-            params,
-            AdamConfig {
-                lr: 0.0,
-                ..AdamConfig::default()
-            },
-        );
-        let mut scaler = LossScaler::new(false);
-        let s = config.vision_config.image_size;
-        let pixels = Tensor::randn([4, 3, s, s], (Kind::Float, Device::Cpu));
-        let tokens =
-            Tensor::from_slice(&[49406i64, 320, 49407, 49406, 321, 49407, 49406, 322, 49407])
-                .view([3, 3]);
+        let mut fixed = FixedModel::new(3, 4);
         let labels = Tensor::from_slice(&[0i64, 1, 2, 1]);
         let mix = Mix {
             lambda: 0.3,
             partner: Tensor::from_slice(&[2i64, 0, 3, 1]),
         };
         let mut loss = |labels: &Tensor, mix: Option<&Mix>| {
-            let (value, applied) = train_step(
-                &model,
-                &mut adam,
-                &mut scaler,
-                LossKind::ClassAware,
-                &pixels,
-                labels,
-                &tokens,
-                &ClassAwareLoss {
-                    label_smoothing: 0.1,
-                    mix,
-                    logit_offsets: None,
-                },
-                false,
-            );
-            assert!(applied);
-            value
+            let extras = ClassAwareLoss {
+                label_smoothing: 0.1,
+                mix,
+                logit_offsets: None,
+            };
+            fixed.loss(labels, &extras)
         };
         let mixed = loss(&labels, Some(&mix));
         let own = loss(&labels, None);
