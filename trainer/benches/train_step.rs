@@ -2,6 +2,7 @@
 //! random weights and inputs. scripts/bench_train_step.py runs the same step in PyTorch eager.
 //!
 //! cargo bench -p trainer --bench train_step -- --config vit-b-32 --threads 2 [--device cuda --amp]
+//!   [--freeze-token-embedding]
 //!
 //! Prints one JSON object.
 
@@ -31,6 +32,9 @@ struct Args {
     /// fp16 autocast with loss scaling (CUDA).
     #[arg(long)]
     amp: bool,
+    /// Keep the text tower's token table out of the step, as `finetune --recipe scratch` does.
+    #[arg(long)]
+    freeze_token_embedding: bool,
     #[arg(long, hide = true)]
     bench: bool,
 }
@@ -62,6 +66,15 @@ fn main() -> anyhow::Result<()> {
     let model = Clip::new(&vs.root(), &config);
     let mut params: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
     params.sort_by(|x, y| x.0.cmp(&y.0));
+    if a.freeze_token_embedding {
+        params.retain_mut(|(name, t)| {
+            let frozen = trainer::model::is_token_embedding(name);
+            if frozen {
+                let _ = t.set_requires_grad(false);
+            }
+            !frozen
+        });
+    }
     let mut adam = Adam::new(
         params,
         AdamConfig {
@@ -127,6 +140,7 @@ fn main() -> anyhow::Result<()> {
             "amp": amp,
             "threads": a.threads,
             "batch": a.batch,
+            "freeze_token_embedding": a.freeze_token_embedding,
             "ms_per_step": median * 1e3,
             "images_per_s": a.batch as f64 / median,
             "peak_rss_mb": peak_rss_mb(),
