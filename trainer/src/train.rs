@@ -258,9 +258,6 @@ pub fn geometric_jitter(pixels: &Tensor, seed: u64) -> Tensor {
     pixels.grid_sampler(&grid, 0, 1, false)
 }
 
-/// A batch blended with a shuffled copy of itself (mixup, Zhang et al. 2018): image `i` becomes
-/// `lambda * x[i] + (1 - lambda) * x[partner[i]]` and its loss the same blend of the losses
-/// against both labels.
 /// What the class-aware loss adds to plain cross-entropy (see [`train_step`]).
 #[derive(Default)]
 pub struct ClassAwareLoss<'a> {
@@ -289,6 +286,9 @@ pub fn logit_offsets(labels: &[usize], num_labels: usize, tau: f64) -> Vec<f32> 
         .collect()
 }
 
+/// A batch blended with a shuffled copy of itself (mixup, Zhang et al. 2018): image `i` becomes
+/// `lambda * x[i] + (1 - lambda) * x[partner[i]]` and its loss the same blend of the losses
+/// against both labels.
 pub struct Mix {
     pub lambda: f64,
     /// `[n]` int64: the index of each image's partner in the batch.
