@@ -200,11 +200,48 @@ fn eval_on_a_folder_writes_reports() {
         .map(|v| v.as_u64().unwrap())
         .sum();
     assert_eq!(total, 6);
-    for f in ["report.md", "confusion.csv", "confusion.png"] {
+    for f in [
+        "report.md",
+        "confusion.csv",
+        "confusion.png",
+        "predictions.csv",
+    ] {
         assert!(out.join(f).exists(), "{f}");
     }
     let csv = std::fs::read_to_string(out.join("confusion.csv")).unwrap();
     assert_eq!(csv.lines().next().unwrap(), "true\\predicted,bright,dark");
+    // One row per readable image, its hits agreeing with the report's top-1.
+    let mut predictions = csv::Reader::from_path(out.join("predictions.csv")).unwrap();
+    assert_eq!(
+        predictions.headers().unwrap(),
+        vec![
+            "path",
+            "labels",
+            "predicted",
+            "probability",
+            "correct",
+            "top5"
+        ]
+    );
+    let rows: Vec<csv::StringRecord> = predictions.records().map(|r| r.unwrap()).collect();
+    assert_eq!(rows.len(), 6);
+    let hits = rows.iter().filter(|r| &r[4] == "true").count();
+    // (of the best template's, which the rows are)
+    let top1 = report["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["report"]["top1"].as_f64().unwrap())
+        .fold(0.0, f64::max);
+    assert_eq!(hits as f64 / 6.0, top1);
+    for r in &rows {
+        let folder = Path::new(&r[0]).parent().unwrap().file_name().unwrap();
+        assert_eq!(folder.to_str().unwrap(), &r[1]);
+        assert_eq!(&r[4] == "true", r[1] == r[2]);
+        assert_eq!(r[5].split(';').next().unwrap(), &r[2]);
+        let p: f32 = r[3].parse().unwrap();
+        assert!(p > 0.0 && p <= 1.0, "{p}");
+    }
     // Bundle labels that do not match the data set's: a clear error pointing at --template.
     let o = Command::new(env!("CARGO_BIN_EXE_runtime"))
         .args(["eval", "--dataset", "folder", "--device", "cpu", "--model"])

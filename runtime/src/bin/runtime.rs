@@ -184,9 +184,9 @@ enum Command {
         device: DeviceArgs,
         #[command(flatten)]
         batch: BatchArgs,
-        /// Report folder to write: report.json, report.md, confusion.csv, confusion.png (and for
-        /// a calibrated bundle reliability.png and coverage.png) (a folder of other things: the
-        /// report goes inside it).
+        /// Report folder to write: report.json, report.md, confusion.csv, confusion.png,
+        /// predictions.csv (each image's labels and best guesses) and for a calibrated bundle
+        /// reliability.png and coverage.png (a folder of other things: the report goes inside it).
         #[arg(long)]
         out: Option<PathBuf>,
         /// Replace an existing report at --out.

@@ -1,4 +1,5 @@
-//! The evaluation report: report.json, report.md (tables), confusion.csv and confusion.png.
+//! The evaluation report: report.json, report.md (tables), confusion.csv, confusion.png and
+//! predictions.csv (each image's labels and best guesses).
 
 use std::path::{Path, PathBuf};
 
@@ -37,8 +38,6 @@ pub fn class_table(ev: &Evaluation, r: &Report) -> String {
     s
 }
 
-/// Writes report.json, report.md, confusion.csv and confusion.png (best template) as the report
-/// folder `requested` (see [`crate::fs::resolve_output`]); returns where it went.
 /// One line on a calibrated bundle's calibration over the evaluated images.
 pub fn calibration_line(c: &crate::calibration::Evaluated) -> String {
     let rule = match c.reject_below {
@@ -63,6 +62,9 @@ pub fn calibration_line(c: &crate::calibration::Evaluated) -> String {
     )
 }
 
+/// Writes report.json, report.md, confusion.csv, confusion.png and predictions.csv (best
+/// template) as the report folder `requested` (see [`crate::fs::resolve_output`]); returns where
+/// it went.
 pub fn write_reports(ev: &Evaluation, requested: &Path, force: bool) -> Result<PathBuf> {
     let target = crate::fs::resolve_output(
         requested,
@@ -134,6 +136,7 @@ pub fn write_reports(ev: &Evaluation, requested: &Path, force: bool) -> Result<P
         &out.join("confusion.csv"),
         std::iter::once(header).chain(rows),
     )?;
+    crate::fs::write_csv(&out.join("predictions.csv"), prediction_rows(ev, best))?;
     #[cfg(feature = "plot")]
     {
         let names: Vec<String> = ev.labels.iter().map(|l| l.name.clone()).collect();
@@ -156,4 +159,45 @@ pub fn write_reports(ev: &Evaluation, requested: &Path, force: bool) -> Result<P
         }
     }
     staged.commit()
+}
+
+/// predictions.csv: one row per evaluated image (path, its labels, the top-1 label and its
+/// probability under the bundle's logit scale, whether it counts as a hit, the five best labels).
+fn prediction_rows<'a>(
+    ev: &'a Evaluation,
+    best: &'a super::TemplateResult,
+) -> impl Iterator<Item = Vec<String>> + 'a {
+    let name = |i: usize| ev.labels[i].name.clone();
+    let header = [
+        "path",
+        "labels",
+        "predicted",
+        "probability",
+        "correct",
+        "top5",
+    ];
+    std::iter::once(header.map(String::from).to_vec()).chain(
+        ev.scored
+            .iter()
+            .zip(&best.ranked)
+            .map(move |((path, labels), ranked)| {
+                let (top, p) = ranked[0];
+                vec![
+                    path.display().to_string(),
+                    labels
+                        .iter()
+                        .map(|&l| name(l))
+                        .collect::<Vec<_>>()
+                        .join(";"),
+                    name(top),
+                    format!("{p:.6}"),
+                    labels.contains(&top).to_string(),
+                    ranked
+                        .iter()
+                        .map(|&(i, _)| name(i))
+                        .collect::<Vec<_>>()
+                        .join(";"),
+                ]
+            }),
+    )
 }

@@ -39,6 +39,9 @@ pub struct TemplateResult {
     /// The template, or `(bundle label embeddings)`.
     pub template: String,
     pub report: Report,
+    /// Each image's five best labels with their probabilities, best first (predictions.csv).
+    #[serde(skip)]
+    pub ranked: Vec<Vec<(usize, f32)>>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -60,6 +63,9 @@ pub struct Evaluation {
     /// images, over all of its labels (each image's first label as the truth).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub calibration: Option<crate::calibration::Evaluated>,
+    /// The evaluated images and their labels, in the order of each result's `ranked`.
+    #[serde(skip)]
+    pub scored: Vec<(PathBuf, Vec<usize>)>,
 }
 
 impl Evaluation {
@@ -170,9 +176,13 @@ pub fn evaluate(
     let encode_seconds = t_encode.elapsed().as_secs_f64();
     let mut unreadable = Vec::new();
     let mut kept: Vec<(Vec<f32>, Vec<usize>)> = Vec::new();
+    let mut scored = Vec::new();
     for (s, e) in samples.iter().zip(embeddings) {
         match e {
-            Ok(e) => kept.push((e, s.labels.clone())),
+            Ok(e) => {
+                kept.push((e, s.labels.clone()));
+                scored.push((s.path.clone(), s.labels.clone()));
+            }
             Err(err) => unreadable.push((s.path.clone(), err.to_string())),
         }
     }
@@ -236,13 +246,24 @@ pub fn evaluate(
     let results = label_sets
         .into_iter()
         .map(|(template, emb)| {
-            let ranked: Vec<Vec<usize>> = kept
+            let ranked: Vec<Vec<(usize, f32)>> = kept
                 .iter()
-                .map(|(e, _)| scoring::top_k(&scoring::probabilities(e, &emb, scale), 5))
+                .map(|(e, _)| {
+                    let p = scoring::probabilities(e, &emb, scale);
+                    scoring::top_k(&p, 5)
+                        .into_iter()
+                        .map(|i| (i, p[i]))
+                        .collect()
+                })
+                .collect();
+            let top: Vec<Vec<usize>> = ranked
+                .iter()
+                .map(|r| r.iter().map(|&(i, _)| i).collect())
                 .collect();
             TemplateResult {
                 template,
-                report: metrics::report(&ranked, &truth, labels.len()),
+                report: metrics::report(&top, &truth, labels.len()),
+                ranked,
             }
         })
         .collect();
@@ -261,5 +282,6 @@ pub fn evaluate(
         images_per_second: samples.len() as f64 / encode_seconds.max(1e-9),
         results,
         calibration,
+        scored,
     })
 }
