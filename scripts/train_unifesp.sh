@@ -19,6 +19,9 @@
 #              the reference experiment's code did (bare class names, contrastive loss, Adam
 #              2e-6, StepLR(10, 0.1), 50 epochs, last epoch).
 #
+# INIT=DIR starts member 0 from DIR (a trainer init folder, a checkpoint or a run folder: e.g. the
+# MedNIST-pretrained model of scripts/pretrain_mednist.sh) instead of random weights (seed 0).
+#
 # Writes OUT_DIR/init (random weights, seed 0; init1, ... for further members), OUT_DIR/run
 # (checkpoints, metrics.csv, curves.png; run1, ...), OUT_DIR/uncalibrated (the exported bundle; with
 # MEMBERS > 1 the ensemble of OUT_DIR/member0, member1, ..., each member's own bundle), OUT_DIR/bundle (it
@@ -34,7 +37,7 @@
 # OUT_DIR/eval scores OUT_DIR/uncalibrated).
 set -euo pipefail
 if [ $# -lt 2 ]; then
-  sed -n '2,34p' "$0" | sed 's/^# \{0,1\}//' >&2
+  sed -n '2,37p' "$0" | sed 's/^# \{0,1\}//' >&2
   exit 2
 fi
 DATA="$(cd "$1" && pwd)" || { echo "error: no data folder $1" >&2; exit 2; }
@@ -45,6 +48,10 @@ case "$RECIPE" in
   reference) TRAINER_RECIPE=reference ;;
   *) echo "error: recipe must be best or reference, not $RECIPE" >&2; exit 2 ;;
 esac
+if [ -n "${INIT:-}" ]; then
+  [ -d "$INIT" ] || { echo "error: INIT=$INIT is not a folder (a trainer init folder, checkpoint or run folder)" >&2; exit 2; }
+  INIT="$(cd "$INIT" && pwd)"
+fi
 REPO="$(cd "$(dirname "$0")/.." && pwd)"
 mkdir -p "$(dirname "$2")"
 OUT="$(cd "$(dirname "$2")" && pwd)/$(basename "$2")"
@@ -95,18 +102,20 @@ if [ "$MEMBERS" -gt 1 ]; then
   given --freeze-token-embedding || RECIPE_OPTS+=(--freeze-token-embedding false)
 fi
 for ((i = 0; i < MEMBERS; i++)); do
+  [ "$i" = 0 ] && [ -n "${INIT:-}" ] && continue
   "$BIN/trainer" init --config rn-small --seed "$i" --out "$OUT/init$(suffix "$i")" "${F[@]}"
 done
 START=$(date +%s)
 PIDS=()
 for ((i = 0; i < MEMBERS; i++)); do
   s="$(suffix "$i")"
-  INIT="$OUT/init$s"
+  MODEL="$OUT/init$s"
+  [ "$i" = 0 ] && [ -n "${INIT:-}" ] && MODEL="$INIT"
   EXPORT="$OUT/uncalibrated"; NAME="unifesp-$RECIPE"
   if [ "$MEMBERS" -gt 1 ]; then EXPORT="$OUT/member$i"; NAME="unifesp-$RECIPE-member$i"; fi
   CMD=(/usr/bin/time -v -o "$OUT/time$s.txt"
     "$BIN/trainer" finetune --dataset unifesp --data "$DATA" --recipe "$TRAINER_RECIPE"
-    --model "$INIT" --out "$OUT/run$s" --export "$EXPORT" --name "$NAME"
+    --model "$MODEL" --out "$OUT/run$s" --export "$EXPORT" --name "$NAME"
     --device cpu --threads "$THREADS" "${RECIPE_OPTS[@]}" "${F[@]}" "${EXTRA[@]}")
   if [ "$i" = 0 ]; then
     "${CMD[@]}" > >(tee "$OUT/train$s.log") 2>&1 &

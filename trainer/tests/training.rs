@@ -274,8 +274,8 @@ fn the_weight_average_is_the_model_and_resumes_exactly() {
 }
 
 /// `--crop none` is the run's preprocessing, the checkpoints' (so `trainer predict` sees what
-/// training saw) and the exported bundle's; `--label-smoothing`, `--mixup` and `--logit-adjust`
-/// train and are recorded.
+/// training saw) and the exported bundle's; `--label-smoothing`, `--mixup`, `--logit-adjust` and
+/// `--random-erase` train and are recorded.
 #[test]
 fn crop_none_reaches_the_checkpoints_and_the_bundle() {
     let dir_tmp = tmp("crop");
@@ -302,6 +302,8 @@ fn crop_none_reaches_the_checkpoints_and_the_bundle() {
             "0.4",
             "--logit-adjust",
             "0.5",
+            "--random-erase",
+            "0.5",
             "--export",
             s(&bundle),
         ],
@@ -322,6 +324,7 @@ fn crop_none_reaches_the_checkpoints_and_the_bundle() {
     assert_eq!(training["label_smoothing"], 0.1, "{manifest}");
     assert_eq!(training["mixup"], 0.4, "{manifest}");
     assert_eq!(training["logit_adjust"], 0.5, "{manifest}");
+    assert_eq!(training["random_erase"], 0.5, "{manifest}");
     assert_eq!(training["crop"], "none", "{manifest}");
     // HF's reading of the same: a square size, no centre crop.
     let hf = json(bundle.join("preprocessor_config.json"));
@@ -602,6 +605,17 @@ fn bad_input_is_a_clear_error() {
             &["--logit-adjust", "1"],
         ),
         "--logit-adjust needs --loss class-aware",
+    );
+    one_error_line(
+        &finetune(
+            &data,
+            &test,
+            &init,
+            &dir.join("r13"),
+            "1",
+            &["--random-erase", "1.5"],
+        ),
+        "--random-erase 1.5 is not a chance in [0, 1]",
     );
 
     // Missing init folder, unknown preset.

@@ -144,6 +144,10 @@ pub struct FinetuneArgs {
     /// choice); 0: off [default: 0].
     #[arg(long, value_name = "TAU", allow_negative_numbers = true)]
     pub logit_adjust: Option<f64>,
+    /// Random erasing: the chance that a training image gets one random rectangle (2-33% of its
+    /// area) set to the mean grey, after the other augmentation; 0: off [default: 0].
+    #[arg(long, value_name = "P", allow_negative_numbers = true)]
+    pub random_erase: Option<f64>,
     /// Also score the test images after every epoch (as the reference did; nothing is chosen on
     /// them).
     #[arg(long)]
@@ -251,6 +255,7 @@ struct Settings {
     label_smoothing: f64,
     mixup: f64,
     logit_adjust: f64,
+    random_erase: f64,
 }
 
 fn settings(a: &FinetuneArgs) -> Settings {
@@ -278,6 +283,7 @@ fn settings(a: &FinetuneArgs) -> Settings {
         label_smoothing: 0.0,
         mixup: 0.0,
         logit_adjust: 0.0,
+        random_erase: 0.0,
     };
     let unifesp = a.dataset == DatasetKind::Unifesp;
     match a.recipe {
@@ -343,6 +349,7 @@ fn settings(a: &FinetuneArgs) -> Settings {
         label_smoothing: a.label_smoothing.unwrap_or(d.label_smoothing),
         mixup: a.mixup.unwrap_or(d.mixup),
         logit_adjust: a.logit_adjust.unwrap_or(d.logit_adjust),
+        random_erase: a.random_erase.unwrap_or(d.random_erase),
     }
 }
 
@@ -510,6 +517,12 @@ pub fn finetune(a: &FinetuneArgs) -> Result<Vec<train::RunResult>> {
             "--logit-adjust needs --loss class-aware (the contrastive loss has no fixed labels)"
                 .into(),
         ));
+    }
+    if !(0.0..=1.0).contains(&st.random_erase) {
+        return Err(Error::Usage(format!(
+            "--random-erase {} is not a chance in [0, 1] (0: off)",
+            st.random_erase
+        )));
     }
     if !(0.0..1.0).contains(&st.weight_average) {
         return Err(Error::Usage(format!(
@@ -685,6 +698,7 @@ pub fn finetune(a: &FinetuneArgs) -> Result<Vec<train::RunResult>> {
             label_smoothing: st.label_smoothing,
             mixup: (st.mixup > 0.0).then_some(st.mixup),
             logit_adjust: st.logit_adjust,
+            random_erase: st.random_erase,
         };
         let dir = if st.lr.len() == 1 {
             out.clone()
@@ -730,7 +744,7 @@ pub fn finetune(a: &FinetuneArgs) -> Result<Vec<train::RunResult>> {
             "warmup_epochs": st.warmup_epochs, "epochs": st.epochs, "batch_size": st.batch_size,
             "optimizer": st.optimizer, "weight_decay": st.weight_decay, "betas": [a.beta1, a.beta2],
             "eps": a.eps, "loss": st.loss, "seed": a.seed, "train_template": st.train_template,
-            "augment": st.augment, "balanced": st.balanced, "test_time_flip": st.test_time_flip, "weight_average": st.weight_average, "label_smoothing": st.label_smoothing, "mixup": st.mixup, "logit_adjust": st.logit_adjust, "freeze_token_embedding": st.freeze_token_embedding, "crop": cfg.crop, "val": st.val, "select": st.select,
+            "augment": st.augment, "balanced": st.balanced, "test_time_flip": st.test_time_flip, "weight_average": st.weight_average, "label_smoothing": st.label_smoothing, "mixup": st.mixup, "logit_adjust": st.logit_adjust, "random_erase": st.random_erase, "freeze_token_embedding": st.freeze_token_embedding, "crop": cfg.crop, "val": st.val, "select": st.select,
             "selected_epoch": best.test.epoch, "train_images": train_set.len(),
             "val_images": val_set.as_ref().map_or(0, |v| v.len()), "test_images": test_set.len(),
             "device": crate::device::name(device),
@@ -918,5 +932,8 @@ mod tests {
         assert_eq!(st.logit_adjust, 0.0);
         let adjusted = ["--recipe", "scratch", "--logit-adjust", "1"];
         assert_eq!(settings(&args(&adjusted)).logit_adjust, 1.0);
+        assert_eq!(st.random_erase, 0.0);
+        let erased = ["--recipe", "scratch", "--random-erase", "0.25"];
+        assert_eq!(settings(&args(&erased)).random_erase, 0.25);
     }
 }
