@@ -840,8 +840,8 @@ mod tests {
         assert_eq!(state.best_epoch, 7);
     }
 
-    /// mixup blends each image with its partner by lambda, pairs by a permutation, and repeats
-    /// itself for a seed (resumed runs stay exact).
+    /// Random erasing zeroes one rectangle, alike in every channel, in about p of the images, and
+    /// repeats itself for a seed.
     #[test]
     fn random_erase_zeroes_one_seeded_rectangle_per_chosen_image() {
         let x = Tensor::ones([64, 3, 16, 16], (Kind::Float, Device::Cpu));
@@ -887,6 +887,8 @@ mod tests {
         );
     }
 
+    /// mixup blends each image with its partner by lambda, pairs by a permutation, and repeats
+    /// itself for a seed (resumed runs stay exact).
     #[test]
     fn mixup_blends_by_a_seeded_pairing() {
         let x = Tensor::arange(6 * 3 * 2 * 2, (Kind::Float, Device::Cpu)).view([6, 3, 2, 2]);

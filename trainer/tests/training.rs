@@ -539,84 +539,50 @@ fn bad_input_is_a_clear_error() {
         "{leftovers:?}"
     );
 
-    // Label smoothing: a share below 1, and only where the labels are fixed.
-    one_error_line(
-        &finetune(
-            &data,
-            &test,
-            &init,
-            &dir.join("r7"),
-            "1",
+    // The class-aware loss's options: values in range, and only where the labels are fixed.
+    let cases: [(&str, &[&str], &str); 7] = [
+        (
+            "r7",
             &["--loss", "class-aware", "--label-smoothing", "1.5"],
+            "--label-smoothing 1.5 is not a share in [0, 1)",
         ),
-        "--label-smoothing 1.5 is not a share in [0, 1)",
-    );
-    one_error_line(
-        &finetune(
-            &data,
-            &test,
-            &init,
-            &dir.join("r8"),
-            "1",
+        (
+            "r8",
             &["--label-smoothing", "0.1"],
+            "--label-smoothing needs --loss class-aware",
         ),
-        "--label-smoothing needs --loss class-aware",
-    );
-    one_error_line(
-        &finetune(
-            &data,
-            &test,
-            &init,
-            &dir.join("r9"),
-            "1",
+        (
+            "r9",
             &["--loss", "class-aware", "--mixup", "-0.5"],
+            "--mixup -0.5 is not a Beta parameter alpha > 0",
         ),
-        "--mixup -0.5 is not a Beta parameter alpha > 0",
-    );
-    one_error_line(
-        &finetune(
-            &data,
-            &test,
-            &init,
-            &dir.join("r10"),
-            "1",
+        (
+            "r10",
             &["--mixup", "0.2"],
+            "--mixup needs --loss class-aware",
         ),
-        "--mixup needs --loss class-aware",
-    );
-    one_error_line(
-        &finetune(
-            &data,
-            &test,
-            &init,
-            &dir.join("r11"),
-            "1",
+        (
+            "r11",
             &["--loss", "class-aware", "--logit-adjust", "-1"],
+            "--logit-adjust -1 is not a weight TAU >= 0",
         ),
-        "--logit-adjust -1 is not a weight TAU >= 0",
-    );
-    one_error_line(
-        &finetune(
-            &data,
-            &test,
-            &init,
-            &dir.join("r12"),
-            "1",
+        (
+            "r12",
             &["--logit-adjust", "1"],
+            "--logit-adjust needs --loss class-aware",
         ),
-        "--logit-adjust needs --loss class-aware",
-    );
-    one_error_line(
-        &finetune(
-            &data,
-            &test,
-            &init,
-            &dir.join("r13"),
-            "1",
+        (
+            "r13",
             &["--random-erase", "1.5"],
+            "--random-erase 1.5 is not a chance in [0, 1]",
         ),
-        "--random-erase 1.5 is not a chance in [0, 1]",
-    );
+    ];
+    for (run, options, error) in cases {
+        one_error_line(
+            &finetune(&data, &test, &init, &dir.join(run), "1", options),
+            error,
+        );
+    }
 
     // Missing init folder, unknown preset.
     one_error_line(

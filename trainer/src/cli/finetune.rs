@@ -483,41 +483,36 @@ pub fn finetune(a: &FinetuneArgs) -> Result<Vec<train::RunResult>> {
             st.val
         )));
     }
+    // Options of the class-aware loss: the contrastive loss has no fixed labels to apply them to.
+    let needs_class_aware = |option: &str, on: bool| {
+        if on && st.loss != LossKind::ClassAware {
+            return Err(Error::Usage(format!(
+                "{option} needs --loss class-aware (the contrastive loss has no fixed labels)"
+            )));
+        }
+        Ok(())
+    };
     if !(0.0..1.0).contains(&st.label_smoothing) {
         return Err(Error::Usage(format!(
             "--label-smoothing {} is not a share in [0, 1)",
             st.label_smoothing
         )));
     }
-    if st.label_smoothing > 0.0 && st.loss != LossKind::ClassAware {
-        return Err(Error::Usage(
-            "--label-smoothing needs --loss class-aware (the contrastive loss has no fixed labels)"
-                .into(),
-        ));
-    }
+    needs_class_aware("--label-smoothing", st.label_smoothing > 0.0)?;
     if !(st.mixup >= 0.0 && st.mixup.is_finite()) {
         return Err(Error::Usage(format!(
             "--mixup {} is not a Beta parameter alpha > 0 (0: off)",
             st.mixup
         )));
     }
-    if st.mixup > 0.0 && st.loss != LossKind::ClassAware {
-        return Err(Error::Usage(
-            "--mixup needs --loss class-aware (the contrastive loss has no fixed labels)".into(),
-        ));
-    }
+    needs_class_aware("--mixup", st.mixup > 0.0)?;
     if !(st.logit_adjust >= 0.0 && st.logit_adjust.is_finite()) {
         return Err(Error::Usage(format!(
             "--logit-adjust {} is not a weight TAU >= 0 (0: off)",
             st.logit_adjust
         )));
     }
-    if st.logit_adjust > 0.0 && st.loss != LossKind::ClassAware {
-        return Err(Error::Usage(
-            "--logit-adjust needs --loss class-aware (the contrastive loss has no fixed labels)"
-                .into(),
-        ));
-    }
+    needs_class_aware("--logit-adjust", st.logit_adjust > 0.0)?;
     if !(0.0..=1.0).contains(&st.random_erase) {
         return Err(Error::Usage(format!(
             "--random-erase {} is not a chance in [0, 1] (0: off)",
