@@ -62,6 +62,16 @@ pub struct RunState {
     pub average_updates: u64,
 }
 
+impl RunState {
+    /// The validation top-1 of `epoch` (none without validation rows).
+    pub fn val_top1_at(&self, epoch: usize) -> Option<f64> {
+        self.metrics
+            .iter()
+            .find(|m| m.epoch == epoch)
+            .and_then(|m| m.val_top1)
+    }
+}
+
 /// The one scoring of the test images, with the selected model, at the end of a run.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct FinalTest {
@@ -73,8 +83,8 @@ pub struct FinalTest {
     pub predictions: Vec<usize>,
 }
 
-/// `metrics.csv`, `metrics.json`, `best.json` (the selected epoch and, once scored, the test
-/// top-1) and `curves.png` of one run.
+/// `metrics.csv`, `metrics.json`, `best.json` (the selected epoch, its validation top-1 and loss,
+/// the best validation epoch and, once scored, the test top-1) and `curves.png` of one run.
 pub fn write_metrics(
     run_dir: &Path,
     state: &RunState,
@@ -117,13 +127,19 @@ pub fn write_metrics(
         &run_dir.join("metrics.json"),
         &serde_json::to_vec_pretty(&state.metrics).expect("json"),
     )?;
+    let epoch = test.map_or(state.best_epoch, |t| t.epoch);
+    // The selected model's own validation figures (with `--select last` not the run's best).
+    let selected = state.metrics.iter().find(|m| m.epoch == epoch);
     let best = serde_json::json!({
-        "epoch": test.map_or(state.best_epoch, |t| t.epoch),
+        "epoch": epoch,
         "select": test.map(|t| t.select),
-        "val_top1": state.best_val_top1,
+        "val_top1": state.val_top1_at(epoch),
+        "val_loss": selected.and_then(|m| m.val_loss),
+        "best_val_epoch": state.best_val_top1.map(|_| state.best_epoch),
+        "best_val_top1": state.best_val_top1,
         "test_top1": test.map(|t| t.top1),
         "test_images": test.map(|t| t.images),
-        "checkpoint": format!("checkpoints/epoch-{:03}", test.map_or(state.best_epoch, |t| t.epoch)),
+        "checkpoint": format!("checkpoints/epoch-{epoch:03}"),
     });
     runtime::fs::write_atomic(
         &run_dir.join("best.json"),
@@ -254,4 +270,55 @@ pub fn curves(path: &Path, runs: &[(String, Vec<EpochMetrics>)]) -> Result<bool>
     }
     root.present().map_err(|e| err(e.to_string()))?;
     Ok(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn epoch(epoch: usize, val_top1: f64, val_loss: f64) -> EpochMetrics {
+        EpochMetrics {
+            epoch,
+            train_loss: 1.0,
+            lr: 1e-3,
+            val_top1: Some(val_top1),
+            val_loss: Some(val_loss),
+            test_top1: None,
+            val_top1_live: None,
+            seconds: 1.0,
+            steps: 1,
+            skipped_steps: 0,
+        }
+    }
+
+    /// With `--select last`, best.json gives the last epoch's validation figures, not the run's
+    /// best (which it keeps beside them).
+    #[test]
+    fn best_json_reports_the_selected_epochs_validation() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = RunState {
+            epoch: 2,
+            metrics: vec![epoch(1, 0.9, 0.3), epoch(2, 0.8, 0.5)],
+            best_epoch: 1,
+            best_val_top1: Some(0.9),
+            ..Default::default()
+        };
+        let test = FinalTest {
+            epoch: 2,
+            select: Select::Last,
+            top1: 0.7,
+            images: 10,
+            predictions: vec![0; 10],
+        };
+        write_metrics(dir.path(), &state, Some(&test), "run").unwrap();
+        let best: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(dir.path().join("best.json")).unwrap()).unwrap();
+        assert_eq!(best["epoch"], 2);
+        assert_eq!(best["val_top1"], 0.8);
+        assert_eq!(best["val_loss"], 0.5);
+        assert_eq!(best["best_val_epoch"], 1);
+        assert_eq!(best["best_val_top1"], 0.9);
+        assert_eq!(best["checkpoint"], "checkpoints/epoch-002");
+        assert_eq!(best["test_top1"], 0.7);
+    }
 }

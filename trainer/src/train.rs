@@ -151,9 +151,15 @@ pub struct RunResult {
 }
 
 impl RunResult {
-    /// What a sweep compares runs by: validation top-1, else (no validation rows) test top-1.
+    /// The selected model's validation top-1 (none without validation rows).
+    pub fn val_top1(&self) -> Option<f64> {
+        self.state.val_top1_at(self.test.epoch)
+    }
+
+    /// What a sweep compares runs by: the selected model's validation top-1, else (no validation
+    /// rows) test top-1.
     pub fn score(&self) -> f64 {
-        self.state.best_val_top1.unwrap_or(self.test.top1)
+        self.val_top1().unwrap_or(self.test.top1)
     }
 }
 

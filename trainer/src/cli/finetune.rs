@@ -711,8 +711,7 @@ pub fn finetune(a: &FinetuneArgs) -> Result<Vec<train::RunResult>> {
                 Select::BestVal => "best validation epoch",
                 Select::Last => "last epoch",
             },
-            r.state
-                .best_val_top1
+            r.val_top1()
                 .map(|v| format!(", validation top-1 {v:.4}"))
                 .unwrap_or_default(),
             r.test.top1,
@@ -763,7 +762,7 @@ pub fn finetune(a: &FinetuneArgs) -> Result<Vec<train::RunResult>> {
                 training,
                 metrics: serde_json::json!({
                     "test_top1": best.test.top1,
-                    "val_top1": best.state.best_val_top1,
+                    "val_top1": best.val_top1(),
                     "per_epoch": best.state.metrics,
                 }),
                 license: a.bundle_license.clone(),
@@ -823,7 +822,7 @@ fn write_sweep(
     let json: Vec<_> = lrs
         .iter()
         .zip(results)
-        .map(|(lr, r)| serde_json::json!({"lr": lr, "selected_epoch": r.test.epoch, "val_top1": r.state.best_val_top1, "test_top1": r.test.top1, "epochs": r.state.metrics}))
+        .map(|(lr, r)| serde_json::json!({"lr": lr, "selected_epoch": r.test.epoch, "val_top1": r.val_top1(), "test_top1": r.test.top1, "epochs": r.state.metrics}))
         .collect();
     runtime::fs::write_atomic(
         &out.join("metrics.json"),
