@@ -63,12 +63,9 @@ pub struct RunState {
 }
 
 impl RunState {
-    /// The validation top-1 of `epoch` (none without validation rows).
-    pub fn val_top1_at(&self, epoch: usize) -> Option<f64> {
-        self.metrics
-            .iter()
-            .find(|m| m.epoch == epoch)
-            .and_then(|m| m.val_top1)
+    /// The metrics of `epoch`, if it ran.
+    pub fn epoch_metrics(&self, epoch: usize) -> Option<&EpochMetrics> {
+        self.metrics.iter().find(|m| m.epoch == epoch)
     }
 }
 
@@ -129,11 +126,11 @@ pub fn write_metrics(
     )?;
     let epoch = test.map_or(state.best_epoch, |t| t.epoch);
     // The selected model's own validation figures (with `--select last` not the run's best).
-    let selected = state.metrics.iter().find(|m| m.epoch == epoch);
+    let selected = state.epoch_metrics(epoch);
     let best = serde_json::json!({
         "epoch": epoch,
         "select": test.map(|t| t.select),
-        "val_top1": state.val_top1_at(epoch),
+        "val_top1": selected.and_then(|m| m.val_top1),
         "val_loss": selected.and_then(|m| m.val_loss),
         "best_val_epoch": state.best_val_top1.map(|_| state.best_epoch),
         "best_val_top1": state.best_val_top1,

@@ -153,7 +153,9 @@ pub struct RunResult {
 impl RunResult {
     /// The selected model's validation top-1 (none without validation rows).
     pub fn val_top1(&self) -> Option<f64> {
-        self.state.val_top1_at(self.test.epoch)
+        self.state
+            .epoch_metrics(self.test.epoch)
+            .and_then(|m| m.val_top1)
     }
 
     /// What a sweep compares runs by: the selected model's validation top-1, else (no validation
